@@ -1,0 +1,102 @@
+"""Per-parameter facts written by the analysis passes and read by policies and geometries.
+
+Passes write facts; they never act on the model. Where a pass is unsure it leaves the
+conservative answer (``scale_invariant=None``) and records why in words a user can read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+KINDS = ("conv", "conv_transpose", "linear", "norm_weight", "norm_bias", "bias", "embedding", "other")
+UNITS = ("row", "group", "tensor")  # finest -> coarsest family of scalings
+
+
+@dataclass(frozen=True)
+class ScaleInvariance:
+    """The loss does not change when the weight's units are scaled by positive factors.
+
+    unit: "row"    - every output channel (row along ``out_dim``) may be scaled on its own;
+          "group"  - the rows of one normalisation group are scaled together (GroupNorm);
+          "tensor" - the whole tensor is scaled by one factor (LayerNorm over the channels).
+    group_size: rows per group when unit == "group" (consecutive rows along out_dim).
+    normalizer: qualified name(s) of the normalisation(s) that absorb the scaling.
+    reason: one line a person can read.
+    """
+
+    unit: str
+    normalizer: str
+    reason: str
+    group_size: int | None = None
+
+    def __str__(self) -> str:
+        return f"invariant[{self.unit}] by {self.normalizer}"
+
+
+@dataclass
+class ParamFacts:
+    name: str
+    shape: tuple[int, ...]
+    kind: str = "other"
+    out_dim: int | None = None          # output-channel dimension of the weight (0 conv/linear, 1 conv-transpose)
+    groups: int = 1
+    depthwise: bool = False             # groups == in_channels == out_channels > 1
+    scale_invariant: ScaleInvariance | None = None
+    invariance_reason: str = ""         # why not invariant (or why it is), always filled by the pass
+    module: str | None = None           # qualified name of the module (or op) that consumes the parameter
+    layer: dict[str, Any] = field(default_factory=dict)  # stride, padding, dilation, padding_mode, ...
+    input_shape: tuple[int, ...] | None = None   # the consuming layer's input shape (needs example_inputs)
+    output_shape: tuple[int, ...] | None = None  # the consuming layer's output shape (needs example_inputs)
+    aliases: tuple[str, ...] = ()       # other names of the same tensor (tied / shared parameters)
+    uses: int = 0                       # how many ops consume it in the captured graph
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def roles(self) -> str:
+        """Short structural description for the plan report."""
+        parts = []
+        if self.out_dim is not None:
+            parts.append(f"out_dim={self.out_dim}")
+        if self.groups > 1:
+            parts.append("depthwise" if self.depthwise else f"groups={self.groups}")
+        if self.scale_invariant is not None:
+            parts.append(str(self.scale_invariant))
+        if self.aliases:
+            parts.append("shared")
+        return " ".join(parts) or "-"
+
+
+class Structure(Mapping[str, ParamFacts]):
+    """Facts for every parameter of a model, keyed by its qualified name (first name for shared ones)."""
+
+    def __init__(self, facts: dict[str, ParamFacts], capture_path: str, notes: list[str] | None = None):
+        self._facts = facts
+        self.capture_path = capture_path     # "fx" or "run"
+        self.notes = list(notes or [])
+
+    def __getitem__(self, name: str) -> ParamFacts:
+        try:
+            return self._facts[name]
+        except KeyError:
+            for f in self._facts.values():
+                if name in f.aliases:
+                    return f
+            from ..errors import GeomCompileError
+            raise GeomCompileError(
+                f"no parameter named {name!r} in the analysed model; known names start with "
+                f"{list(self._facts)[:5]}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._facts)
+
+    def __len__(self) -> int:
+        return len(self._facts)
+
+    def __repr__(self) -> str:
+        return f"Structure({len(self)} parameters, capture={self.capture_path})"

@@ -1,0 +1,174 @@
+"""The one interface every geometry implements, and the registry that drives policies and tests.
+
+A geometry is a small class: a *stage* (penalty, metric or manifold), typed options, a check of
+whether it can apply to a parameter, a grouping of parameters into *units*, and an update
+program (pre-step gradient transform, post-step retraction) written as calls to pure functions.
+The runtime never branches on which geometry it runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+
+from ..analysis.facts import ParamFacts
+from ..errors import GeomCompileError
+
+STAGES = ("penalty", "metric", "manifold")  # order in which pre-step transforms run
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a geometry as written in YAML.
+
+    type: python type(s) accepted (float accepts int); choices: allowed values;
+    check: (value) -> error message or None, for range checks; doc: one line for docs/--help.
+    """
+
+    type: type | tuple[type, ...]
+    default: Any
+    doc: str = ""
+    choices: tuple | None = None
+    check: Callable[[Any], str | None] | None = None
+
+    def coerce(self, value: Any) -> Any:
+        """An int written where a number is expected becomes a float (``lam: 1`` means 1.0)."""
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        if float in types and int not in types and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+
+    def validate(self, value: Any) -> str | None:
+        """Return None if `value` is acceptable, else a message saying what is expected."""
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        if float in types and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in types:
+            return f"expected {_type_names(types)}, got a boolean"
+        if not isinstance(value, types):
+            return f"expected {_type_names(types)}, got {type(value).__name__} {value!r}"
+        if self.choices is not None and value not in self.choices:
+            return f"expected one of {', '.join(map(str, self.choices))}, got {value!r}"
+        if self.check is not None:
+            return self.check(value)
+        return None
+
+
+def _type_names(types) -> str:
+    return " or ".join({float: "a number", int: "an integer", str: "a string", bool: "a boolean",
+                        list: "a list", dict: "a mapping"}.get(t, t.__name__) for t in types)
+
+
+def positive(v) -> str | None:
+    return None if v > 0 else f"must be > 0, got {v}"
+
+
+def non_negative(v) -> str | None:
+    return None if v >= 0 else f"must be >= 0, got {v}"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """The parameters one geometry instance updates together (one tensor, or coupled tensors)."""
+
+    names: tuple[str, ...]
+    facts: tuple[ParamFacts, ...]
+
+    @property
+    def key(self) -> str:
+        return "+".join(self.names)
+
+
+@dataclass
+class StepContext:
+    """What the runtime hands to a geometry's update program at one optimizer step."""
+
+    optimizer: torch.optim.Optimizer
+    params: dict[str, torch.nn.Parameter]
+    group_of: dict[str, dict]           # parameter name -> its optimizer param_group
+    step: int = 0                        # optimizer steps taken through the hooks, starting at 0
+    model: torch.nn.Module | None = None
+    handles: list = field(default_factory=list)   # hooks a geometry registers at install, removed with the plan
+
+    def opt_state(self, name: str) -> dict:
+        """The base optimizer's own state for a parameter (momentum_buffer, exp_avg, ...)."""
+        return self.optimizer.state[self.params[name]]
+
+
+class Geometry:
+    """Base class. Subclasses set ``name``, ``stage``, ``options`` and override the hooks they need."""
+
+    name: ClassVar[str]
+    stage: ClassVar[str]
+    options: ClassVar[dict[str, Option]] = {}
+    paper: ClassVar[str] = ""            # seed file it implements
+    needs_example_inputs: ClassVar[bool] = False
+    incompatible: ClassVar[tuple[str, ...]] = ()   # geometries that must not share a parameter with it
+
+    def __init__(self, **opts: Any):
+        unknown = set(opts) - set(self.options)
+        if unknown:
+            raise GeomCompileError(f"{self.name}: unknown option(s) {sorted(unknown)}; "
+                                   f"known: {sorted(self.options)}")
+        resolved = {}
+        for key, spec in self.options.items():
+            value = opts.get(key, spec.default)
+            if key in opts:
+                problem = spec.validate(value)
+                if problem:
+                    raise GeomCompileError(f"{self.name}.{key}: {problem}")
+            resolved[key] = spec.coerce(value)
+        self.opts = resolved
+
+    def __repr__(self) -> str:
+        return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.opts.items())})"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.opts == other.opts
+
+    def __hash__(self) -> int:
+        return hash((self.name, tuple(sorted((k, repr(v)) for k, v in self.opts.items()))))
+
+    # ---- planning ---------------------------------------------------------------------------
+    def check(self, facts: ParamFacts) -> str | None:
+        """Why this geometry cannot apply to the parameter (quoting the analysis), or None."""
+        return None
+
+    def units(self, facts: Sequence[ParamFacts]) -> list[Unit]:
+        """Group the parameters assigned to this geometry into units. Default: one per parameter."""
+        return [Unit((f.name,), (f,)) for f in facts]
+
+    def warnings(self, unit: Unit, ctx: StepContext) -> list[str]:
+        """Plan-time warnings (e.g. weight decay that breaks an invariance)."""
+        return []
+
+    # ---- runtime (eager reference program) ----------------------------------------------------
+    def init_state(self, unit: Unit, ctx: StepContext) -> dict:
+        """Geometry state for a unit; lives in optimizer.state["geomcompile"] and survives state_dict()."""
+        return {}
+
+    def on_install(self, unit: Unit, state: dict, ctx: StepContext) -> list[str]:
+        """Called once when the plan is installed. Returns report lines (e.g. 'retracted onto sphere')."""
+        return []
+
+    def pre_step(self, unit: Unit, grads: list[torch.Tensor], state: dict, ctx: StepContext) -> None:
+        """Transform the gradients of the unit in place (penalty adds, metric rescales/mixes).
+
+        ``grads`` are the parameters' ``.grad`` tensors (None where a parameter has no gradient)."""
+
+    def post_step(self, unit: Unit, state: dict, ctx: StepContext) -> None:
+        """After the base optimizer's step: retraction / renormalisation, in place, under no_grad."""
+
+    def diagnostics(self, unit: Unit, state: dict) -> dict[str, float]:
+        return {}
+
+
+REGISTRY: dict[str, type[Geometry]] = {}
+
+
+def register(cls: type[Geometry]) -> type[Geometry]:
+    if cls.stage not in STAGES:
+        raise TypeError(f"{cls.__name__}.stage must be one of {STAGES}")
+    REGISTRY[cls.name] = cls
+    return cls

@@ -1,0 +1,120 @@
+"""Channel-directed gradients (seed 000_ce70f4ca5b877378.txt, Lao, Sundaramoorthi et al.).
+
+The gradient f of a weight is read as an (O, R) matrix: O output channels (the weight's
+``out_dim`` moved to the front), R everything else. The metric couples the O rows:
+
+* re-weighted H0:  g = f̄ + (f − f̄)/lam               (f̄ = mean over the O rows, broadcast)
+* Sobolev H1:      g = S f,  (S f)_o = (1/O) Σ_o' K(((o − o') mod O)/O) f_o'
+                   K(d) = 1 + (d² − d + c)/(2·lam),  c = (1 − 1/O²)/6
+
+The discrete c makes Σ_o K = O, so S preserves the mean over O exactly and O = 1 is the identity.
+S is a circulant matrix; we never form it. With S0 = Σ f_o', S1 = Σ o' f_o', S2 = Σ o'² f_o' and
+the prefix sums C0(o) = Σ_{o'≤o} f_o', C1(o) = Σ_{o'≤o} o' f_o' (derivation: for o' ≤ o,
+d = e := (o − o')/O and d² − d = e² − e; for o' > o, d = e + 1 and d² − d = e² + e; so
+d² − d = e² + e − 2e·[o' ≤ o]):
+
+    (S f)_o = S0/O + [(o²S0 − 2o·S1 + S2)/O² + (o·S0 − S1)/O − 2(o·C0(o) − C1(o))/O + c·S0] / (2·lam·O)
+
+which costs O(O·R) time and O(R) extra memory per moment. ``mix`` adds mix·f to either metric.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..analysis.facts import ParamFacts
+from .base import Geometry, Option, Unit, StepContext, non_negative, positive, register
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 math for fp16/bf16/fp32 inputs; fp64 stays fp64."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _as_rows(grad: torch.Tensor, dim: int) -> torch.Tensor:
+    """View the gradient as (O, R) in the compute dtype, output-channel dim first."""
+    f = grad.movedim(dim, 0).to(_compute_dtype(grad))
+    return f.reshape(f.shape[0], -1)
+
+
+def _from_rows(g: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    moved_shape = like.movedim(dim, 0).shape
+    return g.reshape(moved_shape).movedim(0, dim).to(like.dtype).contiguous()
+
+
+def reweighted_h0(grad: torch.Tensor, lam: float, dim: int = 0, mix: float = 0.0) -> torch.Tensor:
+    """g = f̄ + (f − f̄)/lam + mix·f. Pure: returns a new tensor of grad's shape and dtype."""
+    if grad.numel() == 0:
+        return grad.clone()
+    f = _as_rows(grad, dim)
+    mean = f.mean(dim=0, keepdim=True)
+    g = mean + (f - mean) / lam
+    if mix:
+        g = g + mix * f
+    return _from_rows(g, grad, dim)
+
+
+def sobolev(grad: torch.Tensor, lam: float, dim: int = 0, mix: float = 0.0) -> torch.Tensor:
+    """g = S f + mix·f with the circulant Sobolev kernel above, in O(O·R) via prefix sums."""
+    if grad.numel() == 0:
+        return grad.clone()
+    f = _as_rows(grad, dim)
+    O = f.shape[0]
+    o = torch.arange(O, dtype=f.dtype, device=f.device).unsqueeze(1)   # (O, 1)
+    of = o * f
+    S0 = f.sum(dim=0, keepdim=True)                                     # (1, R)
+    S1 = of.sum(dim=0, keepdim=True)
+    S2 = (o * of).sum(dim=0, keepdim=True)
+    C0 = f.cumsum(dim=0)                                                # (O, R)
+    C1 = of.cumsum(dim=0)
+    c = (1.0 - 1.0 / O**2) / 6.0
+    bracket = ((o * o * S0 - 2 * o * S1 + S2) / O**2 + (o * S0 - S1) / O
+               - 2 * (o * C0 - C1) / O + c * S0)
+    g = S0 / O + bracket / (2.0 * lam * O)
+    if mix:
+        g = g + mix * f
+    return _from_rows(g, grad, dim)
+
+
+def sobolev_dense_reference(grad: torch.Tensor, lam: float, dim: int = 0, mix: float = 0.0) -> torch.Tensor:
+    """The O(O²) definition with an explicit circulant matrix, in float64. For tests only."""
+    f = grad.movedim(dim, 0).to(torch.float64)
+    shape = f.shape
+    f = f.reshape(shape[0], -1)
+    O = f.shape[0]
+    idx = torch.arange(O, dtype=torch.float64)
+    d = torch.remainder(idx[:, None] - idx[None, :], O) / O
+    c = (1.0 - 1.0 / O**2) / 6.0
+    K = 1.0 + (d * d - d + c) / (2.0 * lam)
+    g = K @ f / O + mix * f
+    return g.reshape(shape).movedim(0, dim)
+
+
+METRICS = {"h0": reweighted_h0, "sobolev": sobolev}
+
+
+@register
+class ChannelDirected(Geometry):
+    name = "channel_directed"
+    stage = "metric"
+    paper = "000_ce70f4ca5b877378.txt"
+    options = {
+        "metric": Option(str, "sobolev", "h0 (re-weighted H0) or sobolev (H1 along the output channel)",
+                         choices=("h0", "sobolev")),
+        "lam": Option(float, 1.0, "lambda > 0: smoothing strength (larger = closer to the channel mean)",
+                      check=positive),
+        "mix": Option(float, 0.0, "mix >= 0: adds mix * (Euclidean gradient)", check=non_negative),
+    }
+
+    def check(self, facts: ParamFacts) -> str | None:
+        if facts.out_dim is None or len(facts.shape) < 2:
+            return (f"channel_directed needs a weight with an output-channel dimension "
+                    f"(conv, conv_transpose or linear); {facts.name} is kind {facts.kind!r} "
+                    f"with shape {tuple(facts.shape)}")
+        return None
+
+    def pre_step(self, unit: Unit, grads, state, ctx: StepContext) -> None:
+        transform = METRICS[self.opts["metric"]]
+        for facts, grad in zip(unit.facts, grads):
+            if grad is None:
+                continue
+            grad.copy_(transform(grad, self.opts["lam"], dim=facts.out_dim, mix=self.opts["mix"]))

@@ -1,0 +1,136 @@
+"""PSI manifold (seed 003_e743018e4af99a60.txt, "Accelerating training of BatchNorm networks").
+
+For a weight whose loss is invariant to positive rescaling of its units w_u (rows, groups of
+rows, or the whole tensor, as the analysis found), the Riemannian gradient on the PSI manifold
+is ‖w_u‖²·∇_{w_u} L (Proposition 2), and the retraction is R_W(Ξ) = W + Ξ (Proposition 3), so
+PSI-SGD(M) is the base optimizer fed with ‖w_u‖²-scaled gradients (eqs. 9-11). Theorem 1: two
+scale-equivalent starts (W, U) and (a·W, a·U) stay equivalent, W'_t = a·W_t.
+
+Norms grow under these updates; a unit whose norm passes ``max_norm`` is rescaled to norm 1
+after the step. That does not change the network's function, and the optimizer's state for the
+unit is rescaled consistently (momentum-like buffers by the same factor, second moments by its
+square), so the run continues as the same point of the PSI manifold.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..analysis.facts import ParamFacts
+from .base import Geometry, Option, StepContext, Unit, positive, register
+
+
+def _unit_view(t: torch.Tensor, unit: str, dim: int, group_size: int | None) -> torch.Tensor:
+    """Reshape to (n_units, -1) in the compute dtype, units taken along `dim`."""
+    t = t.movedim(dim, 0)
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    t = t.to(dtype)
+    if unit == "row":
+        return t.reshape(t.shape[0], -1)
+    if unit == "group":
+        if not group_size or t.shape[0] % group_size:
+            raise ValueError(f"group unit needs group_size dividing {t.shape[0]}, got {group_size}")
+        return t.reshape(t.shape[0] // group_size, -1)
+    if unit == "tensor":
+        return t.reshape(1, -1)
+    raise ValueError(f"unknown PSI unit {unit!r}; expected row, group or tensor")
+
+
+def _unit_norm_sq(weight: torch.Tensor, unit: str, dim: int, group_size: int | None) -> torch.Tensor:
+    w = _unit_view(weight, unit, dim, group_size)
+    return (w * w).sum(dim=1, keepdim=True)
+
+
+def _expand_per_unit(values: torch.Tensor, like: torch.Tensor, unit: str, dim: int,
+                     group_size: int | None) -> torch.Tensor:
+    """Per-unit values (n_units, 1) -> a tensor broadcastable against `like` (original layout)."""
+    moved = like.movedim(dim, 0)
+    per_row = values.repeat_interleave(group_size, dim=0) if unit == "group" else values
+    if unit == "tensor":
+        return values.reshape([1] * like.dim())
+    return per_row.reshape((moved.shape[0],) + (1,) * (like.dim() - 1)).movedim(0, dim)
+
+
+def psi_grad(weight: torch.Tensor, grad: torch.Tensor, unit: str = "row", dim: int = 0,
+             group_size: int | None = None) -> torch.Tensor:
+    """Riemannian gradient on the PSI manifold: g_u = ‖w_u‖²·∇_u. Pure; fp32 math, grad's dtype out."""
+    if grad.numel() == 0:
+        return grad.clone()
+    if weight.shape != grad.shape:
+        raise ValueError(f"weight {tuple(weight.shape)} and grad {tuple(grad.shape)} differ in shape")
+    norm_sq = _unit_norm_sq(weight, unit, dim, group_size)
+    scale = _expand_per_unit(norm_sq, grad, unit, dim, group_size)
+    dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    return (grad.to(dtype) * scale).to(grad.dtype)
+
+
+def psi_renorm_factors(weight: torch.Tensor, max_norm: float, unit: str = "row", dim: int = 0,
+                       group_size: int | None = None) -> torch.Tensor:
+    """Per-unit factors (n_units, 1): 1/‖w_u‖ where ‖w_u‖ > max_norm (renormalise to 1), else 1."""
+    norm = _unit_norm_sq(weight, unit, dim, group_size).sqrt()
+    return torch.where(norm > max_norm, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.ones_like(norm))
+
+
+# Optimizer state that scales like the gradient (power 1) or like its square (power 2) when a
+# PSI unit is rescaled by c: the PSI gradient of c·w is c·(PSI gradient of w).
+STATE_POWERS = {"momentum_buffer": 1, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2,
+                "square_avg": 2, "grad_avg": 1, "acc_delta": 2, "sum": 2}
+
+
+@register
+class PSI(Geometry):
+    name = "psi"
+    stage = "metric"
+    paper = "003_e743018e4af99a60.txt"
+    incompatible = ("pom",)
+    options = {
+        "max_norm": Option(float, 1.0e4, "units whose norm exceeds this are rescaled to norm 1 after "
+                                         "the step (function unchanged)", check=positive),
+    }
+
+    def check(self, facts: ParamFacts) -> str | None:
+        if facts.scale_invariant is None:
+            return (f"psi needs a scale-invariant weight, but the analysis found {facts.name} is not: "
+                    f"{facts.invariance_reason or 'no normalisation absorbs its scale'}")
+        return None
+
+    @staticmethod
+    def _layout(facts: ParamFacts):
+        inv = facts.scale_invariant
+        return inv.unit, (facts.out_dim or 0), inv.group_size
+
+    def warnings(self, unit: Unit, ctx: StepContext) -> list[str]:
+        out = []
+        for name in unit.names:
+            wd = ctx.group_of[name].get("weight_decay", 0) if name in ctx.group_of else 0
+            if wd:
+                out.append(f"psi on {name}: its param group has weight_decay={wd}, which breaks the "
+                           f"scale invariance PSI relies on; put it in a group with weight_decay=0")
+        return out
+
+    def pre_step(self, unit: Unit, grads, state, ctx: StepContext) -> None:
+        for facts, grad in zip(unit.facts, grads):
+            if grad is None:
+                continue
+            u, dim, gs = self._layout(facts)
+            grad.copy_(psi_grad(ctx.params[facts.name].detach(), grad, u, dim, gs))
+
+    def post_step(self, unit: Unit, state, ctx: StepContext) -> None:
+        for facts in unit.facts:
+            p = ctx.params[facts.name]
+            if p.numel() == 0:
+                continue
+            u, dim, gs = self._layout(facts)
+            factors = psi_renorm_factors(p.detach(), self.opts["max_norm"], u, dim, gs)
+            if bool((factors == 1).all()):
+                continue
+            scale = _expand_per_unit(factors, p, u, dim, gs)
+            p.detach().copy_((p.detach().to(scale.dtype) * scale).to(p.dtype))
+            opt_state = ctx.opt_state(facts.name)
+            for key, power in STATE_POWERS.items():
+                buf = opt_state.get(key)
+                if isinstance(buf, torch.Tensor) and buf.shape == p.shape:
+                    buf.copy_((buf.to(scale.dtype) * scale**power).to(buf.dtype))
+            state["renormalised"] = state.get("renormalised", 0) + int((factors != 1).sum())
+
+    def diagnostics(self, unit: Unit, state) -> dict[str, float]:
+        return {"renormalised_units": float(state.get("renormalised", 0))}

@@ -1,0 +1,1 @@
+"""Shipped geomcompile policies (YAML), loadable by name: ``gc.load_policy("resnet")``."""
