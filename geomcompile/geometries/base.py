@@ -124,6 +124,11 @@ class Geometry:
     def __repr__(self) -> str:
         return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.opts.items())})"
 
+    def label(self) -> str:
+        """Compact form for reports: the name and the options that differ from their defaults."""
+        changed = [f"{k}={v}" for k, v in self.opts.items() if v != self.options[k].default]
+        return f"{self.name}({', '.join(changed)})" if changed else self.name
+
     def __eq__(self, other) -> bool:
         return type(self) is type(other) and self.opts == other.opts
 

@@ -1,0 +1,150 @@
+"""Layout pass: kind, output-channel dimension, groups, depthwise and shapes of every parameter.
+
+Facts come from the module type, or, for parameters used functionally (``F.conv2d(x, self.w)``),
+from the op that consumes the parameter. A parameter consumed by several ops (a module called
+twice, tied weights) gets its facts merged conservatively: if the uses disagree on the kind the
+parameter becomes "other".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..capture import Captured
+from .facts import ParamFacts
+from .ops import LAYER_FUNCS, classify
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+@dataclass(frozen=True)
+class Use:
+    """One op consuming a parameter. role: 'weight', 'bias' or 'other'."""
+    node: fx.Node
+    kind: str
+    role: str
+    module: str | None
+
+
+def param_uses(cap: Captured, param_names: dict[int, str], params: dict[str, torch.Tensor]) -> dict[str, list[Use]]:
+    """For every parameter (by primary name), the ops that consume it."""
+    uses: dict[str, list[Use]] = {name: [] for name in params}
+    for node in cap.graph.nodes:
+        if node.op == "call_module":
+            mod = cap.modules[node.target]
+            for local, p in mod.named_parameters():
+                name = param_names.get(id(p))
+                if name is not None:
+                    uses[name].append(Use(node, *_module_role(mod, local), module=node.target))
+        elif node.op == "get_attr":
+            name = param_names.get(id(_get_attr(cap, node.target)))
+            if name is None:
+                continue
+            for user in node.users:
+                uses[name].append(_functional_use(user, node, cap))
+    return uses
+
+
+def _get_attr(cap: Captured, target: str):
+    owner, _, attr = target.rpartition(".")
+    mod = cap.modules.get(owner)
+    return getattr(mod, attr, None) if mod is not None else None
+
+
+def _module_role(mod: nn.Module, local: str) -> tuple[str, str]:
+    if isinstance(mod, nn.modules.conv._ConvTransposeNd):
+        kind = "conv_transpose"
+    elif isinstance(mod, nn.modules.conv._ConvNd):
+        kind = "conv"
+    elif isinstance(mod, nn.Linear):
+        kind = "linear"
+    elif isinstance(mod, _NORMS):
+        return ("norm_weight" if local == "weight" else "norm_bias" if local == "bias" else "other"), "other"
+    elif isinstance(mod, nn.Embedding):
+        return "embedding", "other"
+    else:
+        return "other", "other"
+    if local == "weight":
+        return kind, "weight"
+    if local == "bias":
+        return "bias", "bias"
+    return "other", "other"
+
+
+def _functional_use(user: fx.Node, attr_node: fx.Node, cap: Captured) -> Use:
+    info = classify(user, cap.modules)
+    if info.cls == "layer" and info.name in LAYER_FUNCS:
+        args = list(user.args) + [None] * 3
+        if args[1] is attr_node or user.kwargs.get("weight") is attr_node:
+            return Use(user, info.extra["kind"], "weight", None)
+        if args[2] is attr_node or user.kwargs.get("bias") is attr_node:
+            return Use(user, "bias", "bias", None)
+    return Use(user, "other", "other", None)
+
+
+def layout_facts(name: str, tensor: torch.Tensor, uses: list[Use], cap: Captured) -> ParamFacts:
+    facts = ParamFacts(name=name, shape=tuple(tensor.shape), uses=len(uses))
+    kinds = {u.kind for u in uses}
+    if len(kinds) != 1:
+        facts.kind = "other"
+        if len(kinds) > 1:
+            facts.notes.append(f"used as {sorted(kinds)}: facts merged to 'other'")
+        return facts
+    facts.kind = kinds.pop()
+    first = uses[0]
+    facts.module = first.module or _op_label(first.node)
+    if facts.kind in ("conv", "conv_transpose", "linear"):
+        facts.out_dim = 1 if facts.kind == "conv_transpose" else 0
+        facts.groups = _groups(first, cap)
+        facts.depthwise = _is_depthwise(facts, tensor)
+        facts.layer = _layer_config(first, cap)
+        shapes_in = {_shape(u.node.args[0]) if u.node.args else None for u in uses}
+        shapes_out = {u.node.meta.get("gc_shape") for u in uses}
+        if len(shapes_in) == 1 and len(shapes_out) == 1:   # shapes are only facts when all uses agree
+            facts.input_shape, facts.output_shape = shapes_in.pop(), shapes_out.pop()
+    elif facts.kind == "bias":
+        facts.out_dim = 0
+    return facts
+
+
+def _shape(arg):
+    return arg.meta.get("gc_shape") if isinstance(arg, fx.Node) else None
+
+
+def _op_label(node: fx.Node) -> str:
+    return f"{node.name}"
+
+
+def _groups(use: Use, cap: Captured) -> int:
+    if use.module is not None:
+        return int(getattr(cap.modules[use.module], "groups", 1))
+    g = use.node.args[6] if len(use.node.args) > 6 else use.node.kwargs.get("groups", 1)
+    return int(g) if isinstance(g, int) else 1
+
+
+def _is_depthwise(facts: ParamFacts, w: torch.Tensor) -> bool:
+    if facts.groups <= 1 or w.dim() < 3:
+        return False
+    if facts.kind == "conv":
+        out_ch, in_ch = w.shape[0], w.shape[1] * facts.groups
+    else:  # conv_transpose: weight (in, out/groups, k...)
+        in_ch, out_ch = w.shape[0], w.shape[1] * facts.groups
+    return facts.groups == in_ch == out_ch
+
+
+def _layer_config(use: Use, cap: Captured) -> dict:
+    if use.module is None:
+        return {"functional": use.node.name}
+    m = cap.modules[use.module]
+    if isinstance(m, nn.modules.conv._ConvNd):
+        cfg = {k: getattr(m, k) for k in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
+                                          "dilation", "groups", "padding_mode")}
+        if isinstance(m, nn.modules.conv._ConvTransposeNd):
+            cfg["output_padding"] = m.output_padding
+        return cfg
+    if isinstance(m, nn.Linear):
+        return {"in_features": m.in_features, "out_features": m.out_features}
+    return {}

@@ -1,0 +1,167 @@
+"""Plan: which geometry runs on which parameter, the report, and install()/remove().
+
+    plan = gc.plan(model, "resnet", example_inputs=(x,))   # analyse + match; nothing installed
+    plan.install(optimizer)                                 # hooks on the optimizer
+    print(plan.summary())
+    plan.remove()                                           # the optimizer behaves as before
+"""
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from .analysis import Structure, analyze
+from .errors import GeomCompileError, GeomCompileWarning
+from .geometries.base import STAGES, Geometry, StepContext
+from .policy import Policy, load_policy
+from .runtime.backends import WorkItem, select_backend
+from .runtime.hooks import Installation
+
+
+class Plan:
+    def __init__(self, model: nn.Module, structure: Structure, policy: Policy, resolution):
+        self.model = model
+        self.structure = structure
+        self.policy = policy
+        self.assignments: dict[str, dict[str, Geometry]] = resolution.assignments
+        self.rule_of: dict[tuple[str, str], str] = resolution.rule_of
+        self.rule_counts: dict[str, int] = resolution.rule_counts
+        self.warnings: list[str] = list(resolution.warnings)
+        self.notes: list[str] = list(structure.notes)
+        self.backend_name: str | None = None
+        self._installation: Installation | None = None
+        self.params: dict[str, nn.Parameter] = dict(model.named_parameters())
+
+    # -- work items ----------------------------------------------------------------------------
+    def work_items(self, only: set[str] | None = None) -> list[WorkItem]:
+        """(geometry, unit) pairs: parameters sharing one geometry configuration are grouped by it."""
+        by_geometry: dict[Geometry, list] = defaultdict(list)
+        for name, stages in self.assignments.items():
+            if only is not None and name not in only:
+                continue
+            for geometry in stages.values():
+                by_geometry[geometry].append(self.structure[name])
+        items = []
+        for geometry, facts in by_geometry.items():
+            items += [WorkItem(geometry, unit) for unit in geometry.units(facts)]
+        return items
+
+    # -- install / remove ----------------------------------------------------------------------
+    def install(self, optimizer: torch.optim.Optimizer, backend: str = "auto") -> "Plan":
+        if self._installation is not None:
+            raise GeomCompileError("this plan is already installed; call plan.remove() before installing again")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise GeomCompileError(f"plan.install expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        group_of = {}
+        in_optimizer = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        for name, p in self.params.items():
+            if id(p) in in_optimizer:
+                group_of[name] = in_optimizer[id(p)]
+        missing = [n for n in self.params if n not in group_of]
+        if missing:
+            self.warnings.append(f"{len(missing)} model parameter(s) are not in the optimizer and get no "
+                                 f"update: {_short_list(missing)}")
+        skipped = [n for n in self.assignments if n not in group_of]
+        if skipped:
+            self.warnings.append(f"geometries not installed for parameters missing from the optimizer: "
+                                 f"{_short_list(skipped)}")
+        items = self.work_items(only=set(group_of))
+        backend, notes = select_backend(backend, [self.params[n] for i in items for n in i.unit.names])
+        ctx = StepContext(optimizer=optimizer, params=self.params, group_of=group_of, model=self.model)
+        for item in items:
+            self.warnings += item.geometry.warnings(item.unit, ctx)
+        installation = Installation(optimizer, items, backend, ctx)
+        installation.install()
+        self.notes += notes + installation.report
+        self.backend_name = backend.name
+        self._installation = installation
+        for w in self.warnings:
+            warnings.warn(w, GeomCompileWarning, stacklevel=2)
+        return self
+
+    def remove(self, keep_state: bool = False) -> None:
+        """Uninstall the hooks. Geometry state leaves the optimizer unless keep_state=True."""
+        if self._installation is None:
+            return
+        self._installation.remove(keep_state=keep_state)
+        self._installation = None
+
+    @property
+    def installed(self) -> bool:
+        return self._installation is not None
+
+    def diagnostics(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Per unit and geometry, the numbers a geometry reports (estimates, counters) for logging."""
+        if self._installation is None:
+            return {}
+        out: dict = {}
+        for item in self._installation.items:
+            values = item.geometry.diagnostics(item.unit, self._installation.state_of(item))
+            if values:
+                out.setdefault(item.unit.key, {})[item.geometry.name] = values
+        return out
+
+    # -- report --------------------------------------------------------------------------------
+    def summary(self, name_width: int = 44) -> str:
+        header = ("parameter", "shape", "kind", "structure", *STAGES, "rule")
+        rows = []
+        for name, facts in self.structure.items():
+            stages = self.assignments.get(name, {})
+            rules = sorted({self.rule_of[(name, s)] for s in stages})
+            rows.append((_shorten(name, name_width), "x".join(map(str, facts.shape)) or "scalar", facts.kind,
+                         facts.roles(), *(stages[s].label() if s in stages else "-" for s in STAGES),
+                         ",".join(rules) or "-"))
+        widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+        lines = [_row(header, widths), _row(tuple("-" * w for w in widths), widths)]
+        lines += [_row(r, widths) for r in rows]
+        n_geom = sum(1 for n in self.structure if self.assignments.get(n))
+        lines.append("")
+        lines.append(f"{n_geom} of {len(self.structure)} parameters get a geometry; policy {self.policy.source}")
+        lines.append("rules (parameters matched):")
+        for rule, count in self.rule_counts.items():
+            lines.append(f"  {rule}: {count}")
+        lines.append(f"capture: {self.structure.capture_path}"
+                     + (" (torch.fx symbolic trace)" if self.structure.capture_path == "fx"
+                        else " (ran the model once on example_inputs)"))
+        lines.append(f"backend: {self.backend_name or 'not installed'}")
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        for w in self.warnings:
+            lines.append(f"warning: {w}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"Plan({sum(1 for v in self.assignments.values() if v)} parameters with geometries, "
+                f"installed={self.installed})")
+
+
+def _row(cells, widths) -> str:
+    return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+
+def _shorten(name: str, width: int) -> str:
+    """Keep both ends of a long dotted name: 'layer3.2.....conv2.weight'."""
+    if len(name) <= width:
+        return name
+    keep = width - 1
+    return name[: keep // 2] + "…" + name[-(keep - keep // 2):]
+
+
+def _short_list(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def plan(model: nn.Module, policy, example_inputs=None) -> Plan:
+    """Analyse `model`, match `policy` (path, shipped name, YAML string, dict or Policy). Installs nothing."""
+    structure = analyze(model, example_inputs)
+    pol = load_policy(policy)
+    return Plan(model, structure, pol, pol.resolve(structure))
+
+
+def apply(model: nn.Module, policy, optimizer: torch.optim.Optimizer, example_inputs=None,
+          backend: str = "auto") -> Plan:
+    """plan(model, policy, example_inputs).install(optimizer, backend)."""
+    return plan(model, policy, example_inputs).install(optimizer, backend=backend)
