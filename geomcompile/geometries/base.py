@@ -105,6 +105,7 @@ class Geometry:
     paper: ClassVar[str] = ""            # seed file it implements
     needs_example_inputs: ClassVar[bool] = False
     incompatible: ClassVar[tuple[str, ...]] = ()   # geometries that must not share a parameter with it
+    match_hint: ClassVar[str] = "narrow its match"  # what to add to a rule's match so check() passes
 
     def __init__(self, **opts: Any):
         unknown = set(opts) - set(self.options)

@@ -96,6 +96,7 @@ METRICS = {"h0": reweighted_h0, "sobolev": sobolev}
 class ChannelDirected(Geometry):
     name = "channel_directed"
     stage = "metric"
+    match_hint = "add `kind: [conv, conv_transpose, linear]` to match"
     paper = "000_ce70f4ca5b877378.txt"
     options = {
         "metric": Option(str, "sobolev", "h0 (re-weighted H0) or sobolev (H1 along the output channel)",

@@ -80,6 +80,7 @@ STATE_POWERS = {"momentum_buffer": 1, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_av
 class PSI(Geometry):
     name = "psi"
     stage = "metric"
+    match_hint = "add `scale_invariant: true` to match"
     paper = "003_e743018e4af99a60.txt"
     incompatible = ("pom",)
     options = {

@@ -1,0 +1,496 @@
+"""The YAML policy language: which geometry each parameter gets, decided from the analysis facts.
+
+    version: 1
+    validate: strict                  # strict | warn (what resolve() does with model-dependent problems)
+    rules:
+      - name: bn-convs
+        match: {param: "layer*.**.weight", kind: conv, scale_invariant: true}
+        exclude: {param: "conv1.weight"}
+        use: {psi: {max_norm: 1.0e4}}
+
+A rule *matches* a parameter when every selector of ``match`` holds and not every selector of
+``exclude`` does (exclusion wins). A rule uses at most one geometry per stage; for each parameter
+and stage the first matching rule in file order that uses a geometry of that stage wins.
+
+Loading always validates the document strictly (keys, types, geometry and option names, option
+values); every error names ``file:line:column`` and says what to do. ``validate`` only governs the
+problems that depend on the model, found by ``Policy.resolve``: a rule matching no parameter, and
+a geometry that cannot apply to a parameter its rule matched (error in strict, warning in warn).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from . import geometries  # noqa: F401  (importing the package registers the geometries)
+from .analysis.facts import KINDS, ParamFacts
+from .errors import GeomCompileError
+from .geometries.base import REGISTRY, STAGES, Geometry
+
+TOP_KEYS = ("version", "validate", "rules", "description")
+RULE_KEYS = ("name", "description", "match", "exclude", "use")
+MODES = ("strict", "warn")
+_BARE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _hint(word: Any, known) -> str:
+    close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ---- positions ------------------------------------------------------------------------------
+def _render(path: tuple) -> str:
+    """("rules", 0, "use", "psi") -> "rules[0].use.psi"."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _at_mark(source: str, mark) -> str:
+    return f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+
+
+class _Locator:
+    """Turns a path inside the document into "file:line:column" (YAML) or "<dict>:rules[0].use" (dict)."""
+
+    def __init__(self, source: str, marks: dict | None = None, key_marks: dict | None = None):
+        self.source, self.marks = source, marks
+        self.key_marks = key_marks if key_marks is not None else {}
+
+    def at(self, path: tuple, key: bool = False) -> str:
+        if self.marks is None:
+            return f"{self.source}:{_render(path)}" if path else self.source
+        if key and path in self.key_marks:
+            return _at_mark(self.source, self.key_marks[path])
+        while path and path not in self.marks:
+            path = path[:-1]
+        return _at_mark(self.source, self.marks.get(path))
+
+    def fail(self, path: tuple, message: str, key: bool = False):
+        raise GeomCompileError(f"{self.at(path, key)}: {message}")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats like 1e4 and 1.0e4 (PyYAML reads them as strings)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def _parse_yaml(text: str, source: str) -> tuple[Any, _Locator]:
+    """Parse YAML into plain data, keeping the start mark of every value and every mapping key."""
+    loader = _Loader(text)
+    marks, key_marks = {}, {}
+    loc = _Locator(source, marks, key_marks)
+
+    def convert(node, path):
+        marks[path] = node.start_mark
+        if isinstance(node, yaml.SequenceNode):
+            return [convert(item, path + (i,)) for i, item in enumerate(node.value)]
+        if not isinstance(node, yaml.MappingNode):
+            return loader.construct_object(node, deep=True)
+        out = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                raise GeomCompileError(f"{_at_mark(source, key_node.start_mark)}: keys must be names, "
+                                       f"got {key!r}. Fix: quote it or rename it")
+            key_marks[path + (key,)] = key_node.start_mark
+            if key in out:
+                loc.fail(path + (key,), f"duplicate key {key!r}. Fix: keep only one of them", key=True)
+            out[key] = convert(value_node, path + (key,))
+        return out
+
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise GeomCompileError(f"{source}: the policy is empty. Fix: start it with `version: 1` "
+                                   f"and a `rules:` list")
+        return convert(node, ()), loc
+    except yaml.MarkedYAMLError as e:
+        where = _at_mark(source, e.problem_mark or e.context_mark)
+        fix = "check indentation, colons and quotes here"
+        if "alias" in str(e.problem):
+            fix = 'quote patterns that start with * (YAML reads *x as an alias), e.g. "*.weight"'
+        raise GeomCompileError(f"{where}: YAML syntax error: {e.problem or e.context}. Fix: {fix}") from None
+    except yaml.YAMLError as e:
+        raise GeomCompileError(f"{source}: YAML error: {e}") from None
+    finally:
+        loader.dispose()
+
+
+# ---- selectors ------------------------------------------------------------------------------
+def glob_to_regex(pattern: str) -> str:
+    """Dotted-name glob -> regex: `*` any run without dots, `?` one non-dot character, a whole
+    component `**` any number of components (zero included). Matched against the whole name."""
+    parts: list[str] = []
+    for part in pattern.split("."):
+        if not (part == "**" and parts and parts[-1] == "**"):   # "**.**" is the same as "**"
+            parts.append(part)
+    if parts == ["**"]:
+        return ".*"
+    out = ""
+    for i, part in enumerate(parts):
+        if part == "**":
+            out += r"(?:[^.]+\.)*" if i == 0 else r"(?:\.[^.]+)*"
+            continue
+        if i > 0 and not (i == 1 and parts[0] == "**"):
+            out += r"\."
+        out += "".join("[^.]*" if c == "*" else "[^.]" if c == "?" else re.escape(c)
+                       for c in re.sub(r"\*+", "*", part))
+    return out
+
+
+def _pattern_test(value, bad, names_of) -> Callable[[ParamFacts], bool]:
+    patterns = value if isinstance(value, list) else [value]
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        bad(f'expected a name pattern or a list of them, got {value!r}. Fix: write e.g. "layer*.**.weight" '
+            f'or "re:.*\\.weight"')
+    regexes = []
+    for p in patterns:
+        try:
+            regexes.append(re.compile(p[3:] if p.startswith("re:") else glob_to_regex(p)))
+        except re.error as e:
+            bad(f"invalid regular expression {p[3:]!r}: {e}. Fix: correct it, or use a glob without 're:'")
+    return lambda facts: any(r.fullmatch(n) for n in names_of(facts) for r in regexes)
+
+
+def _module_names(facts: ParamFacts) -> list[str]:
+    """The consuming module, plus the owners of a shared parameter's other names."""
+    owners = [a.rpartition(".")[0] for a in facts.aliases if "." in a]
+    return ([facts.module] if facts.module is not None else []) + owners
+
+
+def _kind_test(value, bad):
+    kinds = value if isinstance(value, list) else [value]
+    if not kinds:
+        bad(f"empty kind list. Fix: give one or more of {', '.join(KINDS)}")
+    for k in kinds:
+        if not isinstance(k, str) or k not in KINDS:
+            bad(f"unknown kind {k!r}{_hint(k, KINDS)}. Fix: use one of {', '.join(KINDS)}")
+    return lambda facts: facts.kind in kinds
+
+
+def _flag_test(read: Callable[[ParamFacts], bool]):
+    def build(value, bad):
+        if not isinstance(value, bool):
+            bad(f"expected true or false, got {value!r}")
+        return lambda facts: read(facts) == value
+    return build
+
+
+def _count_test(read: Callable[[ParamFacts], int], compare: Callable[[int, int], bool]):
+    def build(value, bad):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            bad(f"expected an integer >= 0, got {value!r}")
+        return lambda facts: compare(read(facts), value)
+    return build
+
+
+SELECTORS = {
+    "param": lambda v, bad: _pattern_test(v, bad, lambda f: [f.name, *f.aliases]),
+    "module": lambda v, bad: _pattern_test(v, bad, _module_names),
+    "kind": _kind_test,
+    "scale_invariant": _flag_test(lambda f: f.scale_invariant is not None),
+    "depthwise": _flag_test(lambda f: bool(f.depthwise)),
+    "min_numel": _count_test(lambda f: f.numel, lambda n, v: n >= v),
+    "max_numel": _count_test(lambda f: f.numel, lambda n, v: n <= v),
+    "ndim": _count_test(lambda f: len(f.shape), lambda n, v: n == v),
+}
+
+
+def _compile_selectors(raw, path: tuple, loc: _Locator, what: str) -> Callable[[ParamFacts], bool]:
+    """Validate a `match`/`exclude` mapping and return a test that holds when all selectors do."""
+    if not isinstance(raw, Mapping):
+        loc.fail(path, f"`{what}` must be a mapping of selectors ({', '.join(SELECTORS)}), got {raw!r}. "
+                       f"Fix: write e.g. `{what}: {{kind: conv}}`" + ("; `match: {}` matches every parameter"
+                                                                     if what == "match" else ""))
+    tests = []
+    for key, value in raw.items():
+        if key not in SELECTORS:
+            loc.fail(path + (key,), f"unknown selector {key!r}{_hint(key, SELECTORS)}. Fix: use one of "
+                                    f"{', '.join(SELECTORS)}", key=True)
+        tests.append(SELECTORS[key](value, lambda msg, p=path + (key,): loc.fail(p, f"{what}.{key}: {msg}")))
+    return lambda facts: all(test(facts) for test in tests)
+
+
+# ---- rules ----------------------------------------------------------------------------------
+@dataclass
+class Rule:
+    """One rule of a policy. ``use`` maps geometry names to configured geometry instances."""
+
+    name: str
+    match: dict
+    exclude: dict | None
+    use: dict[str, Geometry]
+    where: str
+    description: str = ""
+    use_where: dict[str, str] = field(default_factory=dict, repr=False)   # geometry -> its position
+    _match_test: Callable = field(default=lambda f: True, repr=False, compare=False)
+    _exclude_test: Callable | None = field(default=None, repr=False, compare=False)
+
+    def matches(self, facts: ParamFacts) -> bool:
+        """The match holds and the exclusion does not."""
+        return self._match_test(facts) and not (self._exclude_test is not None and self._exclude_test(facts))
+
+    def describe(self) -> str:
+        flow = lambda d: yaml.safe_dump(d, default_flow_style=True, sort_keys=False, width=10**6).strip()
+        text = f"{self.name}: match {flow(self.match)}"
+        if self.exclude is not None:
+            text += f" exclude {flow(self.exclude)}"
+        return f"{text} -> {', '.join(map(repr, self.use.values()))}  [{self.where}]"
+
+
+def _check_keys(raw: Mapping, allowed, path: tuple, loc: _Locator, what: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            loc.fail(path + (key,), f"unknown key {key!r} in {what}{_hint(key, allowed)}. Fix: rename or "
+                                    f"remove it; allowed keys are {', '.join(allowed)}", key=True)
+
+
+def _build_geometry(cls: type[Geometry], opts, path: tuple, loc: _Locator) -> Geometry:
+    """Validate a geometry's options (names, types, ranges) and construct it."""
+    if opts is None:
+        opts = {}
+    if not isinstance(opts, Mapping):
+        loc.fail(path, f"options of {cls.name} must be a mapping, got {opts!r}. Fix: write e.g. "
+                       f"`{cls.name}: {{}}` for the defaults")
+    for key, value in opts.items():
+        spec = cls.options.get(key)
+        if spec is None:
+            known = ", ".join(cls.options) or "none"
+            loc.fail(path + (key,), f"unknown option {key!r} for {cls.name}{_hint(key, cls.options)}. "
+                                    f"Fix: rename or remove it; {cls.name} options: {known}", key=True)
+        problem = spec.validate(value)
+        if problem:
+            loc.fail(path + (key,), f"{cls.name}.{key}: {problem}. Fix: give a valid value "
+                                    f"({key}: {spec.doc}; default {spec.default!r})")
+    try:
+        return cls(**opts)
+    except (GeomCompileError, TypeError, ValueError) as e:
+        loc.fail(path, f"cannot configure {cls.name}: {e}")
+
+
+def _build_use(raw, path: tuple, loc: _Locator, rule: str) -> tuple[dict, dict]:
+    if not isinstance(raw, Mapping) or not raw:
+        loc.fail(path, f"rule {rule!r}: `use` must map geometry names to options, got {raw!r}. "
+                       f"Fix: write e.g. `use: {{psi: {{max_norm: 1.0e4}}}}`")
+    use, where, stage_of = {}, {}, {}
+    for name, opts in raw.items():
+        cls = REGISTRY.get(name)
+        if cls is None:
+            loc.fail(path + (name,), f"unknown geometry {name!r}{_hint(name, REGISTRY)}. Fix: use one of "
+                                     f"{', '.join(sorted(REGISTRY))}", key=True)
+        if cls.stage in stage_of:
+            loc.fail(path + (name,), f"rule {rule!r} uses two {cls.stage}-stage geometries "
+                                     f"({stage_of[cls.stage]} and {name}); a parameter gets at most one "
+                                     f"geometry per stage. Fix: keep one, or put the other in its own rule",
+                     key=True)
+        stage_of[cls.stage] = name
+        use[name] = _build_geometry(cls, opts, path + (name,), loc)
+        where[name] = loc.at(path + (name,), key=True)
+    return use, where
+
+
+def _build_rule(raw, index: int, loc: _Locator) -> Rule:
+    path = ("rules", index)
+    if not isinstance(raw, Mapping):
+        loc.fail(path, f"rule {index + 1} must be a mapping with keys {', '.join(RULE_KEYS)}, got {raw!r}")
+    _check_keys(raw, RULE_KEYS, path, loc, f"rule {index + 1}")
+    name = raw.get("name", f"rule{index + 1}")
+    if not isinstance(name, str) or not name:
+        loc.fail(path + ("name",), f"a rule name must be a non-empty string, got {name!r}")
+    for needed, example in (("match", "`match: {kind: conv}` (`match: {}` matches every parameter)"),
+                            ("use", "`use: {channel_directed: {metric: sobolev}}`")):
+        if needed not in raw:
+            loc.fail(path, f"rule {name!r} has no `{needed}`. Fix: add {example}")
+    match_test = _compile_selectors(raw["match"], path + ("match",), loc, "match")
+    exclude = raw.get("exclude")
+    if isinstance(exclude, Mapping) and not exclude:
+        loc.fail(path + ("exclude",), f"rule {name!r}: an empty `exclude` would exclude every parameter. "
+                                      f"Fix: remove it, or give selectors")
+    exclude_test = None if exclude is None else _compile_selectors(exclude, path + ("exclude",), loc, "exclude")
+    use, use_where = _build_use(raw["use"], path + ("use",), loc, name)
+    return Rule(name, dict(raw["match"]), None if exclude is None else dict(exclude), use, loc.at(path),
+                str(raw.get("description", "")), use_where, match_test, exclude_test)
+
+
+# ---- policy ---------------------------------------------------------------------------------
+@dataclass
+class Resolution:
+    """Result of matching a policy against a model's facts."""
+
+    assignments: dict[str, dict[str, Geometry]]   # param -> {stage: geometry}, params with >= 1 geometry
+    rule_of: dict[tuple[str, str], str]           # (param, stage) -> rule that assigned it
+    rule_counts: dict[str, int]                   # rule -> parameters its selectors matched
+    warnings: list[str] = field(default_factory=list)
+
+
+class Policy:
+    """A validated policy. Build it with ``load_policy``."""
+
+    def __init__(self, rules: list[Rule], *, version: int = 1, validate: str = "strict",
+                 source: str = "<dict>", description: str = ""):
+        self.rules, self.version, self.validate = rules, version, validate
+        self.source, self.description = source, description
+
+    def __repr__(self) -> str:
+        return (f"Policy({self.source!r}, version={self.version}, validate={self.validate!r}, "
+                f"rules={[r.name for r in self.rules]})")
+
+    def describe(self) -> str:
+        """One line per rule: its selectors and geometries (for `geomcompile validate POLICY`)."""
+        head = f"policy {self.source}: version {self.version}, validate {self.validate}, {len(self.rules)} rule(s)"
+        return "\n".join([head] + [f"  {i}. {r.describe()}" for i, r in enumerate(self.rules, 1)])
+
+    def _problem(self, message: str, warnings: list[str]) -> None:
+        """A model-dependent problem: an error in strict mode, a warning in warn mode."""
+        if self.validate == "strict":
+            raise GeomCompileError(message)
+        warnings.append(message)
+
+    def _assign(self, facts: ParamFacts, counts: dict, warnings: list) -> dict[str, tuple[Geometry, Rule]]:
+        """Per stage, the first matching rule (file order) whose geometry of that stage applies."""
+        chosen: dict[str, tuple[Geometry, Rule]] = {}
+        for rule in self.rules:
+            if not rule.matches(facts):
+                continue
+            counts[rule.name] += 1
+            for gname, geometry in rule.use.items():
+                if geometry.stage in chosen:
+                    continue                    # shadowed by an earlier rule for this stage
+                reason = geometry.check(facts)
+                if reason is not None:
+                    fix = type(geometry).match_hint
+                    self._problem(f"{rule.use_where[gname]}: rule {rule.name!r} uses {gname} on {facts.name}, "
+                                  f"which it cannot apply to: {reason}. Fix: {fix}, or exclude it.", warnings)
+                    continue
+                chosen[geometry.stage] = (geometry, rule)
+        return chosen
+
+    @staticmethod
+    def _check_compatible(name: str, chosen: dict[str, tuple[Geometry, Rule]]) -> None:
+        pairs = list(chosen.values())
+        for i, (a, rule_a) in enumerate(pairs):
+            for b, rule_b in pairs[i + 1:]:
+                if a.name in type(b).incompatible or b.name in type(a).incompatible:
+                    raise GeomCompileError(
+                        f"{name} gets {a.name} from rule {rule_a.name!r} ({rule_a.use_where[a.name]}) and "
+                        f"{b.name} from rule {rule_b.name!r} ({rule_b.use_where[b.name]}), which are "
+                        f"incompatible. Fix: exclude {name} from one of the two rules")
+
+    def resolve(self, structure: Mapping[str, ParamFacts]) -> Resolution:
+        """Assign geometries to the parameters of an analysed model (see the module docstring)."""
+        counts = {rule.name: 0 for rule in self.rules}
+        assignments, rule_of, warnings = {}, {}, []
+        for name, facts in structure.items():
+            chosen = self._assign(facts, counts, warnings)
+            self._check_compatible(name, chosen)
+            if chosen:
+                assignments[name] = {s: chosen[s][0] for s in STAGES if s in chosen}
+                rule_of.update({(name, s): chosen[s][1].name for s in chosen})
+        for rule in self.rules:
+            if counts[rule.name] == 0:
+                self._problem(f"{rule.where}: rule {rule.name!r} matches no parameter of the model. Fix: "
+                              f"correct its selectors, remove the rule, or set `validate: warn`", warnings)
+        return Resolution(assignments, rule_of, counts, warnings)
+
+
+def _build_policy(data, loc: _Locator) -> Policy:
+    """Validate a whole document (already parsed) and build the Policy."""
+    if not isinstance(data, Mapping):
+        loc.fail((), f"a policy must be a mapping with keys {', '.join(TOP_KEYS)}, got {data!r}. "
+                     f"Fix: start it with `version: 1` and a `rules:` list")
+    _check_keys(data, TOP_KEYS, (), loc, "the policy")
+    version = data.get("version")
+    if "version" not in data:
+        loc.fail((), "the policy has no `version`. Fix: add `version: 1` at the top")
+    if type(version) is not int or version != 1:
+        loc.fail(("version",), f"unsupported version {version!r}; this geomcompile reads version 1. "
+                               f"Fix: write `version: 1`")
+    mode = data.get("validate", "strict")
+    if not isinstance(mode, str) or mode not in MODES:
+        loc.fail(("validate",), f"`validate` must be strict or warn, got {mode!r}{_hint(mode, MODES)}. "
+                                f"Fix: write `validate: strict` (errors) or `validate: warn` (warnings)")
+    raw_rules = data.get("rules")
+    if not isinstance(raw_rules, list) or not raw_rules:
+        loc.fail(("rules",), f"`rules` must be a non-empty list of rules, got {raw_rules!r}. Fix: add "
+                             f"`rules:` with items like `- {{name: convs, match: {{kind: conv}}, use: ...}}`")
+    rules, seen = [], {}
+    for i, raw in enumerate(raw_rules):
+        rule = _build_rule(raw, i, loc)
+        if rule.name in seen:
+            loc.fail(("rules", i, "name"), f"duplicate rule name {rule.name!r} (first at {seen[rule.name]}). "
+                                           f"Fix: give every rule its own name")
+        seen[rule.name] = rule.where
+        rules.append(rule)
+    return Policy(rules, version=version, validate=mode, source=loc.source,
+                  description=str(data.get("description", "")))
+
+
+# ---- loading --------------------------------------------------------------------------------
+def _shipped_dir():
+    """The installed package geomcompile.policies, or the repo's policies/ folder when not installed."""
+    try:
+        root = importlib.resources.files("geomcompile.policies")
+        if any(p.name.endswith(".yaml") for p in root.iterdir()):
+            return root
+    except (ModuleNotFoundError, TypeError, OSError):
+        pass
+    return Path(__file__).resolve().parent.parent / "policies"
+
+
+def shipped_policies() -> list[str]:
+    """Names of the policies shipped with geomcompile (loadable as ``load_policy(name)``)."""
+    root = _shipped_dir()
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")) if root.is_dir() else []
+
+
+def _load_file(path) -> Policy:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise GeomCompileError(f"cannot read policy file {str(path)!r}: {e}. Fix: check the path; shipped "
+                               f"policies are {', '.join(shipped_policies())}") from None
+    return _build_policy(*_parse_yaml(text, str(path)))
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return "\n" not in text and Path(text).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def load_policy(src) -> Policy:
+    """Load and validate a policy from a file path, a shipped name ("resnet", "plain"), a YAML
+    string, a dict, or a Policy (returned as is)."""
+    if isinstance(src, Policy):
+        return src
+    if isinstance(src, Mapping):
+        return _build_policy(src, _Locator("<dict>"))
+    if isinstance(src, Path):
+        return _load_file(src)
+    if not isinstance(src, str):
+        raise GeomCompileError(f"load_policy expects a path, a shipped policy name ({', '.join(shipped_policies())}), "
+                               f"a YAML string, a dict or a Policy; got {type(src).__name__}")
+    if _is_file(src):
+        return _load_file(Path(src))
+    if _BARE_NAME.fullmatch(src):
+        names = shipped_policies()
+        if src not in names:
+            raise GeomCompileError(f"unknown policy {src!r}{_hint(src, names)}: no such file and no shipped "
+                                   f"policy of that name. Fix: use one of {', '.join(names)} or a path to a .yaml file")
+        return _load_file(_shipped_dir().joinpath(src + ".yaml"))
+    if "\n" not in src and src.endswith((".yaml", ".yml")):
+        raise GeomCompileError(f"policy file {src!r} not found. Fix: check the path")
+    return _build_policy(*_parse_yaml(src, "<string>"))
