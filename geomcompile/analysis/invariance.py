@@ -132,12 +132,12 @@ class _Walker:
             return frozenset()  # x.size(), x.shape: no values flow
         if info.cls == "cat":
             return self._cat(src, node, sig, info, path)
+        if info.cls == "unknown":
+            raise Broken(f"{path}: {info.name} is not known to keep a per-channel scaling "
+                         f"(residual add, product of tensors, non-homogeneous activation, slicing, "
+                         f"permute, or an op the analyser does not know)")
         if info.data is not src:
             raise Broken(f"{path}: enters {info.name} other than as its input tensor")
-        if info.cls == "unknown":
-            raise Broken(f"{path}: {info.name} does not preserve a per-channel scaling "
-                         f"(residual add, product of tensors, non-homogeneous activation or an op "
-                         f"the analyser does not know)")
         if info.cls == "layer":
             raise Broken(f"{path}: feeds another layer ({info.name}) before any normalisation")
         if info.cls == "norm":

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..capture import Captured
+from ..capture import Captured, is_leaf_module
 from .facts import ParamFacts
 from .ops import LAYER_FUNCS, classify
 
@@ -87,6 +87,8 @@ def _functional_use(user: fx.Node, attr_node: fx.Node, cap: Captured) -> Use:
 
 def layout_facts(name: str, tensor: torch.Tensor, uses: list[Use], cap: Captured) -> ParamFacts:
     facts = ParamFacts(name=name, shape=tuple(tensor.shape), uses=len(uses))
+    if not uses:  # not reached in the captured graph (e.g. a branch the run capture did not take)
+        return _facts_from_owner(facts, cap)
     kinds = {u.kind for u in uses}
     if len(kinds) != 1:
         facts.kind = "other"
@@ -107,6 +109,26 @@ def layout_facts(name: str, tensor: torch.Tensor, uses: list[Use], cap: Captured
             facts.input_shape, facts.output_shape = shapes_in.pop(), shapes_out.pop()
     elif facts.kind == "bias":
         facts.out_dim = 0
+    return facts
+
+
+def _facts_from_owner(facts: ParamFacts, cap: Captured) -> ParamFacts:
+    """Layout facts from the module that owns the parameter; no shapes, no invariance."""
+    owner_name, _, local = facts.name.rpartition(".")
+    owner = cap.modules.get(owner_name)
+    if owner is None or not is_leaf_module(owner):
+        return facts
+    facts.kind, role = _module_role(owner, local)
+    facts.module = owner_name
+    if role == "weight":
+        facts.out_dim = 1 if facts.kind == "conv_transpose" else 0
+        use = Use(node=None, kind=facts.kind, role=role, module=owner_name)
+        facts.groups = _groups(use, cap)
+        facts.depthwise = _is_depthwise(facts, cap.modules[owner_name].weight)
+        facts.layer = _layer_config(use, cap)
+    elif role == "bias":
+        facts.out_dim = 0
+    facts.notes.append("not reached in the captured graph: layout taken from its module")
     return facts
 
 

@@ -1,0 +1,873 @@
+"""A zoo of tiny models, each with the facts the analysis should find, derived by hand.
+
+Every entry names a factory, small ``example_inputs`` and EXPECTED: parameter name -> the fields
+to check (``kind``, ``out_dim``, ``groups``, ``depthwise``, ``invariant``). ``invariant`` is None
+or ``(unit, normalizer)`` / ``("group", normalizer, group_size)``; the normalizer only has to be
+contained in ``facts.scale_invariant.normalizer``. Entries with a ``rule`` derive the
+expectation of every parameter from its name (ResNets: every conv weight is row-invariant).
+
+The rules the expectations follow (training mode): scaling output channel i of a layer by c > 0
+travels through ReLU/LeakyReLU/PReLU, pooling, dropout, flatten, upsampling, cat along channels,
+constant scaling and spatial means; BatchNorm/InstanceNorm absorb it per row, GroupNorm per
+group, LayerNorm over the features per tensor; anything else (residual adds, products of
+tensors, ReLU6/GELU/SiLU/..., slicing, permutes, the model output) breaks it. A layer bias is
+harmless only when nothing but max/avg pooling, flatten, identity, cat or constant scaling stands
+before a BatchNorm/InstanceNorm. Only ``negative`` lists the weights whose per-row scaling truly
+changes the output (a conservative None such as "slice then BN" is not a negative control).
+
+The CLI reads ``tests.models:resnet20``, hence the re-export.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from geomcompile.models import resnet20, small_resnet
+
+__all__ = ["ZOO", "ZooEntry", "resnet20", "small_resnet", "expected_facts"]
+
+
+# --- expectation helpers ----------------------------------------------------------------------
+def row(normalizer: str) -> tuple:
+    return ("row", normalizer)
+
+
+def group(normalizer: str, group_size: int) -> tuple:
+    return ("group", normalizer, group_size)
+
+
+def tensor(normalizer: str) -> tuple:
+    return ("tensor", normalizer)
+
+
+def conv(invariant=None, groups: int = 1, depthwise: bool = False) -> dict:
+    return dict(kind="conv", out_dim=0, groups=groups, depthwise=depthwise, invariant=invariant)
+
+
+def deconv(invariant=None) -> dict:
+    return dict(kind="conv_transpose", out_dim=1, groups=1, depthwise=False, invariant=invariant)
+
+
+def linear(invariant=None) -> dict:
+    return dict(kind="linear", out_dim=0, groups=1, depthwise=False, invariant=invariant)
+
+
+def bias() -> dict:
+    return dict(kind="bias", out_dim=0, invariant=None)
+
+
+def norm() -> dict:
+    """Expectations for both the weight and the bias of a normalisation module (see expand)."""
+    return {"weight": dict(kind="norm_weight", out_dim=None, invariant=None),
+            "bias": dict(kind="norm_bias", out_dim=None, invariant=None)}
+
+
+def other() -> dict:
+    return dict(kind="other", invariant=None)
+
+
+def expand(spec: dict) -> dict[str, dict]:
+    """{"bn1": norm(), "fc.weight": linear()} -> {"bn1.weight": ..., "bn1.bias": ..., "fc.weight": ...}."""
+    out: dict[str, dict] = {}
+    for name, value in spec.items():
+        if "kind" in value:
+            out[name] = value
+        else:
+            out.update({f"{name}.{k}": v for k, v in value.items()})
+    return out
+
+
+@dataclass
+class ZooEntry:
+    name: str
+    factory: Callable[[], nn.Module]
+    make_inputs: Callable[[], tuple]
+    expected: dict[str, dict]
+    rule: Callable[[str], dict | None] | None = None   # expectation from the name, for the rest
+    negative: tuple[str, ...] = ()        # weights whose per-row scaling does change the output
+    traceable: bool = True                # torch.fx.symbolic_trace works without example_inputs
+    shape_dependent: tuple[str, ...] = () # invariance needs shapes (Linear -> BatchNorm1d, ...)
+
+    @property
+    def example_inputs(self) -> tuple:
+        return self.make_inputs()
+
+    def build(self) -> nn.Module:
+        torch.manual_seed(0)
+        return self.factory()
+
+    def __repr__(self) -> str:
+        return f"ZooEntry({self.name})"
+
+
+def expected_facts(entry: ZooEntry, model: nn.Module) -> dict[str, dict]:
+    """EXPECTED completed by the entry's rule, for every parameter name the model has."""
+    out = dict(entry.expected)
+    if entry.rule is not None:
+        for name, _ in model.named_parameters(remove_duplicate=False):
+            if name not in out:
+                derived = entry.rule(name)
+                if derived is not None:
+                    out[name] = derived
+    return out
+
+
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def images(batch: int = 4, channels: int = 3, size: int = 8) -> Callable[[], tuple]:
+    return lambda: (_randn(batch, channels, size, size),)
+
+
+# --- ResNets from the package -----------------------------------------------------------------
+def resnet_rule(name: str) -> dict | None:
+    """Every conv of a post-activation BN ResNet feeds its BN directly: row-invariant."""
+    if m := re.fullmatch(r"(.*)conv(\d)\.weight", name):
+        return conv(row(f"{m[1]}bn{m[2]}"))
+    if m := re.fullmatch(r"(.*downsample)\.0\.weight", name):
+        return conv(row(f"{m[1]}.1"))
+    if m := re.fullmatch(r"(.*(?:bn\d|downsample\.1))\.(weight|bias)", name):
+        return norm()[m[2]]
+    if name == "fc.weight":
+        return linear(None)   # reaches the logits
+    if name == "fc.bias":
+        return bias()
+    return None
+
+
+RESNET20 = ZooEntry(
+    "resnet20", resnet20, images(2, 3, 8),
+    expected={
+        "conv1.weight": conv(row("bn1")),
+        "layer1.0.conv1.weight": conv(row("layer1.0.bn1")),
+        # conv2 feeds bn2, and it is bn2's output that meets the residual add
+        "layer1.0.conv2.weight": conv(row("layer1.0.bn2")),
+        "layer2.0.downsample.0.weight": conv(row("layer2.0.downsample.1")),
+        "layer3.2.conv2.weight": conv(row("layer3.2.bn2")),
+        "bn1.weight": norm()["weight"], "bn1.bias": norm()["bias"],
+        "fc.weight": linear(None), "fc.bias": bias(),
+    },
+    rule=resnet_rule, negative=("fc.weight",))
+
+SMALL_RESNET = ZooEntry(
+    "small_resnet", small_resnet, images(4, 1, 8),
+    expected={
+        "conv1.weight": conv(row("bn1")),
+        "layer1.1.conv1.weight": conv(row("layer1.1.bn1")),
+        "layer1.1.downsample.0.weight": conv(row("layer1.1.downsample.1")),
+        "fc.weight": linear(None),
+    },
+    rule=resnet_rule, negative=("fc.weight",))
+
+
+# --- pre-activation ResNet --------------------------------------------------------------------
+class PreActBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
+        self.layer1 = PreActBlock(4, 4)
+        self.layer2 = PreActBlock(4, 8, stride=2)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        out = self.layer2(self.layer1(self.conv1(x)))
+        out = F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1)
+        return self.fc(torch.flatten(out, 1))
+
+
+PREACT = ZooEntry(
+    "preact_resnet", PreActResNet, images(),
+    expand({
+        # the stem reaches layer1.bn1 but also the identity shortcut -> residual add
+        "conv1.weight": conv(None),
+        "layer1.bn1": norm(), "layer1.bn2": norm(), "layer2.bn1": norm(), "layer2.bn2": norm(), "bn": norm(),
+        "layer1.conv1.weight": conv(row("layer1.bn2")),
+        "layer1.conv2.weight": conv(None),          # feeds the residual add directly
+        "layer2.conv1.weight": conv(row("layer2.bn2")),
+        "layer2.conv2.weight": conv(None),
+        "layer2.shortcut.weight": conv(None),       # the shortcut is a summand of the add
+        "fc.weight": linear(None), "fc.bias": bias(),
+    }),
+    negative=("conv1.weight", "layer1.conv2.weight", "layer2.shortcut.weight", "fc.weight"))
+
+
+# --- VGG-11 with and without BN -----------------------------------------------------------------
+VGG11_CFG = (4, "M", 8, "M", 8, 8, "M", 8, 8, "M", 8, 8, "M")
+
+
+class TinyVGG11(nn.Module):
+    def __init__(self, batch_norm: bool):
+        super().__init__()
+        layers, cin = [], 3
+        for v in VGG11_CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers.append(nn.Conv2d(cin, v, 3, padding=1))   # conv bias on, as in torchvision
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(v))
+                layers.append(nn.ReLU(inplace=True))
+                cin = v
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def _vgg11_expected(batch_norm: bool) -> dict[str, dict]:
+    spec: dict[str, dict] = {}
+    i = 0
+    for v in VGG11_CFG:
+        if v == "M":
+            i += 1
+            continue
+        # conv(bias) -> BN: the bias is a per-channel constant that BN's mean removes
+        spec[f"features.{i}.weight"] = conv(row(f"features.{i + 1}") if batch_norm else None)
+        spec[f"features.{i}.bias"] = bias()
+        if batch_norm:
+            spec[f"features.{i + 1}"] = norm()
+        i += 3 if batch_norm else 2
+    spec.update({"classifier.0.weight": linear(None), "classifier.0.bias": bias(),
+                 "classifier.2.weight": linear(None), "classifier.2.bias": bias()})
+    return expand(spec)
+
+
+VGG11_BN = ZooEntry("vgg11_bn", lambda: TinyVGG11(True), images(2, 3, 32), _vgg11_expected(True),
+                    negative=("classifier.0.weight", "classifier.2.weight"))
+VGG11 = ZooEntry("vgg11", lambda: TinyVGG11(False), images(2, 3, 32), _vgg11_expected(False),
+                 negative=("features.0.weight", "features.8.weight", "classifier.0.weight"))
+
+
+# --- plain CNN --------------------------------------------------------------------------------
+class PlainCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8 * 2 * 2, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        return self.fc2(x)
+
+
+PLAIN_CNN = ZooEntry(
+    "plain_cnn", PlainCNN, images(),
+    expand({"conv1.weight": conv(row("bn1")), "bn1": norm(),
+            "conv2.weight": conv(None), "conv2.bias": bias(),   # no normalisation after it
+            "fc1.weight": linear(None), "fc1.bias": bias(), "fc2.weight": linear(None), "fc2.bias": bias()}),
+    negative=("conv2.weight", "fc1.weight", "fc2.weight"))
+
+
+# --- MLP with BatchNorm1d ---------------------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 12, bias=bias)
+        self.bn1 = nn.BatchNorm1d(12)
+        self.fc2 = nn.Linear(12, 8, bias=bias)
+        self.bn2 = nn.BatchNorm1d(8)
+        self.fc3 = nn.Linear(8, 3, bias=bias)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.fc1(x)))
+        x = F.relu(self.bn2(self.fc2(x)))
+        return self.fc3(x)
+
+
+def _mlp_expected(with_bias: bool) -> dict[str, dict]:
+    spec = {"fc1.weight": linear(row("bn1")), "bn1": norm(),   # Linear (2-D output) -> BN1d over features
+            "fc2.weight": linear(row("bn2")), "bn2": norm(),
+            "fc3.weight": linear(None)}
+    if with_bias:   # the bias goes straight into BN, which removes it
+        spec.update({"fc1.bias": bias(), "fc2.bias": bias(), "fc3.bias": bias()})
+    return expand(spec)
+
+
+MLP_BIAS = ZooEntry("mlp_bias", lambda: MLP(True), lambda: (_randn(6, 16),), _mlp_expected(True),
+                    negative=("fc3.weight",), shape_dependent=("fc1.weight", "fc2.weight"))
+MLP_NOBIAS = ZooEntry("mlp_nobias", lambda: MLP(False), lambda: (_randn(6, 16),), _mlp_expected(False),
+                      negative=("fc3.weight",), shape_dependent=("fc1.weight", "fc2.weight"))
+
+
+# --- DenseNet-style block ---------------------------------------------------------------------
+class DenseBlockNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv1 = nn.Conv2d(4, 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 2, 3, padding=1, bias=True)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x0 = self.conv0(x)
+        x1 = torch.cat([x0, self.conv1(F.relu(self.bn1(x0)))], dim=1)
+        x2 = torch.cat([x1, self.conv2(F.relu(self.bn2(x1)))], dim=1)
+        out = F.adaptive_avg_pool2d(F.relu(self.bn3(x2)), 1)
+        return self.fc(torch.flatten(out, 1))
+
+
+DENSENET = ZooEntry(
+    "densenet_block", DenseBlockNet, images(),
+    expand({
+        # conv0 reaches bn1 directly and bn2, bn3 through cat(dim=1): every path is absorbed
+        "conv0.weight": conv(row("bn1")),
+        "conv1.weight": conv(row("bn2")),       # cat -> bn2 and cat -> cat -> bn3
+        "conv2.weight": conv(row("bn3")),       # its bias only passes cat before bn3: harmless
+        "conv2.bias": bias(),
+        "bn1": norm(), "bn2": norm(), "bn3": norm(),
+        "fc.weight": linear(None), "fc.bias": bias(),
+    }),
+    negative=("fc.weight",))
+
+
+# --- MobileNetV2 inverted residual ------------------------------------------------------------
+class InvertedResidual(nn.Module):
+    def __init__(self, channels: int, expand_ratio: int):
+        super().__init__()
+        hidden = channels * expand_ratio
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, channels, 1, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+class TinyMobileNetV2(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU6(inplace=True))
+        self.block = InvertedResidual(4, 3)
+        self.head = nn.Sequential(nn.Conv2d(4, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(inplace=True))
+        self.classifier = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.head(self.block(self.stem(x)))
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+MOBILENETV2 = ZooEntry(
+    "mobilenetv2_block", TinyMobileNetV2, images(),
+    expand({
+        "stem.0.weight": conv(row("stem.1")), "stem.1": norm(),
+        "block.conv.0.weight": conv(row("block.conv.1")), "block.conv.1": norm(),
+        # depthwise 3x3: groups == in == out == 12, each output channel still goes to its BN
+        "block.conv.3.weight": conv(row("block.conv.4"), groups=12, depthwise=True), "block.conv.4": norm(),
+        # the projection feeds its BN; it is the BN's output that meets the residual add
+        "block.conv.6.weight": conv(row("block.conv.7")), "block.conv.7": norm(),
+        "head.0.weight": conv(row("head.1")), "head.1": norm(),
+        "classifier.weight": linear(None), "classifier.bias": bias(),
+    }),
+    negative=("classifier.weight",))
+
+
+# --- conv -> ReLU -> BN, conv(bias) -> BN, conv(bias) -> maxpool -> BN --------------------------
+class ConvReluBN(nn.Module):
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=bias)
+        self.relu = nn.ReLU()
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.bn(self.relu(self.conv(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ConvBiasBN(nn.Module):
+    def __init__(self, maxpool: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=True)
+        self.pool = nn.MaxPool2d(2) if maxpool else nn.Identity()
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.pool(self.conv(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+_head = {"bn": norm(), "fc.weight": linear(None), "fc.bias": bias()}
+CONV_RELU_BN = ZooEntry("conv_relu_bn", lambda: ConvReluBN(False), images(),
+                        expand({"conv.weight": conv(row("bn")), **_head}), negative=("fc.weight",))
+CONV_BIAS_RELU_BN = ZooEntry(
+    "conv_bias_relu_bn", lambda: ConvReluBN(True), images(),
+    # ReLU(c*z + b) != c*ReLU(z + b/c): the ReLU sees the unscaled bias before BN
+    expand({"conv.weight": conv(None), "conv.bias": bias(), **_head}),
+    negative=("conv.weight", "fc.weight"))
+CONV_BIAS_BN = ZooEntry("conv_bias_bn", lambda: ConvBiasBN(False), images(),
+                        expand({"conv.weight": conv(row("bn")), "conv.bias": bias(), **_head}),
+                        negative=("fc.weight",))
+CONV_BIAS_MAXPOOL_BN = ZooEntry(
+    "conv_bias_maxpool_bn", lambda: ConvBiasBN(True), images(),
+    # max(c*z + b) = c*max(z) + b per channel: the bias stays a per-channel constant for BN
+    expand({"conv.weight": conv(row("bn")), "conv.bias": bias(), **_head}),
+    negative=("fc.weight",))
+
+
+# --- GroupNorm --------------------------------------------------------------------------------
+class GroupNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.gn1 = nn.GroupNorm(2, 8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.gn2 = nn.GroupNorm(4, 8)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1, bias=True)
+        self.gn3 = nn.GroupNorm(2, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.relu(self.gn1(self.conv1(x)))
+        x = F.relu(self.gn2(self.conv2(x)))
+        x = F.relu(self.gn3(self.conv3(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+GROUPNORM = ZooEntry(
+    "groupnorm", GroupNormNet, images(),
+    expand({
+        "conv1.weight": conv(group("gn1", 4)),   # 8 channels / 2 groups
+        "conv2.weight": conv(group("gn2", 2)),   # 8 channels / 4 groups
+        # GN normalises a group with one mean: a bias that differs per channel is not removed
+        "conv3.weight": conv(None), "conv3.bias": bias(),
+        "gn1": norm(), "gn2": norm(), "gn3": norm(), "fc.weight": linear(None), "fc.bias": bias(),
+    }),
+    # per-row scaling breaks a group-invariant weight too: the unit must not be finer than "group"
+    negative=("conv1.weight", "conv3.weight", "fc.weight"))
+
+
+# --- transformer block ------------------------------------------------------------------------
+class TinyTransformer(nn.Module):
+    def __init__(self, d_in: int = 6, d: int = 8):
+        super().__init__()
+        self.embed = nn.Linear(d_in, d, bias=False)
+        self.ln_in = nn.LayerNorm(d)
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.proj = nn.Linear(d, d)
+        self.ln1 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.pre = nn.Linear(d, d)
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 3)
+        self.scale = 1.0 / math.sqrt(d)
+
+    def forward(self, x):                                   # x: (batch, tokens, d_in)
+        x = self.ln_in(self.embed(x))
+        att = (self.q(x) @ self.k(x).transpose(-2, -1) * self.scale).softmax(dim=-1)
+        x = x + self.proj(att @ self.v(x))
+        x = self.ln1(x)
+        x = self.ln2(x + self.fc2(F.gelu(self.fc1(x))))
+        x = self.ln_f(self.pre(x))
+        return self.head(x.mean(dim=1))
+
+
+TRANSFORMER = ZooEntry(
+    "transformer_block", TinyTransformer, lambda: (_randn(2, 5, 6),),
+    expand({
+        "embed.weight": linear(tensor("ln_in")),   # bias-free Linear -> LayerNorm over its features
+        "ln_in": norm(), "ln1": norm(), "ln2": norm(), "ln_f": norm(),
+        "q.weight": linear(None), "q.bias": bias(),   # q @ k^T: product of two tensors
+        "k.weight": linear(None), "k.bias": bias(),
+        "v.weight": linear(None), "v.bias": bias(),   # att @ v
+        "proj.weight": linear(None), "proj.bias": bias(),   # feeds the residual add
+        "fc1.weight": linear(None), "fc1.bias": bias(),     # GELU
+        "fc2.weight": linear(None), "fc2.bias": bias(),     # residual add
+        "pre.weight": linear(None), "pre.bias": bias(),     # LN(c*Wx + b) != LN(Wx + b)
+        "head.weight": linear(None), "head.bias": bias(),
+    }),
+    negative=("embed.weight", "v.weight", "proj.weight", "fc1.weight", "pre.weight", "head.weight"))
+
+
+# --- ConvTranspose decoder --------------------------------------------------------------------
+class Decoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 8, 3, 2, 1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.up1 = nn.ConvTranspose2d(8, 4, 2, stride=2, bias=True)    # weight (in=8, out=4, 2, 2)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.up2 = nn.ConvTranspose2d(4, 4, 2, stride=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.out = nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.enc(x)))          # 8x8 -> 4x4
+        x = F.relu(self.bn1(self.up1(x)))          # -> 8x8
+        x = F.relu(self.bn2(self.up2(x)))          # -> 16x16
+        return self.out(x)
+
+
+DECODER = ZooEntry(
+    "convtranspose_decoder", Decoder, images(),
+    expand({
+        "enc.weight": conv(row("bn0")), "bn0": norm(),
+        "up1.weight": deconv(row("bn1")), "up1.bias": bias(), "bn1": norm(),   # bias -> BN: removed
+        "up2.weight": deconv(row("bn2")), "bn2": norm(),
+        "out.weight": conv(None), "out.bias": bias(),
+    }),
+    negative=("out.weight",))
+
+
+# --- functional spellings ---------------------------------------------------------------------
+class FunctionalSpellings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        for i in range(1, 8):
+            setattr(self, f"conv{i}", nn.Conv2d(3 if i == 1 else 4, 4, 3, padding=1, bias=False))
+        for i in range(1, 6):
+            setattr(self, f"bn{i}", nn.BatchNorm2d(4))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a = self.bn1(F.relu(self.conv1(x), inplace=True))
+        b = self.bn2(torch.relu_(self.conv2(a)))
+        c = self.bn3(self.conv3(b).relu() * 0.5)
+        d = self.bn4(F.leaky_relu(self.conv4(c), 0.1) / 2.0)
+        e = self.conv5(d)
+        e += d
+        f = torch.add(e, self.conv6(e))
+        g = self.bn5(f + self.conv7(f))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(g, 1), 1))
+
+
+FUNCTIONAL = ZooEntry(
+    "functional_spellings", FunctionalSpellings, images(),
+    expand({
+        "conv1.weight": conv(row("bn1")),   # F.relu(inplace=True)
+        "conv2.weight": conv(row("bn2")),   # torch.relu_
+        "conv3.weight": conv(row("bn3")),   # x.relu() * 0.5
+        "conv4.weight": conv(row("bn4")),   # F.leaky_relu / 2.0
+        "conv5.weight": conv(None),         # e += d (residual)
+        "conv6.weight": conv(None),         # torch.add(e, conv6(e)); conv5 also reaches this add
+        "conv7.weight": conv(None),         # f + conv7(f)
+        **{f"bn{i}": norm() for i in range(1, 6)},
+        "fc.weight": linear(None), "fc.bias": bias(),
+    }),
+    negative=("conv5.weight", "conv6.weight", "conv7.weight", "fc.weight"))
+
+
+# --- a module used twice ----------------------------------------------------------------------
+class SharedConv(nn.Module):
+    def __init__(self, both_normalized: bool):
+        super().__init__()
+        self.both_normalized = both_normalized
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.bn_b = nn.BatchNorm2d(4) if both_normalized else None
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, y):
+        a = F.relu(self.bn_a(self.conv(x)))
+        b = self.conv(y)
+        if self.bn_b is not None:
+            b = F.relu(self.bn_b(b))
+        out = F.adaptive_avg_pool2d(a, 1) + F.adaptive_avg_pool2d(b, 1)
+        return self.fc(torch.flatten(out, 1))
+
+
+def _two_images() -> tuple:
+    return (_randn(4, 3, 8, 8, seed=0), _randn(4, 3, 8, 8, seed=1))
+
+
+SHARED_BOTH_BN = ZooEntry(
+    "shared_conv_both_bn", lambda: SharedConv(True), _two_images,
+    expand({"conv.weight": {**conv(row("bn_a")), "uses": 2},   # both uses reach a BN
+            "bn_a": norm(), "bn_b": norm(),
+            "fc.weight": linear(None), "fc.bias": bias()}),
+    negative=("fc.weight",))
+SHARED_ONE_OUTPUT = ZooEntry(
+    "shared_conv_one_output", lambda: SharedConv(False), _two_images,
+    # the second use reaches the output unnormalised
+    expand({"conv.weight": {**conv(None), "uses": 2}, "bn_a": norm(),
+            "fc.weight": linear(None), "fc.bias": bias()}),
+    negative=("conv.weight", "fc.weight"))
+
+
+# --- tied weights -----------------------------------------------------------------------------
+class TiedConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(4)
+        self.conv_a = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.conv_b = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.conv_b.weight = self.conv_a.weight     # two attributes, one nn.Parameter
+        self.bn_a = nn.BatchNorm2d(4)
+        self.bn_b = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(self.bn_a(self.conv_a(x)))
+        x = F.relu(self.bn_b(self.conv_b(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+TIED = ZooEntry(
+    "tied_weights", TiedConvs, images(),
+    expand({"stem.weight": conv(row("bn0")), "bn0": norm(),
+            # listed once (as conv_a.weight, conv_b.weight an alias); both uses reach a BN
+            "conv_a.weight": {**conv(row("bn_a")), "aliases": ("conv_b.weight",), "uses": 2},
+            "bn_a": norm(), "bn_b": norm(),
+            "fc.weight": linear(None), "fc.bias": bias()}),
+    negative=("fc.weight",))
+
+
+# --- data-dependent control flow --------------------------------------------------------------
+class DataDependentRouter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        if x.sum() > 0:        # data-dependent: torch.fx cannot trace this
+            return self.a(x)
+        return self.b(x)
+
+
+class DataDependentNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.router = DataDependentRouter()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.router(F.relu(self.bn(self.stem(x))))   # ReLU output: sum > 0, branch a is taken
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+DATA_DEPENDENT = ZooEntry(
+    "data_dependent", DataDependentNet, images(),
+    expand({"stem.weight": conv(row("bn")), "bn": norm(),
+            "router.a.0.weight": conv(row("router.a.1")), "router.a.1": norm(),
+            "router.b.0.weight": conv(None), "router.b.1": norm(),   # branch not taken: not reached
+            "fc.weight": linear(None), "fc.bias": bias()}),
+    negative=("fc.weight",), traceable=False)
+
+
+# --- sliced / permuted outputs ----------------------------------------------------------------
+class SlicedPermuted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.ln = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.bn1(self.conv1(x)[:, :4])                                 # channel slice
+        g = self.ln(self.conv2(F.relu(h)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)   # ConvNeXt-style
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(g), 1), 1))
+
+
+SLICED = ZooEntry(
+    "sliced_permuted", SlicedPermuted, images(),
+    # both are in fact invariant, but slicing and permutes are outside the rules: None (conservative)
+    expand({"conv1.weight": conv(None), "bn1": norm(), "conv2.weight": conv(None), "ln": norm(),
+            "fc.weight": linear(None), "fc.bias": bias()}),
+    negative=("fc.weight",))
+
+
+# --- Linear -> GELU -> BN ---------------------------------------------------------------------
+class LinearGeluBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 8, bias=False)
+        self.bn = nn.BatchNorm1d(8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(self.bn(F.gelu(self.fc1(x))))
+
+
+LINEAR_GELU_BN = ZooEntry(
+    "linear_gelu_bn", LinearGeluBN, lambda: (_randn(6, 16),),
+    expand({"fc1.weight": linear(None),   # GELU(c*z) != c*GELU(z)
+            "bn": norm(), "fc2.weight": linear(None), "fc2.bias": bias()}),
+    negative=("fc1.weight", "fc2.weight"))
+
+
+# --- dropout between conv and BN --------------------------------------------------------------
+class DropoutBetween(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.drop = nn.Dropout(0.3)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=True)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.drop(self.conv1(x))))
+        x = F.relu(self.bn2(F.dropout(self.conv2(x), 0.25, self.training)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+DROPOUT = ZooEntry(
+    "dropout_between", DropoutBetween, images(),
+    expand({"conv1.weight": conv(row("bn1")), "bn1": norm(),
+            # the random mask multiplies the unscaled bias: no longer a per-channel constant
+            "conv2.weight": conv(None), "conv2.bias": bias(), "bn2": norm(),
+            "fc.weight": linear(None), "fc.bias": bias()}),
+    negative=("conv2.weight", "fc.weight"))
+
+
+# --- ops that pass a scaling on ---------------------------------------------------------------
+class PassThroughOps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.prelu = nn.PReLU()
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=True)
+        self.pool = nn.AvgPool2d(2)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.conv3 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.lrelu = nn.LeakyReLU(0.2)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.bn3 = nn.BatchNorm2d(4)
+        self.conv4 = nn.Conv2d(4, 4, 3, padding=1, bias=True)
+        self.bn4 = nn.BatchNorm1d(16)
+        self.conv5 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn5 = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(20, 3)
+
+    def forward(self, x):
+        h = self.bn1(self.prelu(self.conv1(x)))
+        h = self.bn2(self.pool(self.conv2(h)))                     # 8x8 -> 4x4
+        h = self.bn3(self.up(self.lrelu(self.conv3(h))))           # 4x4 -> 8x8
+        a = self.bn4(torch.flatten(F.adaptive_avg_pool2d(self.conv4(h), 2), 1))   # channel -> 4 features
+        b = self.bn5(F.relu(self.conv5(h)).mean(dim=(2, 3)))
+        return self.fc(torch.cat([F.relu(a), F.relu(b)], dim=1))
+
+
+PASS_THROUGH = ZooEntry(
+    "pass_through_ops", PassThroughOps, images(),
+    expand({
+        "conv1.weight": conv(row("bn1")), "prelu.weight": other(), "bn1": norm(),
+        "conv2.weight": conv(row("bn2")), "conv2.bias": bias(), "bn2": norm(),  # avg pool, no padding
+        "conv3.weight": conv(row("bn3")), "bn3": norm(),                        # LeakyReLU, upsample
+        # adaptive pool + flatten: channel i becomes features 4i..4i+3, each normalised by bn4
+        "conv4.weight": conv(row("bn4")), "conv4.bias": bias(), "bn4": norm(),
+        "conv5.weight": conv(row("bn5")), "bn5": norm(),                        # spatial mean
+        "fc.weight": linear(None), "fc.bias": bias(),
+    }),
+    negative=("fc.weight",), shape_dependent=("conv4.weight",))
+
+
+# --- ops that break it ------------------------------------------------------------------------
+class BreakingOps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.relu6 = nn.ReLU6()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.conv3 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.conv4 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.conv5 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.conv6 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.conv7 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bns = nn.ModuleList(nn.BatchNorm2d(4) for _ in range(6))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.bns[0](self.relu6(self.conv1(x)))
+        h = self.bns[1](F.silu(self.conv2(h)))
+        h = self.bns[2](torch.tanh(self.conv3(h)))
+        h = self.bns[3](F.hardswish(self.conv4(h)))
+        h = self.bns[4](F.elu(self.conv5(h)))
+        h = self.bns[5](self.conv6(h) * torch.sigmoid(self.conv7(h)))   # gating: product of tensors
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+BREAKING = ZooEntry(
+    "breaking_ops", BreakingOps, images(),
+    expand({
+        **{f"conv{i}.weight": conv(None) for i in range(1, 8)},
+        **{f"bns.{i}": norm() for i in range(6)},
+        "fc.weight": linear(None), "fc.bias": bias(),
+    }),
+    # conv1 (ReLU6 clips only values above 6) and conv6 (the gate multiplies channel i by a tensor,
+    # so BN still absorbs c_i) may well be invariant numerically; the rules leave them None, so
+    # they are no negative controls
+    negative=("conv2.weight", "conv3.weight", "conv4.weight", "conv5.weight", "conv7.weight"))
+
+
+# --- InstanceNorm and a 1-d conv --------------------------------------------------------------
+class InstanceNormConv1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(3, 4, 3, padding=1, bias=True)
+        self.inorm = nn.InstanceNorm1d(4, affine=True)
+        self.conv2 = nn.Conv1d(4, 6, 3, padding=1, groups=2, bias=False)
+        self.bn = nn.BatchNorm1d(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):                       # x: (batch, 3, length)
+        x = F.relu(self.inorm(self.conv1(x)))   # bias -> InstanceNorm: removed with the mean
+        x = F.relu(self.bn(self.conv2(x)))
+        return self.fc(x.mean(dim=2))
+
+
+INSTANCENORM = ZooEntry(
+    "instancenorm_conv1d", InstanceNormConv1d, lambda: (_randn(4, 3, 10),),
+    expand({"conv1.weight": conv(row("inorm")), "conv1.bias": bias(), "inorm": norm(),
+            # grouped (2 groups of 2 -> 3), not depthwise
+            "conv2.weight": conv(row("bn"), groups=2, depthwise=False), "bn": norm(),
+            "fc.weight": linear(None), "fc.bias": bias()}),
+    negative=("fc.weight",))
+
+
+ZOO: list[ZooEntry] = [
+    RESNET20, SMALL_RESNET, PREACT, VGG11_BN, VGG11, PLAIN_CNN, MLP_BIAS, MLP_NOBIAS, DENSENET,
+    MOBILENETV2, CONV_RELU_BN, CONV_BIAS_RELU_BN, CONV_BIAS_BN, CONV_BIAS_MAXPOOL_BN, GROUPNORM,
+    TRANSFORMER, DECODER, FUNCTIONAL, SHARED_BOTH_BN, SHARED_ONE_OUTPUT, TIED, DATA_DEPENDENT,
+    SLICED, LINEAR_GELU_BN, DROPOUT, PASS_THROUGH, BREAKING, INSTANCENORM,
+]
