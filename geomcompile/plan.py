@@ -120,9 +120,12 @@ class Plan:
         n_geom = sum(1 for n in self.structure if self.assignments.get(n))
         lines.append("")
         lines.append(f"{n_geom} of {len(self.structure)} parameters get a geometry; policy {self.policy.source}")
-        lines.append("rules (parameters matched):")
+        assigned = defaultdict(int)
+        for rule in self.rule_of.values():
+            assigned[rule] += 1
+        lines.append("rules: parameters matched / geometries assigned (an earlier rule wins a stage)")
         for rule, count in self.rule_counts.items():
-            lines.append(f"  {rule}: {count}")
+            lines.append(f"  {rule}: {count} matched, {assigned[rule]} assigned")
         lines.append(f"capture: {self.structure.capture_path}"
                      + (" (torch.fx symbolic trace)" if self.structure.capture_path == "fx"
                         else " (ran the model once on example_inputs)"))
