@@ -76,6 +76,15 @@ def _train(model, opt, data, scaler=None):
             scaler.update()
 
 
+def _twins():
+    """Two identical models, each with its own SGD-momentum optimizer."""
+    torch.manual_seed(0)
+    model = SmallNet()
+    reference = copy.deepcopy(model)
+    return (model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+            reference, torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9))
+
+
 def _case(name):
     if name not in REGISTRY and name.split("_h0")[0] not in REGISTRY:
         pytest.skip(f"geometry {name!r} is not part of this build")
@@ -122,11 +131,7 @@ def test_params_with_none_grad_are_untouched(case_name):
 @pytest.mark.parametrize("case_name", list(CASES))
 def test_remove_restores_bit_identical_behaviour(case_name):
     case = _case(case_name)
-    torch.manual_seed(0)
-    model = SmallNet()
-    reference = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    model, opt, reference, opt_ref = _twins()
     plan = gc.apply(model, _policy(case), opt, example_inputs=_inputs())
     plan.remove()
     assert "geomcompile" not in opt.state
@@ -164,11 +169,7 @@ def test_state_dict_round_trip_continues_exactly(case_name):
 @pytest.mark.parametrize("case_name", list(CASES))
 def test_grad_scaler_skipped_step_changes_nothing_and_hooks_see_unscaled_grads(case_name):
     case = _case(case_name)
-    torch.manual_seed(0)
-    model = SmallNet()
-    reference = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    model, opt, reference, opt_ref = _twins()
     gc.apply(model, _policy(case), opt, example_inputs=_inputs())
     gc.apply(reference, _policy(case), opt_ref, example_inputs=_inputs())
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
