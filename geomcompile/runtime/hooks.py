@@ -12,6 +12,8 @@ bookkeeping (Adam initialises itself on an empty ``state[p]``).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..geometries.base import STAGES, StepContext
@@ -45,10 +47,19 @@ class Installation:
 
     # -- hooks -----------------------------------------------------------------------------
     def install(self) -> None:
+        self._own_loaded_state(self.optimizer)
         for item in self.items:
             self.report += item.geometry.on_install(item.unit, self.state_of(item), self.ctx)
         self.handles.append(self.optimizer.register_step_pre_hook(self._pre))
         self.handles.append(self.optimizer.register_step_post_hook(self._post))
+        self.handles.append(self.optimizer.register_load_state_dict_post_hook(self._own_loaded_state))
+
+    @staticmethod
+    def _own_loaded_state(optimizer) -> None:
+        """torch's load_state_dict keeps non-parameter entries as the very objects of the checkpoint;
+        copy ours so that stepping never writes into the user's saved dict (or a second optimizer's)."""
+        if isinstance(optimizer.state.get(STATE_KEY), dict):
+            optimizer.state[STATE_KEY] = copy.deepcopy(optimizer.state[STATE_KEY])
 
     def _pre(self, optimizer, args, kwargs):
         self.ctx.step = self.root()["step"]
