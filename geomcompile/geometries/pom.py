@@ -1,0 +1,474 @@
+"""Products of weight manifolds, FG-SGD (seed 001_a492d199b2994eaf.txt, Ozay, "Fine-grained
+Optimization of Deep Neural Networks").
+
+A conv weight W ∈ R^{O×I×kh×kw} is cut into *components*: the kernels W_{o,i} ∈ R^{kh×kw} (the
+paper's W_{c,d,l}), or whole filters w[o]. Every component lives on its own manifold of radius r
+(Table 2): the sphere ‖W‖_F = r, the oblique manifold (every column has norm r), or the Stiefel
+manifold WᵀW = r²·I. Components are grouped (PI: one output channel across input channels; PO:
+one input channel across output channels; PIO: blocks of both) and each group ω_g is a point of
+the product manifold M_g = ×_ι M_ι (Definition 1). One FG-SGD step (Algorithm 1):
+
+    line 5   grad L(ω_ι) = Π_{ω_ι}(grad_E L(ω_ι))            tangent projection per component
+             R_g = (Σ_{ι∈g} ‖grad L(ω_ι)‖²)^{1/2}            Theorem 1, eq. 6
+    line 6   v = −lr/ζ_g · grad L(ω_g),  ζ_g = max{1, R_g²(2 + R_g)²}^{1/2}     eqs. 3, 7
+    line 7   ω^{t+1} = φ(v, 𝔑)                                retraction onto the manifold of radius 𝔑
+
+The radius 𝔑 = γ/λ (section 4): γ = 1, a number, or the geometric scale γ = (b + b̂)^{-1/2} of
+eq. 2 (b = fan-in of one output unit, b̂ = C_out·H_out·W_out), optionally divided by λ, the running
+standard deviation of the layer's input features.
+
+The pure functions below are the reference; ``POM`` is a thin shell: the base optimizer makes line
+6's step with the ζ-normalised tangent gradient that ``pre_step`` writes, ``post_step`` retracts.
+
+A component that is exactly zero has no direction to rescale. Retraction maps it to a fixed
+point: ``ones/√n`` for a sphere or an oblique column, the first k columns of the identity for a
+Stiefel n×k component (all times r), so zero-initialised weights start on the manifold too.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..analysis.facts import ParamFacts
+from ..errors import GeomCompileError
+from .base import Geometry, Option, StepContext, Unit, non_negative, positive, register
+
+def _r(r, like: torch.Tensor) -> torch.Tensor | float:
+    """A radius as a float, or as a tensor shaped to broadcast over (…, n, k) components."""
+    if isinstance(r, torch.Tensor):
+        r = r.to(like.dtype)
+        return r.reshape(r.shape + (1, 1)) if r.dim() else r
+    return float(r)
+
+
+def _sq_norm(x: torch.Tensor) -> torch.Tensor:
+    """‖x‖²_F per component, shape (…, 1, 1)."""
+    return (x * x).sum(dim=(-2, -1), keepdim=True)
+
+
+# ---- manifolds: the tangent projection Π_ω(g) and the retraction φ(x) onto radius r ----------------
+def proj_sphere(w: torch.Tensor, g: torch.Tensor, r=1.0) -> torch.Tensor:
+    """Sphere ‖w‖_F = r:  Π_w(g) = g − ⟨g, w⟩·w/r²."""
+    return g - (g * w).sum(dim=(-2, -1), keepdim=True) * w / _r(r, w) ** 2
+
+
+def proj_oblique(w: torch.Tensor, g: torch.Tensor, r=1.0) -> torch.Tensor:
+    """Oblique (every column w_j has norm r):  Π_w(g)_j = g_j − ⟨g_j, w_j⟩·w_j/r²."""
+    return g - (g * w).sum(dim=-2, keepdim=True) * w / _r(r, w) ** 2
+
+
+def proj_stiefel(w: torch.Tensor, g: torch.Tensor, r=1.0) -> torch.Tensor:
+    """Stiefel WᵀW = r²·I:  Π_W(G) = G − W·sym(WᵀG)/r²,  sym(A) = (A + Aᵀ)/2."""
+    wtg = w.mT @ g
+    return g - w @ ((wtg + wtg.mT) / 2) / _r(r, w) ** 2
+
+
+def _canonical_sphere(x: torch.Tensor) -> torch.Tensor:
+    """The fixed point for a zero component: every entry 1/√(n·k)."""
+    return torch.full_like(x, 1.0 / math.sqrt(x.shape[-2] * x.shape[-1]))
+
+
+def retract_sphere(x: torch.Tensor, r=1.0) -> torch.Tensor:
+    """φ(x) = r·x/‖x‖_F (the metric projection onto the sphere); a zero component -> r·ones/√(nk)."""
+    norm = _sq_norm(x).sqrt()
+    safe = torch.where(norm == 0, _canonical_sphere(x), x / norm.clamp_min(torch.finfo(x.dtype).tiny))
+    return safe * _r(r, x)
+
+
+def retract_oblique(x: torch.Tensor, r=1.0) -> torch.Tensor:
+    """φ(x)_j = r·x_j/‖x_j‖ per column; a zero column -> r·ones/√n."""
+    norm = (x * x).sum(dim=-2, keepdim=True).sqrt()
+    fixed = torch.full_like(x, 1.0 / math.sqrt(x.shape[-2]))
+    safe = torch.where(norm == 0, fixed, x / norm.clamp_min(torch.finfo(x.dtype).tiny))
+    return safe * _r(r, x)
+
+
+def _canonical_frame(x: torch.Tensor) -> torch.Tensor:
+    """The first k columns of the n×n identity, broadcast like x."""
+    eye = torch.eye(x.shape[-2], x.shape[-1], dtype=x.dtype, device=x.device)
+    return eye.expand_as(x)
+
+
+def retract_stiefel(x: torch.Tensor, r=1.0, method: str = "polar") -> torch.Tensor:
+    """φ(X) = r·Q with Q the orthonormal factor of X: polar (Q = UVᵀ from X = UΣVᵀ, the closest point
+    of the Stiefel manifold) or qr (Q of X = QR with the signs making diag(R) ≥ 0). Batched over the
+    leading dims. A zero component -> r·I_{n×k}; a rank-deficient one still lands on the manifold."""
+    zero = _sq_norm(x) == 0
+    x = torch.where(zero, _canonical_frame(x), x)
+    if method == "polar":
+        u, _, vh = torch.linalg.svd(x, full_matrices=False)
+        q = u @ vh
+    elif method == "qr":
+        q, rr = torch.linalg.qr(x)
+        d = torch.diagonal(rr, dim1=-2, dim2=-1)
+        q = q * torch.where(d < 0, -1.0, 1.0).to(q.dtype).unsqueeze(-2)
+    else:
+        raise ValueError(f"unknown Stiefel retraction {method!r}; expected polar or qr")
+    return q * _r(r, x)
+
+
+def distance_sphere(w: torch.Tensor, r=1.0) -> torch.Tensor:
+    """Relative distance to the sphere per component: |‖w‖ − r|/r."""
+    rr = _r(r, w)
+    return ((_sq_norm(w).sqrt() - rr).abs() / rr).flatten(-2).amax(-1)
+
+
+def distance_oblique(w: torch.Tensor, r=1.0) -> torch.Tensor:
+    """max_j |‖w_j‖ − r|/r per component."""
+    rr = _r(r, w)
+    return (((w * w).sum(dim=-2, keepdim=True).sqrt() - rr).abs() / rr).flatten(-2).amax(-1)
+
+
+def distance_stiefel(w: torch.Tensor, r=1.0) -> torch.Tensor:
+    """‖WᵀW/r² − I‖_F per component (0 exactly on the manifold)."""
+    gram = w.mT @ w / _r(r, w) ** 2
+    return (gram - torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)).flatten(-2).norm(dim=-1)
+
+
+@dataclass(frozen=True)
+class Manifold:
+    """One component manifold: the table that drives the geometry and its tests."""
+
+    name: str
+    proj: Callable[..., torch.Tensor]            # (w, g, r) -> tangent vector at w
+    retract: Callable[..., torch.Tensor]         # (x, r) -> point on the manifold
+    distance: Callable[..., torch.Tensor]        # (w, r) -> relative distance per component
+    needs_tall: bool = False                     # components must have rows >= columns
+
+
+MANIFOLDS: dict[str, Manifold] = {
+    "sphere": Manifold("sphere", proj_sphere, retract_sphere, distance_sphere),
+    "oblique": Manifold("oblique", proj_oblique, retract_oblique, distance_oblique),
+    "stiefel": Manifold("stiefel", proj_stiefel, retract_stiefel, distance_stiefel, needs_tall=True),
+}
+
+
+def _manifold(name: str) -> Manifold:
+    try:
+        return MANIFOLDS[name]
+    except KeyError:
+        raise ValueError(f"unknown manifold {name!r}; expected one of {', '.join(MANIFOLDS)}") from None
+
+
+def pom_proj(w: torch.Tensor, g: torch.Tensor, manifold: str, r=1.0) -> torch.Tensor:
+    """Π_ω(grad_E): the tangent projection of every component (Algorithm 1, line 5)."""
+    return _manifold(manifold).proj(w, g, r)
+
+
+def pom_retract(x: torch.Tensor, manifold: str, r=1.0, method: str = "polar") -> torch.Tensor:
+    """φ(x, 𝔑): every component onto its manifold of radius r (Algorithm 1, line 7)."""
+    if manifold == "stiefel":
+        return retract_stiefel(x, r, method)
+    return _manifold(manifold).retract(x, r)
+
+
+def pom_distance(w: torch.Tensor, manifold: str, r=1.0) -> torch.Tensor:
+    """Relative distance of every component to its manifold (0 on it)."""
+    return _manifold(manifold).distance(w, r)
+
+
+# ---- groups: Theorem 1 and the step normaliser ζ -----------------------------------------------
+def pom_group_norms(tangent: torch.Tensor, group_id: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """R_g = (Σ_{ι∈g} ‖grad L(ω_ι)‖²_F)^{1/2} for every group g (Theorem 1, eq. 6).
+
+    tangent: (N, n, k) projected gradients of the N components; group_id: (N,) group of each."""
+    sq = (tangent * tangent).sum(dim=(-2, -1))
+    return torch.zeros(n_groups, dtype=sq.dtype, device=sq.device).index_add_(0, group_id, sq).sqrt()
+
+
+def pom_zeta(R: torch.Tensor) -> torch.Tensor:
+    """ζ = max{1, R²(2 + R)²}^{1/2} (eq. 7: eq. 5 for spheres, ρ = 1 and curvature bound ≤ 1).
+
+    For R ≥ 0 that is max{1, R(2 + R)}, computed so because R⁴ overflows fp32 for R > 1e9."""
+    return (R * (2 + R)).clamp_min(1.0)
+
+
+def pom_direction(w: torch.Tensor, g: torch.Tensor, manifold: str, r, group_id: torch.Tensor,
+                  n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FG-SGD direction grad L(ω_g)/ζ_g of every component, and R_g of every group.
+
+    w, g: (N, n, k) components and their Euclidean gradients; group_id: (N,) long."""
+    tangent = pom_proj(w, g, manifold, r)
+    R = pom_group_norms(tangent, group_id, n_groups)
+    return tangent / pom_zeta(R)[group_id].reshape(-1, 1, 1), R
+
+
+# ---- layout: components and groups ------------------------------------------------------------
+COMPONENTS = ("kernel", "filter")
+GROUPINGS = ("PI", "PO", "PIO", "none")
+
+
+def component_grid(shape: tuple[int, ...], component: str) -> tuple[tuple[int, ...], int, int]:
+    """(grid, n, k): components are indexed by grid ((O, I) for kernels, (O,) for filters) and
+    each one is an n×k matrix: a kh×kw kernel (kd·kh×kw in 3-d, k×1 in 1-d), or a filter as a column."""
+    if component == "filter":
+        return (shape[0],), math.prod(shape[1:]), 1
+    if component != "kernel":
+        raise ValueError(f"unknown component {component!r}; expected kernel or filter")
+    if len(shape) < 3:
+        raise ValueError(f"component=kernel needs a conv weight (O, I, k...), got shape {tuple(shape)}")
+    spatial = shape[2:]
+    n, k = (spatial[0], 1) if len(spatial) == 1 else (math.prod(spatial[:-1]), spatial[-1])
+    return (shape[0], shape[1]), n, k
+
+
+def as_components(t: torch.Tensor, component: str) -> torch.Tensor:
+    """The (N, n, k) components of a weight (or its gradient) in fp32 (fp64 stays fp64)."""
+    _, n, k = component_grid(tuple(t.shape), component)
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return t.detach().to(dtype).reshape(-1, n, k)
+
+
+def pom_membership(grid: tuple[int, ...], grouping: str, group_size: int = 0,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    """Group of every component, drawn without replacement (a random permutation of each grouping
+    axis cut into consecutive pieces of ``group_size``; 0 = the whole axis; the last piece may be
+    smaller). Returns (group_id shaped like grid, number of groups).
+
+    kernel grid (O, I):  PI   groups of kernels W_{o,·} of one output channel (a permutation of the
+                              inputs drawn per output channel);
+                         PO   groups of kernels W_{·,i} of one input channel (drawn per input);
+                         PIO  blocks: a piece of the outputs × a piece of the inputs;
+                         none every kernel alone.
+    filter grid (O,):    a filter already spans all inputs, so PI = none (every filter alone) and
+                         PO = PIO (pieces of the output axis).
+    """
+    if grouping not in GROUPINGS:
+        raise ValueError(f"unknown grouping {grouping!r}; expected one of {', '.join(GROUPINGS)}")
+
+    def pieces(n: int) -> tuple[int, int]:
+        size = group_size if 0 < group_size < n else n
+        return size, -(-n // size)
+
+    n_all = math.prod(grid)
+    if grouping == "none" or (len(grid) == 1 and grouping == "PI"):
+        return torch.arange(n_all).reshape(grid), n_all
+    if len(grid) == 1:                                   # filters, PO or PIO
+        size, count = pieces(grid[0])
+        position = torch.randperm(grid[0], generator=generator).argsort()
+        return position // size, count
+    O, I = grid
+    if grouping == "PI":
+        size, count = pieces(I)
+        position = torch.rand(O, I, generator=generator).argsort(dim=1).argsort(dim=1)
+        return torch.arange(O).unsqueeze(1) * count + position // size, O * count
+    if grouping == "PO":
+        size, count = pieces(O)
+        position = torch.rand(O, I, generator=generator).argsort(dim=0).argsort(dim=0)
+        return torch.arange(I).unsqueeze(0) * count + position // size, I * count
+    size_o, count_o = pieces(O)
+    size_i, count_i = pieces(I)
+    pos_o = torch.randperm(O, generator=generator).argsort()
+    pos_i = torch.randperm(I, generator=generator).argsort()
+    return (pos_o // size_o).unsqueeze(1) * count_i + (pos_i // size_i).unsqueeze(0), count_o * count_i
+
+
+def geometric_radius(fan_in: int, out_numel: int) -> float:
+    """γ = (b + b̂)^{-1/2} (eq. 2): b = input channels × receptive field of one unit, b̂ = output
+    channels × output feature-map size."""
+    return 1.0 / math.sqrt(fan_in + out_numel)
+
+
+# ---- the geometry -----------------------------------------------------------------------------
+def _radius_check(v) -> str | None:
+    if isinstance(v, str):
+        return None if v in ("unit", "geometric") else f"expected unit, geometric or a number > 0, got {v!r}"
+    return None if v > 0 else f"a numeric radius must be > 0, got {v}"
+
+
+def _momentum_check(v) -> str | None:
+    return None if 0 <= v < 1 else f"must be in [0, 1), got {v}"
+
+
+@register
+class POM(Geometry):
+    name = "pom"
+    stage = "manifold"
+    paper = "001_a492d199b2994eaf.txt"
+    incompatible = ("psi",)
+    match_hint = "match only conv and linear weights whose components fit these options"
+    options = {
+        "manifold": Option(str, "sphere", "component manifold: sphere (‖W‖=r), oblique (every column "
+                                          "norm r) or stiefel (WᵀW = r²I)", choices=tuple(MANIFOLDS)),
+        "component": Option(str, "kernel", "kernel (each kh×kw kernel W[o,i]) or filter (each row w[o]; "
+                                           "the only choice for linear weights)", choices=COMPONENTS),
+        "grouping": Option(str, "PI", "PI (one output channel across inputs), PO (one input across "
+                                      "outputs), PIO (blocks of both) or none", choices=GROUPINGS),
+        "group_size": Option(int, 0, "split each grouping axis into random groups of this size; "
+                                     "0 = the whole axis", check=non_negative),
+        "seed": Option(int, 0, "seed of the random group membership (drawn once at install)"),
+        "radius": Option((str, float), "unit", "unit, geometric (eq. 2, needs example_inputs) or a "
+                                               "number > 0", check=_radius_check),
+        "feature_std": Option(bool, False, "divide the radius by the running std of the layer's input"),
+        "std_momentum": Option(float, 0.9, "EMA momentum of the input std in [0, 1)", check=_momentum_check),
+        "min_std": Option(float, 1.0, "the input std is floored at this (> 0) before dividing: the paper "
+                                      "assumes λ ≥ 1, so r ≤ γ", check=positive),
+        "stiefel_retraction": Option(str, "polar", "polar (closest point, SVD) or qr", choices=("polar", "qr")),
+    }
+
+    # -- planning -------------------------------------------------------------------------------
+    def check(self, facts: ParamFacts) -> str | None:
+        o = self.opts
+        if facts.kind not in ("conv", "linear") or len(facts.shape) < 2:
+            return (f"pom needs a conv or linear weight, but {facts.name} is kind {facts.kind!r} with shape "
+                    f"{tuple(facts.shape)}")
+        if o["component"] == "kernel" and facts.kind == "linear":
+            return (f"component=kernel needs a conv weight; {facts.name} is a linear weight. "
+                    f"Use `component: filter` for linear weights")
+        _, n, k = component_grid(tuple(facts.shape), o["component"])
+        if n * k == 1:
+            return (f"the {o['component']} components of {facts.name} are single numbers (1x1 kernels): each "
+                    f"would be fixed at ±r and could not be trained. Use `component: filter` for it")
+        if MANIFOLDS[o["manifold"]].needs_tall and n < k:
+            return (f"manifold=stiefel needs components with at least as many rows as columns; the "
+                    f"{o['component']} components of {facts.name} are {n}x{k}. Use sphere or oblique")
+        if o["feature_std"] and (not facts.module or "functional" in facts.layer):
+            return (f"feature_std needs the layer module of {facts.name} to measure its input, but it is "
+                    f"used by a functional op ({facts.module}); wrap it in an nn.Module or set feature_std: false")
+        if o["radius"] == "geometric" and facts.output_shape is None:
+            raise GeomCompileError(
+                f"pom radius=geometric on {facts.name} needs the layer's output shape (b̂ = C_out·H_out·W_out "
+                f"in eq. 2), which the analysis only has with example inputs. Fix: pass example_inputs, "
+                f"e.g. gc.apply(model, policy, optimizer, example_inputs=(x,)), or use radius: unit or a number")
+        return None
+
+    def warnings(self, unit: Unit, ctx: StepContext) -> list[str]:
+        out = []
+        for facts in unit.facts:
+            wd = ctx.group_of.get(facts.name, {}).get("weight_decay", 0)
+            if wd:
+                out.append(f"pom on {facts.name}: weight_decay={wd} only shrinks the weight before the "
+                           f"retraction rescales it (a larger effective step); use weight_decay=0 for it")
+        return out
+
+    # -- state ----------------------------------------------------------------------------------
+    def _base_radius(self, facts: ParamFacts) -> tuple[float, str]:
+        radius = self.opts["radius"]
+        if radius == "unit":
+            return 1.0, "unit"
+        if radius != "geometric":
+            return float(radius), "given"
+        b = math.prod(facts.shape[1:])                 # fan-in of one output unit (C_in/groups · kh · kw)
+        out = facts.output_shape
+        spatial = len(facts.shape) - 2
+        per_sample = out[-(spatial + 1):] if facts.kind == "conv" else (out[1:] if len(out) > 1 else out)
+        b_hat = math.prod(per_sample)
+        return geometric_radius(b, b_hat), f"geometric: b={b}, b̂={b_hat}"
+
+    def init_state(self, unit: Unit, ctx: StepContext) -> dict:
+        facts = unit.facts[0]
+        p = ctx.params[facts.name]
+        grid, _, _ = component_grid(tuple(facts.shape), self.opts["component"])
+        # One stream per parameter, stable across runs: the seed mixed with the parameter's name.
+        gen = torch.Generator().manual_seed((self.opts["seed"] * 1_000_003 + zlib.crc32(facts.name.encode())) % 2**63)
+        group_id, n_groups = pom_membership(grid, self.opts["grouping"], self.opts["group_size"], gen)
+        base, _ = self._base_radius(facts)
+        radius = base / max(1.0, self.opts["min_std"]) if self.opts["feature_std"] else base
+        state = {"group_id": group_id.to(p.device), "n_groups": n_groups, "base_radius": base,
+                 "radius": radius, "last_max_group_norm": 0.0, "normalised_groups": 0}
+        if self.opts["feature_std"]:
+            # λ = 1 until the first measurement (the paper's t = 1); the hook keeps an EMA after that.
+            state["feature_std"] = torch.ones((), dtype=torch.float64, device=p.device)
+            state["feature_std_measured"] = False
+        return state
+
+    def on_install(self, unit: Unit, state: dict, ctx: StepContext) -> list[str]:
+        facts, o = unit.facts[0], self.opts
+        if o["feature_std"]:
+            self._install_std_hook(unit, ctx)
+        p = ctx.params[facts.name]
+        moved, before = self._retract_off_manifold(p, state["radius"])
+        _, how = self._base_radius(facts)
+        grid, n, k = component_grid(tuple(facts.shape), o["component"])
+        same = " (one column: the same as a sphere)" if k == 1 and o["manifold"] != "sphere" else ""
+        return [f"pom {facts.name}: {'x'.join(map(str, grid))} {o['component']} components {n}x{k} on "
+                f"{o['manifold']}{same}, {state['n_groups']} group(s) ({o['grouping']}), radius "
+                f"{state['radius']:.4g} ({how}{', / input std' if o['feature_std'] else ''}); retracted "
+                f"{moved} of {math.prod(grid)} components onto the manifold at install (max relative "
+                f"distance was {before:.3g})"]
+
+    def _retract_off_manifold(self, p: torch.Tensor, r: float) -> tuple[int, float]:
+        """The install-time retraction. Components already on the manifold to within what a retraction
+        in p's dtype achieves are left bit-identical, so a resumed run (weights loaded from a
+        checkpoint, then the plan installed) continues exactly. Returns (moved, max distance before)."""
+        if p.numel() == 0:
+            return 0, 0.0
+        with torch.no_grad():
+            w = self._components(p)
+            distance = pom_distance(w, self.opts["manifold"], r)
+            tol = 8 * torch.finfo(p.dtype).eps * math.sqrt(w.shape[-2] * w.shape[-1])
+            off = ~(distance <= tol)          # NaN distances count as off
+            if off.any():
+                x = pom_retract(w, self.opts["manifold"], r, self.opts["stiefel_retraction"])
+                p.copy_(torch.where(off.reshape(-1, 1, 1), x, w).reshape(p.shape).to(p.dtype))
+        return int(off.sum()), float(distance.max())
+
+    def _install_std_hook(self, unit: Unit, ctx: StepContext) -> None:
+        from ..runtime.hooks import STATE_KEY     # late import: the runtime imports the geometries
+        facts, optimizer, key, momentum = unit.facts[0], ctx.optimizer, unit.key, self.opts["std_momentum"]
+        if ctx.model is None:
+            raise GeomCompileError(f"pom feature_std on {facts.name} needs the model to hook its layer; "
+                                   f"install the plan through gc.apply / plan.install")
+        module = ctx.model.get_submodule(facts.module)
+
+        def measure(mod, args):
+            # Reads the live state each call: optimizer.load_state_dict replaces the dicts.
+            if not mod.training or not args or not isinstance(args[0], torch.Tensor) or args[0].numel() < 2:
+                return
+            state = optimizer.state.get(STATE_KEY, {}).get("units", {}).get(key, {}).get(self.name)
+            if state is None or "feature_std" not in state:
+                return
+            with torch.no_grad():
+                std = args[0].detach().to(torch.float64).std()
+                # A new tensor, not an in-place update: a loaded state may share it with a checkpoint.
+                if state["feature_std_measured"]:
+                    std = momentum * state["feature_std"].to(std.device) + (1 - momentum) * std
+                state["feature_std"], state["feature_std_measured"] = std, True
+
+        ctx.handles.append(module.register_forward_pre_hook(measure))
+
+    # -- runtime --------------------------------------------------------------------------------
+    def _components(self, t: torch.Tensor) -> torch.Tensor:
+        return as_components(t, self.opts["component"])
+
+    def _retract(self, p: torch.Tensor, r: float) -> None:
+        if p.numel() == 0:
+            return
+        with torch.no_grad():
+            x = pom_retract(self._components(p), self.opts["manifold"], r, self.opts["stiefel_retraction"])
+            p.copy_(x.reshape(p.shape).to(p.dtype))
+
+    def pre_step(self, unit: Unit, grads, state, ctx: StepContext) -> None:
+        facts, grad = unit.facts[0], grads[0]
+        if grad is None or grad.numel() == 0:
+            return
+        w = self._components(ctx.params[facts.name])
+        group_id = state["group_id"].to(w.device).reshape(-1)   # a loaded state keeps its checkpoint's device
+        direction, R = pom_direction(w, self._components(grad), self.opts["manifold"], state["radius"],
+                                     group_id, state["n_groups"])
+        grad.copy_(direction.reshape(grad.shape).to(grad.dtype))
+        state["last_max_group_norm"] = R.max()
+        state["normalised_groups"] = (pom_zeta(R) > 1).sum()
+
+    def post_step(self, unit: Unit, state, ctx: StepContext) -> None:
+        p = ctx.params[unit.facts[0].name]
+        if p.grad is None:          # the optimizer skipped it (frozen, unused): leave it bit-identical
+            return
+        radius = state["base_radius"]
+        if self.opts["feature_std"]:
+            # λ ≥ min_std: a layer whose input dies (std -> 0) would otherwise get r -> ∞, which feeds
+            # back (measured on digits, unit radius, no floor: r grew to 6e5 once the ReLUs had died).
+            radius = radius / max(float(state["feature_std"]), self.opts["min_std"])
+        state["radius"] = radius
+        self._retract(p, radius)
+
+    def diagnostics(self, unit: Unit, state) -> dict[str, float]:
+        out = {"radius": float(state["radius"]), "max_group_grad_norm": float(state["last_max_group_norm"]),
+               "normalised_groups": float(state["normalised_groups"])}
+        if "feature_std" in state:
+            out["feature_std"] = float(state["feature_std"])
+        return out
