@@ -60,6 +60,26 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def cmd_bench(args) -> int:
+    from .bench import BenchConfig, run_and_report
+    from .bench.workloads import DEFAULT_SYNTHETIC
+    command = "geomcompile bench " + " ".join(
+        f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items()
+        if key not in ("command", "func", "no_progress") and value is not None)
+    config = BenchConfig(model=args.model, geometries=_comma_list(args.geometry), policy=args.policy,
+                         backends=_comma_list(args.backends), device=args.device, optimizer=args.optimizer,
+                         steps=args.steps, warmup=args.warmup, train_steps=args.train_steps,
+                         train_warmup=args.train_warmup, batch_size=args.batch_size,
+                         synthetic=args.synthetic or DEFAULT_SYNTHETIC,
+                         progress=not args.no_progress, command=command)
+    run_and_report(config, json_path=args.json, png_path=args.png)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geomcompile", description="geometry-aware training for PyTorch models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=12)
     d.add_argument("--out", default="demo_out", help="folder for the loss-curve PNG")
     d.set_defaults(func=cmd_demo)
+    b = sub.add_parser("bench", help="time optimizer and training steps: plain torch, geometry eager/compile/triton, "
+                                     "copy bound")
+    b.add_argument("--model", default="resnet20", choices=["resnet20", "resnet56", "resnet50", "vgg16", "synthetic"],
+                   help="parameter set; synthetic = a sweep of conv stacks (see --synthetic)")
+    b.add_argument("--geometry", default="channel_directed,psi",
+                   help="comma list of geometries, each applied by its bench policy: channel_directed = sobolev "
+                        "on convs and linears, psi = scale-invariant convs (default: both)")
+    b.add_argument("--policy", help="a policy (file, shipped name or YAML) to benchmark instead of --geometry")
+    b.add_argument("--backends", default="eager,compile,triton",
+                   help="comma list; one that cannot run here is skipped with the reason")
+    b.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    b.add_argument("--optimizer", default="sgd_momentum", choices=["sgd_momentum", "sgd", "adam", "adamw"])
+    b.add_argument("--steps", type=int, help="timed optimizer steps (default: 100 on CPU, 200 on CUDA)")
+    b.add_argument("--warmup", type=int, help="untimed optimizer steps first (default: 10 CPU, 20 CUDA)")
+    b.add_argument("--train-steps", type=int, help="timed full training steps, 0 to skip (default: 20 CPU, 100 CUDA)")
+    b.add_argument("--train-warmup", type=int, help="untimed training steps first (default: 3 CPU, 10 CUDA)")
+    b.add_argument("--batch-size", type=int, help="training-step batch (default: 8 on CPU, 128 on CUDA)")
+    b.add_argument("--synthetic", help="for --model synthetic: COUNTxCHANNELS,... conv3x3-BN-ReLU stacks "
+                                       "(default: 16x64,64x64,8x256)")
+    b.add_argument("--json", help="write the results here (JSON)")
+    b.add_argument("--png", help="write a bar chart here (PNG)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

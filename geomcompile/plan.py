@@ -93,6 +93,11 @@ class Plan:
     def installed(self) -> bool:
         return self._installation is not None
 
+    @property
+    def backend(self):
+        """The installed Backend instance (None before install); its notes are in ``plan.notes``."""
+        return self._installation.backend if self._installation is not None else None
+
     def diagnostics(self) -> dict[str, dict[str, dict[str, float]]]:
         """Per unit and geometry, the numbers a geometry reports (estimates, counters) for logging."""
         if self._installation is None:

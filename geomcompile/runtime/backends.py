@@ -1,9 +1,11 @@
 """Backend dispatch: the one place where fast implementations plug in.
 
 A backend runs a list of *work items* — (geometry, unit) pairs in stage order — before and after
-the base optimizer's step. The eager backend calls each geometry's reference program. A later
-Triton / torch.compile backend registers itself in BACKENDS and receives the same work list, so
-the analysis, policy and plan code never change when kernels are added.
+the base optimizer's step. The eager backend calls each geometry's reference program. The Triton
+backend (triton_backend.py, docs/triton.md) and the torch.compile backend register themselves in
+BACKENDS and receive the same work list, so the analysis, policy and plan code never change when
+kernels are added. "auto" picks Triton for CUDA parameters when it works there, eager otherwise, and
+says why in a note.
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ class Backend:
     def post_step(self, items: list[WorkItem], states: Callable[[WorkItem], dict], ctx: StepContext) -> None:
         raise NotImplementedError
 
+    def describe(self, items: list[WorkItem], ctx: StepContext) -> list[str]:
+        """Report lines for plan.summary(): what runs how, and every fallback taken."""
+        return []
+
 
 class EagerBackend(Backend):
     """The reference: each geometry's own pre_step/post_step, one unit at a time."""
@@ -51,6 +57,12 @@ class EagerBackend(Backend):
 
 
 BACKENDS: dict[str, type[Backend]] = {"eager": EagerBackend}
+
+# Registered at import; triton itself and the kernels are imported only when the backend is used.
+from .triton_backend import TritonBackend  # noqa: E402  (needs Backend and WorkItem above)
+BACKENDS["triton"] = TritonBackend
+from .compile_backend import CompileBackend  # noqa: E402  (torch.compile runs only when the backend steps)
+BACKENDS["compile"] = CompileBackend
 KNOWN = ("auto", "eager", "triton", "compile")
 
 
@@ -59,10 +71,21 @@ def select_backend(name: str, params: list[torch.Tensor]) -> tuple[Backend, list
     if name not in KNOWN:
         raise GeomCompileError(f"unknown backend {name!r}; use one of {', '.join(KNOWN)}")
     if name == "auto":
-        on_cuda = any(p.is_cuda for p in params)
-        note = ("backend auto -> eager (no fused kernels available yet for CUDA parameters)" if on_cuda
-                else "backend auto -> eager (parameters on CPU)")
-        return EagerBackend(), [note]
+        cuda = [p for p in params if p.is_cuda]
+        if not cuda:
+            return EagerBackend(), ["backend auto -> eager (parameters on CPU)"]
+        from .triton_backend import self_test, triton_problem
+        problem = triton_problem(cuda)
+        if problem is None and (failure := self_test(str(cuda[0].device))):
+            problem = f"the Triton self-test failed on {cuda[0].device}: {failure}"
+        if problem is None:
+            return BACKENDS["triton"](), ["backend auto -> triton (CUDA parameters)"]
+        return EagerBackend(), [f"backend auto -> eager for CUDA parameters: {problem}"]
+    if name == "triton":
+        from .triton_backend import triton_problem
+        problem = triton_problem(params)
+        if problem:
+            raise GeomCompileError(f"backend 'triton' cannot run here: {problem}")
     if name not in BACKENDS:
         raise GeomCompileError(f"backend {name!r} is not available yet in this version of geomcompile; "
                                f"use backend='eager' (or 'auto')")

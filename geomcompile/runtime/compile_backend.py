@@ -1,0 +1,295 @@
+"""The torch.compile backend: the geometries' eager programs, compiled once per bucket of parameters.
+
+A *program* (``PROGRAMS``) restates a geometry's pre-step gradient transform, and for psi the
+test that decides whether a post-step renormalisation is needed, as a pure function over lists
+of tensors built from the same functions as the eager reference (``gc.functional``). At each
+step, per stage (penalty → metric → manifold), the parameters of one geometry configuration (name
+and options) whose gradients are present form a *bucket*. One compiled function transforms all
+of a bucket's gradients and writes them back with ``copy_`` inside the graph, so inductor stores
+the results straight into ``p.grad``.
+
+* Compiled functions are cached for the whole process, keyed by everything they bake in: the
+  geometry and its options, each parameter's static layout (``out_dim``, PSI unit) and each
+  tensor's shape, stride, dtype and device. A second plan on the same shapes reuses them; a new
+  bucket (a parameter whose grad was None now has one) compiles once.
+* Each compiled function gets its own code object. Dynamo keeps its cache on the code object and
+  runs eager, with only a logged warning, past 8 entries; one code object shared by every bucket
+  would reach that on a large model zoo or a benchmark sweep.
+* psi's renormalisation is rare (a unit's norm must pass ``max_norm``). The compiled function only
+  flags the parameters with a unit within ``RENORM_MARGIN`` of the limit (one host sync per
+  bucket), and those run psi's eager ``post_step``, which decides exactly and rescales the
+  optimizer state. Results match eager whatever the norms.
+* A geometry without a program runs its eager ``pre_step`` / ``post_step`` in its stage's turn, and
+  ``describe()`` says so for ``plan.summary()``. A bucket whose compilation fails runs the same
+  list function uncompiled, with a GeomCompileWarning that quotes the error.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from collections import Counter, OrderedDict, defaultdict
+from dataclasses import dataclass
+from typing import Callable, Hashable, Sequence
+
+import torch
+
+from ..analysis.facts import ParamFacts
+from ..errors import GeomCompileWarning
+from ..geometries.base import STAGES, Geometry, StepContext, Unit
+from ..geometries.channel_directed import METRICS
+from ..geometries.psi import PSI, psi_grad, psi_renorm_factors
+from .backends import Backend, WorkItem
+
+# dynamic=False. Measured on ResNet-20 (9 distinct weight shapes), 2 CPU cores, empty inductor
+# cache: first step (compile) 12 s for channel_directed and 7 s for psi with static shapes, 24-27 s
+# and 18-21 s with dynamic=True, and the static code also ran faster (docs/bench.md).
+DEFAULT_DYNAMIC = False
+RENORM_MARGIN = 1e-4          # relative: flag units with norm > max_norm * (1 - margin) for the exact check
+CACHE_SIZE = 256              # compiled functions kept per process (least recently used dropped)
+
+
+# ---- programs: the geometries' update rules over lists of tensors ------------------------------
+class Program:
+    """A geometry's update program over lists of tensors: what torch.compile traces.
+
+    layout(geometry, facts): hashable static facts about one parameter that the program bakes in.
+    transform(geometry, layouts, grads, weights): the new gradients (pure; no in-place writes).
+    needs_retraction(geometry, layouts, weights): a bool tensor with one entry per parameter, True
+        where the geometry's eager post_step may change something. Only for ``retracts = True``,
+        whose eager post_step must act on each parameter of a unit independently.
+    """
+
+    name: str = ""
+    uses_weights = False
+    retracts = False
+
+    def layout(self, geometry: Geometry, facts: ParamFacts) -> Hashable:
+        raise NotImplementedError
+
+    def transform(self, geometry: Geometry, layouts: Sequence, grads: list[torch.Tensor],
+                  weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def needs_retraction(self, geometry: Geometry, layouts: Sequence,
+                         weights: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ChannelDirectedProgram(Program):
+    """reweighted_h0 / sobolev along each gradient's output-channel dim.
+
+    Both metrics act on each column of the (O, R) matrix independently (means, sums and prefix
+    sums run over O only), so gradients with the same O, dtype and device are concatenated along
+    R and transformed by one call of the reference function. ResNet-20's 22 weights become 4
+    groups: fewer, larger kernels, and about half the CPU compile time of one call per tensor.
+    """
+
+    name = "channel_directed"
+
+    def layout(self, geometry, facts):
+        return facts.out_dim
+
+    def transform(self, geometry, layouts, grads, weights):
+        metric, o = METRICS[geometry.opts["metric"]], geometry.opts
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (g, dim) in enumerate(zip(grads, layouts)):
+            groups[(g.shape[dim], g.dtype, g.device)].append(i)
+        out: list[torch.Tensor] = [None] * len(grads)  # type: ignore[list-item]
+        for index in groups.values():
+            rows = [grads[i].movedim(layouts[i], 0).reshape(grads[i].shape[layouts[i]], -1) for i in index]
+            new = metric(torch.cat(rows, dim=1), o["lam"], dim=0, mix=o["mix"])
+            for i, piece in zip(index, new.split([r.shape[1] for r in rows], dim=1)):
+                moved = grads[i].movedim(layouts[i], 0)
+                out[i] = piece.reshape(moved.shape).movedim(0, layouts[i])
+        return out
+
+
+class PSIProgram(Program):
+    """‖w_u‖²·∇_u per invariance unit; renormalisation flagged here, done by psi's eager post_step."""
+
+    name = "psi"
+    uses_weights = True
+    retracts = True
+
+    def layout(self, geometry, facts):
+        return PSI._layout(facts)             # (unit, dim, group_size)
+
+    def transform(self, geometry, layouts, grads, weights):
+        return [psi_grad(w, g, unit, dim, gs) for w, g, (unit, dim, gs) in zip(weights, grads, layouts)]
+
+    def needs_retraction(self, geometry, layouts, weights):
+        near = geometry.opts["max_norm"] * (1.0 - RENORM_MARGIN)
+        return torch.stack([(psi_renorm_factors(w, near, unit, dim, gs) != 1).any()
+                            for w, (unit, dim, gs) in zip(weights, layouts)])
+
+
+PROGRAMS: dict[str, Program] = {p.name: p for p in (ChannelDirectedProgram(), PSIProgram())}
+
+
+# ---- compiled functions, cached for the process ------------------------------------------------
+@dataclass(eq=False)
+class _Compiled:
+    run: Callable                    # the compiled function (or the plain one after a failure)
+    plain: Callable                  # the same function, uncompiled
+    calls: int = 0
+    failure: str | None = None
+
+
+_CACHE: OrderedDict[Hashable, _Compiled] = OrderedDict()
+
+
+def _fresh_code(fn: Callable) -> Callable:
+    """The same function with its own code object, so it gets its own dynamo cache (see module doc)."""
+    fn.__code__ = fn.__code__.replace()
+    return fn
+
+
+def _signature(tensors: Sequence[torch.Tensor]) -> tuple:
+    return tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
+
+
+def _transform_function(program: Program, geometry: Geometry, layouts: tuple) -> Callable:
+    def transform_in_place(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
+        # Per-tensor copy_, not torch._foreach_copy_: with torch 2.13 inductor on CPU,
+        # _foreach_copy_(xs, [x * x.sum(0, keepdim=True) for x in xs]) writes wrong values into
+        # the second tensor (tests/test_compile_backend.py::test_foreach_copy_miscompile_still_avoided).
+        for grad, new in zip(grads, program.transform(geometry, layouts, grads, weights)):
+            grad.copy_(new)
+    return _fresh_code(transform_in_place)
+
+
+def _check_function(program: Program, geometry: Geometry, layouts: tuple) -> Callable:
+    def needs_retraction(weights: list[torch.Tensor]) -> torch.Tensor:
+        return program.needs_retraction(geometry, layouts, weights)
+    return _fresh_code(needs_retraction)
+
+
+def clear_cache() -> None:
+    """Forget every compiled function (torch's own caches are left as they are)."""
+    _CACHE.clear()
+
+
+# ---- the backend ---------------------------------------------------------------------------------
+@dataclass
+class _Slot:
+    item: WorkItem
+    name: str
+    facts: ParamFacts
+    tensor: torch.Tensor             # the gradient (pre-step) or the weight (post-step)
+
+
+class CompileBackend(Backend):
+    """Buckets of parameters per geometry configuration, each run by one torch.compile'd function."""
+
+    name = "compile"
+
+    def __init__(self, dynamic: bool = DEFAULT_DYNAMIC, mode: str | None = None):
+        self.dynamic = dynamic
+        self.mode = mode
+        self.failures: list[str] = []
+        self.compile_seconds = 0.0      # spent in first calls (compile + one run) made by this backend
+
+    # -- report ---------------------------------------------------------------------------------
+    def describe(self, items: list[WorkItem], ctx: StepContext) -> list[str]:
+        compiled, eager = Counter(), Counter()
+        for item in items:
+            (compiled if item.geometry.name in PROGRAMS else eager)[item.geometry.label()] += 1
+        lines = []
+        if compiled:
+            what = ", ".join(f"{g} ({n} unit(s))" for g, n in compiled.items())
+            lines.append(f"backend compile: torch.compile (inductor, dynamic={self.dynamic}) runs {what}; "
+                         f"one compiled function per geometry configuration, compiled at the first step "
+                         f"(seconds to a minute on CPU, cached for the process)")
+        lines += [f"backend compile: {g} has no compiled program; its eager program runs for {n} unit(s)"
+                  for g, n in eager.items()]
+        return lines + self.failures
+
+    # -- compiled calls -------------------------------------------------------------------------
+    def _function(self, phase: str, program: Program, geometry: Geometry, layouts: tuple,
+                  tensors: Sequence[torch.Tensor], build: Callable) -> _Compiled:
+        key = (phase, program.name, geometry, layouts, _signature(tensors), self.dynamic, self.mode)
+        entry = _CACHE.get(key)
+        if entry is None:
+            plain = build(program, geometry, layouts)
+            compiled = torch.compile(plain, dynamic=self.dynamic, fullgraph=True, mode=self.mode)
+            entry = _CACHE[key] = _Compiled(compiled, plain)
+            while len(_CACHE) > CACHE_SIZE:
+                _CACHE.popitem(last=False)
+        _CACHE.move_to_end(key)
+        return entry
+
+    def _call(self, entry: _Compiled, geometry: Geometry, *args):
+        if entry.calls or entry.failure:
+            entry.calls += 1
+            return entry.run(*args)
+        from torch._dynamo.exc import TorchDynamoException
+        start = time.perf_counter()
+        try:
+            out = entry.run(*args)        # compiles; a failure raises before anything is written
+        except TorchDynamoException as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            entry.failure = (f"backend compile: torch.compile failed for a {geometry.label()} bucket "
+                             f"({type(exc).__name__}: {first_line}); it runs uncompiled")
+            warnings.warn(entry.failure, GeomCompileWarning, stacklevel=4)
+            self.failures.append(entry.failure)
+            entry.run = entry.plain
+            out = entry.run(*args)
+        self.compile_seconds += time.perf_counter() - start
+        entry.calls += 1
+        return out
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def pre_step(self, items, states: Callable[[WorkItem], dict], ctx: StepContext) -> None:
+        for stage in STAGES:
+            buckets: dict[Geometry, list[_Slot]] = defaultdict(list)
+            for item in items:
+                if item.geometry.stage != stage:
+                    continue
+                grads = [ctx.params[n].grad for n in item.unit.names]
+                if all(g is None for g in grads):
+                    continue
+                if item.geometry.name not in PROGRAMS:
+                    item.geometry.pre_step(item.unit, grads, states(item), ctx)
+                    continue
+                for name, facts, grad in zip(item.unit.names, item.unit.facts, grads):
+                    if grad is not None and grad.numel():      # the transforms are the identity on empty grads
+                        buckets[item.geometry].append(_Slot(item, name, facts, grad))
+            for geometry, slots in buckets.items():
+                self._transform(geometry, slots, ctx)
+
+    def _transform(self, geometry: Geometry, slots: list[_Slot], ctx: StepContext) -> None:
+        program = PROGRAMS[geometry.name]
+        layouts = tuple(program.layout(geometry, s.facts) for s in slots)
+        grads = [s.tensor for s in slots]
+        weights = [ctx.params[s.name].detach() for s in slots] if program.uses_weights else []
+        entry = self._function("transform", program, geometry, layouts, grads + weights, _transform_function)
+        with torch.no_grad():
+            self._call(entry, geometry, grads, weights)
+
+    def post_step(self, items, states: Callable[[WorkItem], dict], ctx: StepContext) -> None:
+        with torch.no_grad():
+            for stage in STAGES:
+                buckets: dict[Geometry, list[_Slot]] = defaultdict(list)
+                for item in items:
+                    if item.geometry.stage != stage:
+                        continue
+                    program = PROGRAMS.get(item.geometry.name)
+                    if program is None:
+                        item.geometry.post_step(item.unit, states(item), ctx)
+                    elif program.retracts:
+                        for name, facts in zip(item.unit.names, item.unit.facts):
+                            p = ctx.params[name]
+                            if p.numel():
+                                buckets[item.geometry].append(_Slot(item, name, facts, p.detach()))
+                for geometry, slots in buckets.items():
+                    self._retract(geometry, slots, states, ctx)
+
+    def _retract(self, geometry: Geometry, slots: list[_Slot], states, ctx: StepContext) -> None:
+        program = PROGRAMS[geometry.name]
+        layouts = tuple(program.layout(geometry, s.facts) for s in slots)
+        weights = [s.tensor for s in slots]
+        entry = self._function("retract", program, geometry, layouts, weights, _check_function)
+        flags = self._call(entry, geometry, weights).tolist()     # the one host sync of the bucket
+        for slot, flagged in zip(slots, flags):
+            if flagged:
+                geometry.post_step(Unit((slot.name,), (slot.facts,)), states(slot.item), ctx)

@@ -1,0 +1,380 @@
+"""The Triton backend: bucketed multi-tensor kernels for the geometries that have them.
+
+At each step, per stage (penalty → metric → manifold):
+
+* a geometry with no kernel (``FAMILIES`` has no entry for it) runs its eager program;
+* a parameter whose geometry has a kernel is *fused* when its base optimizer is SGD, Adam or
+  AdamW (see ``buckets.fused_kind``) and no later-stage geometry needs its gradient: one launch per
+  bucket reads grad, weight and optimizer state once, applies the geometry, the base update and
+  the retraction, and writes weight and state. Its ``.grad`` is then hidden (set to None) so the
+  base optimizer skips it, and restored in the post-step hook. Its ``optimizer.state[p]`` keeps
+  torch's keys, dtypes and devices (Adam's ``step`` a CPU float tensor), so a state_dict moves
+  between backends;
+* otherwise the kernel only transforms ``p.grad`` in place and the base optimizer steps as usual;
+  psi's renormalisation then runs as a kernel in the post-step hook;
+* a parameter the kernels cannot take (float64, complex, sparse grad, a device the kernels do not
+  run on) runs the geometry's eager program for that parameter alone.
+
+``describe`` says all of this in words for ``plan.summary()``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections import Counter, defaultdict
+from typing import Callable
+
+import torch
+
+from ..errors import GeomCompileError
+from ..geometries.base import STAGES, StepContext, Unit
+from ..geometries.psi import STATE_POWERS
+from .backends import Backend, WorkItem
+from .buckets import KERNEL_DTYPES, BucketKey, Entry, bucketize, fused_kind, update_of
+
+
+# ---- availability -----------------------------------------------------------------------------
+def _kernels():
+    """The kernel modules. @triton.jit runs at their first import: TRITON_INTERPRET must be set before."""
+    from ..kernels import channel_directed, psi
+    return channel_directed, psi
+
+
+def interpreted() -> bool:
+    """True when the kernels were built by the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_kernels()[1]._psi_kernel, InterpretedFunction)
+
+
+def triton_problem(params: list[torch.Tensor]) -> str | None:
+    """Why the Triton kernels cannot run these parameters, or None."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"Triton is not installed ({e}); install it with `pip install triton`"
+    try:
+        _kernels()
+    except Exception as e:  # a broken triton install: report it, never crash the plan
+        return f"the Triton kernels failed to load ({type(e).__name__}: {e})"
+    devices = {p.device.type for p in params}
+    if interpreted():
+        if devices - {"cpu"}:
+            return ("TRITON_INTERPRET=1 is set, and the Triton interpreter runs kernels on CPU tensors only; "
+                    "unset it to run the kernels on the GPU")
+    elif "cpu" in devices:
+        return ("the parameters are on CPU and Triton kernels need a CUDA GPU; to run them on CPU (tests, "
+                "debugging) set TRITON_INTERPRET=1 before importing triton or geomcompile.kernels, or use "
+                "backend='eager' or 'compile'")
+    elif devices - {"cuda"}:
+        return f"Triton kernels run on CUDA tensors, not {', '.join(sorted(devices - {'cuda'}))}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def self_test(device: str) -> str | None:
+    """Run the psi kernel once on `device` against the eager reference; None when it works.
+    Deterministic inputs: the global RNG is not touched."""
+    from ..geometries.psi import psi_grad
+    try:
+        w = torch.linspace(-1.0, 1.0, 15, device=device).reshape(3, 5)
+        g = torch.linspace(0.5, -0.3, 15, device=device).reshape(3, 5)
+        got = g.clone()
+        _kernels()[1].psi([w], [got], [("row", 0, None)])
+        if not torch.allclose(got.cpu(), psi_grad(w, g).cpu(), rtol=1e-5, atol=1e-6):
+            return "its result differs from the eager reference"
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+# ---- kernel families: the geometries that have kernels ---------------------------------------
+class ChannelDirectedKernels:
+    name = "channel_directed"
+    retracts = False
+
+    def transform(self, geometry, entries: list[Entry], cache, slot) -> None:
+        o = geometry.opts
+        _kernels()[0].channel_directed([e.grad for e in entries], [e.facts.out_dim for e in entries],
+                                       o["metric"], o["lam"], o["mix"], cache=cache, slot=slot)
+
+    def fused(self, geometry, entries: list[Entry], update, cache, slot) -> None:
+        o = geometry.opts
+        _kernels()[0].channel_directed([e.grad for e in entries], [e.facts.out_dim for e in entries],
+                                       o["metric"], o["lam"], o["mix"], update=update,
+                                       weights=[e.param.detach() for e in entries],
+                                       states=[e.extra["states"] for e in entries],
+                                       first=[e.extra["first"] for e in entries], cache=cache, slot=slot)
+
+
+class PSIKernels:
+    name = "psi"
+    retracts = True          # renormalisation after the step
+
+    @staticmethod
+    def _layouts(geometry, entries):
+        return [type(geometry)._layout(e.facts) for e in entries]
+
+    def transform(self, geometry, entries, cache, slot) -> None:
+        _kernels()[1].psi([e.param.detach() for e in entries], [e.grad for e in entries],
+                          self._layouts(geometry, entries), cache=cache, slot=slot)
+
+    def fused(self, geometry, entries, update, cache, slot) -> None:
+        _kernels()[1].psi([e.param.detach() for e in entries], [e.grad for e in entries],
+                          self._layouts(geometry, entries), update=update,
+                          states=[e.extra["states"] for e in entries], first=[e.extra["first"] for e in entries],
+                          max_norm=geometry.opts["max_norm"], counters=[e.extra["counter"] for e in entries],
+                          cache=cache, slot=slot)
+
+    def retract(self, geometry, entries, powers, cache, slot) -> None:
+        _kernels()[1].psi_renorm([e.param.detach() for e in entries], self._layouts(geometry, entries),
+                                 geometry.opts["max_norm"], states=[e.extra["states"] for e in entries],
+                                 powers=powers, counters=[e.extra["counter"] for e in entries],
+                                 cache=cache, slot=slot)
+
+
+FAMILIES = {"channel_directed": ChannelDirectedKernels(), "psi": PSIKernels()}
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def _last_stage(items: list[WorkItem]) -> dict[str, int]:
+    """Per parameter, the index of the last stage with a geometry on it."""
+    last: dict[str, int] = {}
+    for item in items:
+        for name in item.unit.names:
+            last[name] = max(last.get(name, -1), STAGES.index(item.geometry.stage))
+    return last
+
+
+def _subunit(unit: Unit, names: list[str]) -> Unit:
+    index = [unit.names.index(n) for n in names]
+    return Unit(tuple(names), tuple(unit.facts[i] for i in index))
+
+
+def _counter(state: dict, device: torch.device) -> torch.Tensor:
+    """psi's renormalised-units counter as an int64 0-d tensor the kernels add to (no host sync)."""
+    c = state.get("renormalised", 0)
+    if not (isinstance(c, torch.Tensor) and c.device == device and c.dtype == torch.int64 and c.dim() == 0):
+        c = state["renormalised"] = torch.tensor(int(c), dtype=torch.int64, device=device)
+    return c
+
+
+def _scalar_dtype() -> torch.dtype:
+    try:
+        from torch.optim.optimizer import _get_scalar_dtype
+        return _get_scalar_dtype()
+    except ImportError:  # older torch
+        return torch.float32
+
+
+_STATE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq")}
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def __init__(self):
+        from ..kernels.tables import TableCache
+        problem = triton_problem([])
+        if problem:
+            raise GeomCompileError(f"backend 'triton' is not available: {problem}")
+        self.interpreted = interpreted()
+        self.cache = TableCache()
+        self._hidden: list[tuple[torch.Tensor, torch.Tensor]] = []   # grads hidden from the base optimizer
+        self._retracted: set[str] = set()                            # renormalised inside a fused kernel
+
+    # -- what runs where ------------------------------------------------------------------------
+    def kernel_problem(self, p: torch.Tensor, grad: torch.Tensor | None = None) -> str | None:
+        """Why the kernels cannot take this parameter, or None."""
+        if p.dtype not in KERNEL_DTYPES:
+            return f"{str(p.dtype).replace('torch.', '')} parameters have no kernel (float32, float16, bfloat16 do)"
+        if grad is not None and grad.layout != torch.strided:
+            return "sparse gradients have no kernel"
+        if p.device.type == "cuda" and self.interpreted:
+            return "the Triton interpreter (TRITON_INTERPRET=1) runs CPU tensors only"
+        if p.device.type == "cpu" and not self.interpreted:
+            return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
+        if p.device.type not in ("cpu", "cuda"):
+            return f"no Triton kernels for {p.device.type} tensors"
+        return None
+
+    def fused_kind(self, name: str, p: torch.Tensor, ctx: StepContext, last_stage: bool) -> tuple[str | None, str]:
+        """("sgd"/"adam", "") when this parameter's whole step can run in the kernel, else (None, why)."""
+        if not last_stage:
+            return None, "a later-stage geometry without a kernel needs the gradient"
+        kind, why = fused_kind(ctx.optimizer, ctx.group_of[name])
+        if kind is None:
+            return None, why
+        state = ctx.optimizer.state.get(p, {})
+        for key in _STATE_KEYS[kind]:
+            buf = state.get(key)
+            if buf is not None and not (isinstance(buf, torch.Tensor) and buf.shape == p.shape
+                                        and buf.dtype == p.dtype and buf.device == p.device):
+                return None, f"its optimizer state {key!r} does not match the parameter's shape/dtype/device"
+        if kind == "adam" and state and not all(k in state for k in ("step", "exp_avg", "exp_avg_sq")):
+            return None, "its Adam state is incomplete"
+        return kind, ""
+
+    def describe(self, items: list[WorkItem], ctx: StepContext) -> list[str]:
+        """Report lines: what is fused, what gets gradient-transform kernels only, what runs eager."""
+        last = _last_stage(items)
+        no_kernel, fused, transform, eager = Counter(), Counter(), defaultdict(list), defaultdict(list)
+        for item in items:
+            if item.geometry.name not in FAMILIES:
+                no_kernel[item.geometry.name] += 1
+                continue
+            index = STAGES.index(item.geometry.stage)
+            for name in item.unit.names:
+                p = ctx.params[name]
+                problem = self.kernel_problem(p)
+                if problem:
+                    eager[problem].append(name)
+                    continue
+                kind, why = self.fused_kind(name, p, ctx, last[name] == index)
+                if kind:
+                    fused[type(ctx.optimizer).__name__] += 1
+                else:
+                    transform[why].append(name)
+        lines = [f"backend triton: {n} parameter(s) fused: geometry, {opt} update and retraction in one "
+                 f"kernel launch per bucket" for opt, n in fused.items()]
+        lines += [f"backend triton: gradient-transform kernels only, then the base optimizer's own step, for "
+                  f"{_names(names)}: {why}" for why, names in transform.items()]
+        lines += [f"backend triton: {g} has no Triton kernel; its eager program runs for {n} unit(s)"
+                  for g, n in no_kernel.items()]
+        lines += [f"backend triton: eager program for {_names(names)}: {why}" for why, names in eager.items()]
+        return lines
+
+    # -- pre-step: gradient transforms and fused updates -----------------------------------------
+    def pre_step(self, items, states: Callable[[WorkItem], dict], ctx: StepContext) -> None:
+        self._hidden, self._retracted = [], set()   # a step that raised inside torch leaves no stale grads
+        last = _last_stage(items)
+        for index, stage in enumerate(STAGES):
+            transform, fused = [], []
+            for item in items:
+                if item.geometry.stage != stage:
+                    continue
+                grads = [ctx.params[n].grad for n in item.unit.names]
+                if all(g is None for g in grads):
+                    continue
+                if item.geometry.name not in FAMILIES:
+                    item.geometry.pre_step(item.unit, grads, states(item), ctx)
+                    continue
+                eager = []
+                for name, facts, grad in zip(item.unit.names, item.unit.facts, grads):
+                    if grad is None:
+                        continue
+                    p = ctx.params[name]
+                    if self.kernel_problem(p, grad):
+                        eager.append(name)
+                        continue
+                    kind, _ = self.fused_kind(name, p, ctx, last[name] == index)
+                    entry = Entry(name, p, facts, item, grad, {"kind": kind})
+                    (fused if kind else transform).append(entry)
+                if eager:
+                    sub = _subunit(item.unit, eager)
+                    item.geometry.pre_step(sub, [ctx.params[n].grad for n in eager], states(item), ctx)
+            for key, entries in bucketize(transform, _transform_key).items():
+                FAMILIES[key.family].transform(key.geometry, entries, self.cache, key.slot(entries))
+            for key, entries in bucketize(fused, lambda e: _fused_key(e, ctx)).items():
+                self._fused_step(key, entries, states, ctx)
+
+    def _fused_step(self, key: BucketKey, entries: list[Entry], states, ctx: StepContext) -> None:
+        """Prepare torch's own state for the bucket, launch, and hide the grads from the base step."""
+        opt, family = ctx.optimizer, FAMILIES[key.family]
+        launches = []
+        if entries[0].extra["kind"] == "sgd":
+            for e in entries:
+                e.extra.update(states=[], first=False)
+                if key.update.momentum != 0:         # torch: state[p] only exists with momentum
+                    state = opt.state[e.param]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:                  # torch: buf = grad.clone() -> grad's dtype and strides
+                        buf = state["momentum_buffer"] = torch.empty_like(e.grad, memory_format=torch.preserve_format)
+                        e.extra["first"] = True
+                    e.extra["states"] = [buf]
+            launches.append((key.update, entries))
+        else:
+            by_step = defaultdict(list)
+            for e in entries:
+                state = opt.state[e.param]
+                if len(state) == 0:                   # as Adam._init_group (capturable/fused are never fused here)
+                    state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                    state["exp_avg"] = torch.zeros_like(e.param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(e.param, memory_format=torch.preserve_format)
+                state["step"] += 1
+                e.extra.update(states=[state["exp_avg"], state["exp_avg_sq"]], first=False)
+                by_step[float(state["step"])].append(e)
+            launches += [(dataclasses.replace(key.update, step=s), group) for s, group in by_step.items()]
+        for e in entries:
+            if family.retracts:
+                e.extra["counter"] = _counter(states(e.item), e.param.device)
+        for update, group in launches:
+            family.fused(key.geometry, group, update, self.cache, key.slot(group))
+        for e in entries:
+            self._hidden.append((e.param, e.param.grad))
+            e.param.grad = None
+            if family.retracts:
+                self._retracted.add(e.name)
+
+    # -- post-step: restore grads, retractions ---------------------------------------------------
+    def post_step(self, items, states: Callable[[WorkItem], dict], ctx: StepContext) -> None:
+        for p, grad in self._hidden:
+            p.grad = grad
+        self._hidden = []
+        with torch.no_grad():
+            for stage in STAGES:
+                retract = []
+                for item in items:
+                    if item.geometry.stage != stage:
+                        continue
+                    family = FAMILIES.get(item.geometry.name)
+                    if family is None:
+                        item.geometry.post_step(item.unit, states(item), ctx)
+                        continue
+                    if not family.retracts:
+                        continue
+                    eager = []
+                    for name, facts in zip(item.unit.names, item.unit.facts):
+                        p = ctx.params[name]
+                        if name in self._retracted or p.numel() == 0:
+                            continue
+                        bufs = _retract_state(ctx.optimizer.state.get(p, {}), p)
+                        if self.kernel_problem(p) or bufs is None:
+                            eager.append(name)
+                            continue
+                        keys, tensors = bufs
+                        retract.append(Entry(name, p, facts, item, None,
+                                             {"keys": keys, "states": tensors,
+                                              "counter": _counter(states(item), p.device)}))
+                    if eager:
+                        item.geometry.post_step(_subunit(item.unit, eager), states(item), ctx)
+                for key, entries in bucketize(retract, _retract_key).items():
+                    powers = tuple(STATE_POWERS[k] for k in key.extra)
+                    FAMILIES[key.family].retract(key.geometry, entries, powers, self.cache, key.slot(entries))
+        self._retracted = set()
+
+
+def _transform_key(e: Entry) -> BucketKey:
+    return BucketKey(e.item.geometry.name, e.item.geometry, None, e.param.dtype, e.param.device)
+
+
+def _fused_key(e: Entry, ctx: StepContext) -> BucketKey:
+    update = update_of(e.extra["kind"], ctx.optimizer, ctx.group_of[e.name])
+    return BucketKey(e.item.geometry.name, e.item.geometry, update, e.param.dtype, e.param.device)
+
+
+def _retract_key(e: Entry) -> BucketKey:
+    return BucketKey(e.item.geometry.name, e.item.geometry, None, e.param.dtype, e.param.device, e.extra["keys"])
+
+
+def _retract_state(state: dict, p: torch.Tensor):
+    """(keys, tensors) of the optimizer state psi rescales (as PSI.post_step), or None when the
+    kernel cannot take it (more than three buffers, or one of another dtype/device)."""
+    keys = tuple(k for k in STATE_POWERS if isinstance(state.get(k), torch.Tensor) and state[k].shape == p.shape)
+    if len(keys) > 3 or any(state[k].dtype != p.dtype or state[k].device != p.device for k in keys):
+        return None
+    return keys, [state[k] for k in keys]
+
+
+def _names(names: list[str], n: int = 4) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")

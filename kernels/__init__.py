@@ -1,0 +1,13 @@
+"""Triton kernels of geomcompile, installed as ``geomcompile.kernels`` (never a top-level ``kernels``).
+
+One file per kernel family, each with a small Python launcher. Kernels know nothing about FX or YAML.
+
+* ``channel_directed``: re-weighted H0 and Sobolev metrics, alone or fused with SGD / Adam
+* ``psi``: PSI gradient, alone or fused with SGD / Adam and the renormalisation; renormalisation alone
+* ``optim_updates``: torch.optim's SGD and Adam element updates as @triton.jit helpers
+* ``tables``: the device tables (pointers, shapes, strides) that let one launch serve a bucket
+
+Importing a kernel module runs @triton.jit, which picks the Triton interpreter if TRITON_INTERPRET=1
+is set *at that moment*; this package imports nothing, so set the variable before the first import.
+See docs/triton.md.
+"""

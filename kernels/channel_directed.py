@@ -1,0 +1,248 @@
+"""Channel-directed metrics (``geometries/channel_directed.py``: ``reweighted_h0``, ``sobolev``) as one
+multi-tensor Triton kernel, alone (gradient transform) or fused with the SGD / Adam update.
+
+Each gradient f is read as O rows (output channels) by R = A·B columns. Both metrics need
+column statistics over *all* O rows before row o can be written:
+
+    h0:       S0 = Σ_o f_o                      g_o = S0/O + (f_o − S0/O)/lam + mix·f_o
+    sobolev:  S0, S1 = Σ o·f_o, S2 = Σ o²·f_o   g_o = S0/O + [(o²S0 − 2oS1 + S2)/O² + (oS0 − S1)/O
+              and the inclusive prefix sums          − 2(o·C0(o) − C1(o))/O + c·S0] / (2·lam·O) + mix·f_o
+              C0(o) = Σ_{o'≤o} f_o', C1(o) = Σ_{o'≤o} o'·f_o'
+
+so one program owns a tile of BLOCK_R columns of one tensor, over all its rows: the stats live in
+registers (3 fp32 per column) and no cross-program synchronisation is needed.
+
+* ONE_TILE (O ≤ BLOCK_O): the (O, BLOCK_R) tile is loaded once; stats, prefix sums (tl.cumsum)
+  and the result come from registers.
+* otherwise, two passes over row chunks: pass 1 accumulates S0, S1, S2; pass 2 re-reads f,
+  keeps running prefix sums C0, C1 across chunks (tl.cumsum inside a chunk plus the carry) and
+  writes.
+
+Bytes moved per element (e = element size of the parameter dtype; tables and stats are O(R)):
+
+    ================================  ==========  ===========
+    UPDATE                            ONE_TILE    two passes
+    ================================  ==========  ===========
+    none (g written into p.grad)      2e          3e
+    SGD (no momentum)                 3e          4e
+    SGD with momentum                 5e          6e
+    Adam / AdamW                      7e          8e
+    ================================  ==========  ===========
+
+(read f once or twice, read and write the weight and each state tensor once.) The eager path
+moves several times that: each metric alone runs ~10 elementwise/reduction ops over (O, R), then
+the base optimizer reads and writes everything again.
+"""
+from __future__ import annotations
+
+from typing import Hashable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .optim_updates import NONE, base_update, kernel_args, tl_dtype
+from .tables import (FIXED_FIELDS, Operand, Staged, TableCache, bucket_dtype, device_guard, next_power_of_2,
+                     prepare)
+
+METRICS = ("h0", "sobolev")
+
+
+@triton.jit
+def _metric_rows(f, o, S0, S1, S2, C0, C1, Of, lam, sob_c, sob_den, mix,
+                 SOBOLEV: tl.constexpr, HAS_MIX: tl.constexpr):
+    """g for a tile f (rows o, fp32), given column sums S* and inclusive prefix sums C* (as eager)."""
+    if SOBOLEV:
+        oc = o[:, None]
+        bracket = ((oc * oc * S0[None, :] - 2.0 * oc * S1[None, :] + S2[None, :]) / (Of * Of)
+                   + (oc * S0[None, :] - S1[None, :]) / Of
+                   - 2.0 * (oc * C0 - C1) / Of + sob_c * S0[None, :])
+        g = S0[None, :] / Of + bracket / sob_den
+    else:
+        mean = S0[None, :] / Of
+        g = mean + (f - mean) / lam
+    if HAS_MIX:
+        g = g + mix * f
+    return g
+
+
+@triton.jit
+def _role_columns(row, ROLE: tl.constexpr, DT: tl.constexpr, a, b):
+    """Pointers to row 0 of the columns (a, b) of role ROLE, and the role's row stride."""
+    field = row + FIXED_FIELDS + 4 * ROLE
+    ptr = tl.load(field).to(tl.pointer_type(DT))
+    return ptr + a * tl.load(field + 1) + b * tl.load(field + 3), tl.load(field + 2)
+
+
+@triton.jit
+def _write_rows(g, r, mask, g_col, g_so, w_col, w_so, s1_col, s1_so, s2_col, s2_so, first,
+                lr, momentum, one_minus_dampening, weight_decay, lerp_w, beta2, one_minus_beta2, eps,
+                neg_step_size, bc2_sqrt, decay,
+                DT: tl.constexpr, UPDATE: tl.constexpr, N_STATE: tl.constexpr, MAXIMIZE: tl.constexpr,
+                HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                NESTEROV: tl.constexpr):
+    """Rows r of the tile: store g into the gradient (UPDATE == 0) or apply the base update."""
+    if UPDATE == 0:
+        tl.store(g_col + r * g_so, g.to(DT), mask=mask)
+    else:
+        w = tl.load(w_col + r * w_so, mask=mask, other=0.0).to(tl.float32)
+        s1 = w
+        s2 = w
+        if N_STATE >= 1:
+            s1 = tl.load(s1_col + r * s1_so, mask=mask, other=0.0).to(tl.float32)
+        if N_STATE >= 2:
+            s2 = tl.load(s2_col + r * s2_so, mask=mask, other=0.0).to(tl.float32)
+        w, s1, s2 = base_update(g, w, s1, s2, first, lr, momentum, one_minus_dampening, weight_decay, lerp_w,
+                                beta2, one_minus_beta2, eps, neg_step_size, bc2_sqrt, decay,
+                                UPDATE, MAXIMIZE, HAS_WD, DECOUPLED, HAS_MOMENTUM, NESTEROV)
+        tl.store(w_col + r * w_so, w.to(DT), mask=mask)
+        if N_STATE >= 1:
+            tl.store(s1_col + r * s1_so, s1.to(DT), mask=mask)
+        if N_STATE >= 2:
+            tl.store(s2_col + r * s2_so, s2.to(DT), mask=mask)
+
+
+@triton.jit
+def _channel_directed_kernel(
+        tab, prog, lam, mix,
+        lr, momentum, one_minus_dampening, weight_decay, lerp_w, beta2, one_minus_beta2, eps,
+        neg_step_size, bc2_sqrt, decay,
+        NF: tl.constexpr, DT: tl.constexpr, SOBOLEV: tl.constexpr, HAS_MIX: tl.constexpr,
+        UPDATE: tl.constexpr, N_STATE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+        DECOUPLED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+        ONE_TILE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One program: BLOCK_R columns of one tensor of the bucket, all of its O rows.
+    Roles: 0 grad, 1 weight, 2 and 3 optimizer state."""
+    pid = tl.program_id(0)
+    t = tl.load(prog + 2 * pid).to(tl.int64)
+    tile = tl.load(prog + 2 * pid + 1).to(tl.int64)
+    row = tab + t * NF
+    A = tl.load(row)
+    O = tl.load(row + 1)
+    B = tl.load(row + 2)
+    first = tl.load(row + 4) != 0
+    cols = tile * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    cmask = cols < A * B
+    a = (cols // B)[None, :]
+    b = (cols - (cols // B) * B)[None, :]
+    g_col, g_so = _role_columns(row, 0, DT, a, b)
+    w_col, w_so = g_col, g_so                     # placeholders for absent roles, never used
+    s1_col, s1_so = g_col, g_so
+    s2_col, s2_so = g_col, g_so
+    if UPDATE != 0:
+        w_col, w_so = _role_columns(row, 1, DT, a, b)
+    if N_STATE >= 1:
+        s1_col, s1_so = _role_columns(row, 2, DT, a, b)
+    if N_STATE >= 2:
+        s2_col, s2_so = _role_columns(row, 3, DT, a, b)
+    Of = O.to(tl.float32)
+    Od = O.to(tl.float64)
+    sob_c = ((1.0 - 1.0 / (Od * Od)) / 6.0).to(tl.float32)   # eager: Python double, then fp32
+    sob_den = (2.0 * Od * lam).to(tl.float32)                # fp64 product, as eager
+    rows = tl.arange(0, BLOCK_O).to(tl.int64)
+    if ONE_TILE:
+        r = rows[:, None]
+        mask = (r < O) & cmask[None, :]
+        f = tl.load(g_col + r * g_so, mask=mask, other=0.0).to(tl.float32)
+        o = rows.to(tl.float32)
+        of = o[:, None] * f
+        S0 = tl.sum(f, axis=0)
+        S1 = tl.sum(of, axis=0)
+        S2 = tl.sum(o[:, None] * of, axis=0)
+        g = _metric_rows(f, o, S0, S1, S2, tl.cumsum(f, axis=0), tl.cumsum(of, axis=0), Of, lam, sob_c,
+                         sob_den, mix, SOBOLEV, HAS_MIX)
+        _write_rows(g, r, mask, g_col, g_so, w_col, w_so, s1_col, s1_so, s2_col, s2_so, first,
+                    lr, momentum, one_minus_dampening, weight_decay, lerp_w, beta2, one_minus_beta2, eps,
+                    neg_step_size, bc2_sqrt, decay,
+                    DT, UPDATE, N_STATE, MAXIMIZE, HAS_WD, DECOUPLED, HAS_MOMENTUM, NESTEROV)
+    else:
+        # pass 1: column statistics over all rows
+        S0 = tl.zeros([BLOCK_R], tl.float32)
+        S1 = tl.zeros([BLOCK_R], tl.float32)
+        S2 = tl.zeros([BLOCK_R], tl.float32)
+        for o0 in range(0, O, BLOCK_O):
+            r = o0 + rows[:, None]
+            f = tl.load(g_col + r * g_so, mask=(r < O) & cmask[None, :], other=0.0).to(tl.float32)
+            o = (o0 + rows).to(tl.float32)
+            of = o[:, None] * f
+            S0 += tl.sum(f, axis=0)
+            S1 += tl.sum(of, axis=0)
+            S2 += tl.sum(o[:, None] * of, axis=0)
+        # pass 2: running prefix sums across row chunks, then write
+        C0 = tl.zeros([BLOCK_R], tl.float32)
+        C1 = tl.zeros([BLOCK_R], tl.float32)
+        for o0 in range(0, O, BLOCK_O):
+            r = o0 + rows[:, None]
+            mask = (r < O) & cmask[None, :]
+            f = tl.load(g_col + r * g_so, mask=mask, other=0.0).to(tl.float32)
+            o = (o0 + rows).to(tl.float32)
+            of = o[:, None] * f
+            P0 = tl.cumsum(f, axis=0) + C0[None, :]
+            P1 = tl.cumsum(of, axis=0) + C1[None, :]
+            C0 += tl.sum(f, axis=0)
+            C1 += tl.sum(of, axis=0)
+            g = _metric_rows(f, o, S0, S1, S2, P0, P1, Of, lam, sob_c, sob_den, mix, SOBOLEV, HAS_MIX)
+            _write_rows(g, r, mask, g_col, g_so, w_col, w_so, s1_col, s1_so, s2_col, s2_so, first,
+                        lr, momentum, one_minus_dampening, weight_decay, lerp_w, beta2, one_minus_beta2, eps,
+                        neg_step_size, bc2_sqrt, decay,
+                        DT, UPDATE, N_STATE, MAXIMIZE, HAS_WD, DECOUPLED, HAS_MOMENTUM, NESTEROV)
+
+
+def _blocks(max_o: int, n_roles: int, block_o: int | None, block_r: int | None) -> tuple[bool, int, int]:
+    """(ONE_TILE, BLOCK_O, BLOCK_R): whole columns in one tile when O ≤ 64, else 32-row chunks."""
+    if block_o is None:
+        block_o = next_power_of_2(max_o) if max_o <= 64 else 32
+    if block_r is None:
+        budget = 8192 if n_roles <= 2 else 4096      # fp32 elements per tile and tensor
+        block_r = max(16, min(256, budget // block_o))
+    return max_o <= block_o, block_o, block_r
+
+
+def channel_directed(grads: Sequence[torch.Tensor], dims: Sequence[int], metric: str, lam: float,
+                     mix: float = 0.0, *, weights: Sequence[torch.Tensor] | None = None,
+                     states: Sequence[Sequence[torch.Tensor]] | None = None, first: Sequence[bool] | None = None,
+                     update=None, cache: TableCache | None = None, slot: Hashable = None,
+                     block_o: int | None = None, block_r: int | None = None) -> None:
+    """Apply the channel-directed metric to a bucket of gradients in one launch.
+
+    update None: ``grads[i]`` is overwritten with ``sobolev`` / ``reweighted_h0`` of itself along
+    ``dims[i]``. update an ``SGDUpdate`` / ``AdamUpdate``: the metric's result feeds the base update,
+    ``weights[i]`` and ``states[i]`` (momentum_buffer, or exp_avg and exp_avg_sq) are updated in
+    place and ``grads`` are left as they are; ``first[i]`` marks a momentum buffer to initialise.
+    All tensors share one dtype (fp32, fp16 or bf16; math in fp32) and one device."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    scalars, flags = kernel_args(update)
+    fused = flags["UPDATE"] != NONE
+    if fused and weights is None:
+        raise ValueError("a fused update needs the weights")
+    n_state = flags["N_STATE"]
+    operands = []
+    for i, (g, dim) in enumerate(zip(grads, dims)):
+        tensors = [g]
+        if fused:
+            st = list(states[i]) if states is not None else []
+            if len(st) < n_state:
+                raise ValueError(f"tensor {i}: the update needs {n_state} state tensor(s), got {len(st)}")
+            tensors += [weights[i], *st[:n_state]]
+        if any(t.shape != g.shape for t in tensors):
+            raise ValueError(f"tensor {i}: gradient, weight and state shapes differ: "
+                             f"{[tuple(t.shape) for t in tensors]}")
+        operands.append(Operand(tensors, dim, flag=int(bool(first[i])) if first is not None else 0))
+    if not operands:
+        return
+    dt = tl_dtype(bucket_dtype(operands))
+    n_roles = 2 + n_state if fused else 1
+    max_o = max(op.shape[1] for op in operands)
+    one_tile, bo, br = _blocks(max_o, n_roles, block_o, block_r)
+    staged = Staged(operands, written_roles=range(1, n_roles) if fused else (0,))
+    kept, table, pmap, n = prepare(staged.operands, lambda op: triton.cdiv(op.shape[0] * op.shape[2], br),
+                                   n_roles, cache, (slot, "channel_directed", n_roles, br))
+    if n == 0:
+        return
+    with device_guard(table.device):
+        _channel_directed_kernel[(n,)](
+            table, pmap, float(lam), float(mix), **scalars,
+            NF=table.shape[1], DT=dt, SOBOLEV=metric == "sobolev", HAS_MIX=mix != 0, **flags,
+            ONE_TILE=one_tile, BLOCK_O=bo, BLOCK_R=br)
+    staged.finish()
