@@ -38,6 +38,16 @@ class Backend:
         return []
 
 
+def stage_items_with_grads(items: list[WorkItem], stage: str, ctx: StepContext):
+    """(item, grads) for the items of one stage where at least one parameter has a gradient."""
+    for item in items:
+        if item.geometry.stage != stage:
+            continue
+        grads = [ctx.params[n].grad for n in item.unit.names]
+        if any(g is not None for g in grads):
+            yield item, grads
+
+
 class EagerBackend(Backend):
     """The reference: each geometry's own pre_step/post_step, one unit at a time."""
 

@@ -38,7 +38,7 @@ from ..errors import GeomCompileWarning
 from ..geometries.base import STAGES, Geometry, StepContext, Unit
 from ..geometries.channel_directed import METRICS
 from ..geometries.psi import PSI, psi_grad, psi_renorm_factors
-from .backends import Backend, WorkItem
+from .backends import Backend, WorkItem, stage_items_with_grads
 
 # dynamic=False. Measured on ResNet-20 (9 distinct weight shapes), 2 CPU cores, empty inductor
 # cache: first step (compile) 12 s for channel_directed and 7 s for psi with static shapes, 24-27 s
@@ -242,12 +242,7 @@ class CompileBackend(Backend):
     def pre_step(self, items, states: Callable[[WorkItem], dict], ctx: StepContext) -> None:
         for stage in STAGES:
             buckets: dict[Geometry, list[_Slot]] = defaultdict(list)
-            for item in items:
-                if item.geometry.stage != stage:
-                    continue
-                grads = [ctx.params[n].grad for n in item.unit.names]
-                if all(g is None for g in grads):
-                    continue
+            for item, grads in stage_items_with_grads(items, stage, ctx):
                 if item.geometry.name not in PROGRAMS:
                     item.geometry.pre_step(item.unit, grads, states(item), ctx)
                     continue

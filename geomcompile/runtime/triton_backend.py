@@ -29,7 +29,7 @@ import torch
 from ..errors import GeomCompileError
 from ..geometries.base import STAGES, StepContext, Unit
 from ..geometries.psi import STATE_POWERS
-from .backends import Backend, WorkItem
+from .backends import Backend, WorkItem, stage_items_with_grads
 from .buckets import KERNEL_DTYPES, BucketKey, Entry, bucketize, fused_kind, update_of
 
 
@@ -249,12 +249,7 @@ class TritonBackend(Backend):
         last = _last_stage(items)
         for index, stage in enumerate(STAGES):
             transform, fused = [], []
-            for item in items:
-                if item.geometry.stage != stage:
-                    continue
-                grads = [ctx.params[n].grad for n in item.unit.names]
-                if all(g is None for g in grads):
-                    continue
+            for item, grads in stage_items_with_grads(items, stage, ctx):
                 if item.geometry.name not in FAMILIES:
                     item.geometry.pre_step(item.unit, grads, states(item), ctx)
                     continue
