@@ -74,6 +74,43 @@ def _rescale(row, ROLE: tl.constexpr, POWER: tl.constexpr, a, o, b, mask, scale,
 
 
 @triton.jit
+def _program_units(tab, prog, NF: tl.constexpr, BLOCK_U: tl.constexpr):
+    """This program's table row and first unit: (row, u0, O, B, GS, U elements per unit, counter)."""
+    pid = tl.program_id(0)
+    t = tl.load(prog + 2 * pid).to(tl.int64)
+    u0 = tl.load(prog + 2 * pid + 1).to(tl.int64) * BLOCK_U
+    row = tab + t * NF
+    A = tl.load(row)
+    O = tl.load(row + 1)
+    B = tl.load(row + 2)
+    GS = tl.load(row + 3)
+    counter = tl.load(row + 5).to(tl.pointer_type(tl.int64))
+    return row, u0, O, B, GS, A * GS * B, counter
+
+
+@triton.jit
+def _unit_tile(u0, O, B, GS, U, e, BLOCK_U: tl.constexpr):
+    """BLOCK_U whole units from u0 in one tile: (live units, element mask, index grids a, o, b)."""
+    units = u0 + tl.arange(0, BLOCK_U).to(tl.int64)
+    live = units < O // GS
+    mask = live[:, None] & (e[None, :] < U)
+    a, o, b = _unit_elements(e[None, :], units[:, None], GS, B)
+    return live, mask, a, o, b
+
+
+@triton.jit
+def _chunked_norm_sq(row, ROLE: tl.constexpr, u0, B, GS, U, e, DT: tl.constexpr, BLOCK: tl.constexpr):
+    """‖x_u‖² of one unit that does not fit a tile, read in chunks of BLOCK elements."""
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, U, BLOCK):
+        idx = start + e
+        a, o, b = _unit_elements(idx, u0, GS, B)
+        x = tl.load(role_ptrs(row, ROLE, DT, a, o, b), mask=idx < U, other=0.0).to(tl.float32)
+        acc += x * x
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
 def _psi_kernel(tab, prog, max_norm,
                 lr, momentum, one_minus_dampening, weight_decay, lerp_w, beta2, one_minus_beta2, eps,
                 neg_step_size, bc2_sqrt, decay,
@@ -83,24 +120,11 @@ def _psi_kernel(tab, prog, max_norm,
                 ONE_TILE: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK: tl.constexpr):
     """One program: BLOCK_U whole units (ONE_TILE) or one unit in chunks. Roles: 0 grad, 1 weight,
     2 and 3 optimizer state."""
-    pid = tl.program_id(0)
-    t = tl.load(prog + 2 * pid).to(tl.int64)
-    u0 = tl.load(prog + 2 * pid + 1).to(tl.int64) * BLOCK_U
-    row = tab + t * NF
-    A = tl.load(row)
-    O = tl.load(row + 1)
-    B = tl.load(row + 2)
-    GS = tl.load(row + 3)
+    row, u0, O, B, GS, U, counter = _program_units(tab, prog, NF, BLOCK_U)
     first = tl.load(row + 4) != 0
-    counter = tl.load(row + 5).to(tl.pointer_type(tl.int64))
-    U = A * GS * B
     e = tl.arange(0, BLOCK).to(tl.int64)
     if ONE_TILE:
-        units = u0 + tl.arange(0, BLOCK_U).to(tl.int64)
-        live = units < O // GS
-        u = units[:, None]
-        mask = live[:, None] & (e[None, :] < U)
-        a, o, b = _unit_elements(e[None, :], u, GS, B)
+        live, mask, a, o, b = _unit_tile(u0, O, B, GS, U, e, BLOCK_U)
         w_p = role_ptrs(row, 1, DT, a, o, b)
         g_p = role_ptrs(row, 0, DT, a, o, b)
         w = tl.load(w_p, mask=mask, other=0.0).to(tl.float32)
@@ -122,13 +146,7 @@ def _psi_kernel(tab, prog, max_norm,
             store_states(s1 * scale, s2 * (scale * scale), s1_p, s2_p, mask, DT, N_STATE)
             tl.atomic_add(counter, tl.sum((renorm & live).to(tl.int64), axis=0))
     else:
-        acc = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, U, BLOCK):
-            idx = start + e
-            a, o, b = _unit_elements(idx, u0, GS, B)
-            w = tl.load(role_ptrs(row, 1, DT, a, o, b), mask=idx < U, other=0.0).to(tl.float32)
-            acc += w * w
-        norm_sq = tl.sum(acc, axis=0)
+        norm_sq = _chunked_norm_sq(row, 1, u0, B, GS, U, e, DT, BLOCK)
         acc = tl.zeros([BLOCK], tl.float32)
         for start in range(0, U, BLOCK):
             idx = start + e
@@ -171,23 +189,10 @@ def _psi_renorm_kernel(tab, prog, max_norm, NF: tl.constexpr, DT: tl.constexpr, 
                        ONE_TILE: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK: tl.constexpr):
     """One program: BLOCK_U whole units (ONE_TILE) or one unit in chunks. Roles: 0 weight,
     1..N_STATE optimizer state scaled by the factor to the powers POW1..POW3."""
-    pid = tl.program_id(0)
-    t = tl.load(prog + 2 * pid).to(tl.int64)
-    u0 = tl.load(prog + 2 * pid + 1).to(tl.int64) * BLOCK_U
-    row = tab + t * NF
-    A = tl.load(row)
-    O = tl.load(row + 1)
-    B = tl.load(row + 2)
-    GS = tl.load(row + 3)
-    counter = tl.load(row + 5).to(tl.pointer_type(tl.int64))
-    U = A * GS * B
+    row, u0, O, B, GS, U, counter = _program_units(tab, prog, NF, BLOCK_U)
     e = tl.arange(0, BLOCK).to(tl.int64)
     if ONE_TILE:
-        units = u0 + tl.arange(0, BLOCK_U).to(tl.int64)
-        live = units < O // GS
-        u = units[:, None]
-        mask = live[:, None] & (e[None, :] < U)
-        a, o, b = _unit_elements(e[None, :], u, GS, B)
+        live, mask, a, o, b = _unit_tile(u0, O, B, GS, U, e, BLOCK_U)
         w_p = role_ptrs(row, 0, DT, a, o, b)
         w = tl.load(w_p, mask=mask, other=0.0).to(tl.float32)
         renorm, scale = _renorm_scale(tl.sum(w * w, axis=1), max_norm)
@@ -203,13 +208,7 @@ def _psi_renorm_kernel(tab, prog, max_norm, NF: tl.constexpr, DT: tl.constexpr, 
             _rescale(row, 3, POW3, a, o, b, mask, scale, DT)
         tl.atomic_add(counter, tl.sum(renorm.to(tl.int64), axis=0))
     else:
-        acc = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, U, BLOCK):
-            idx = start + e
-            a, o, b = _unit_elements(idx, u0, GS, B)
-            w = tl.load(role_ptrs(row, 0, DT, a, o, b), mask=idx < U, other=0.0).to(tl.float32)
-            acc += w * w
-        renorm, scale = _renorm_scale(tl.sum(acc, axis=0), max_norm)
+        renorm, scale = _renorm_scale(_chunked_norm_sq(row, 0, u0, B, GS, U, e, DT, BLOCK), max_norm)
         if renorm:
             for start in range(0, U, BLOCK):
                 idx = start + e
