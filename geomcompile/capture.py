@@ -10,6 +10,11 @@ Two paths, recorded in ``Captured.path``:
   kinds (call_module / call_function / get_attr / placeholder / output). It describes the path
   taken for those inputs only; this is said in the plan report.
 
+In-place ops: fx keeps later uses of a tensor pointing at the value before ``F.relu_(x)`` when its
+result is not reassigned; the in-place node stays a user of that value. The invariance pass follows
+every user, so such an op is still checked on the path (and the ops it knows in place keep the
+signal as it was). The run path rebinds the tensor to the in-place op's node, as executed.
+
 With example inputs, every tensor-valued node gets ``node.meta["gc_shape"]``. Running the model
 for shapes leaves it as it was: training flag, buffers (BatchNorm running stats) and the global
 RNG state are restored afterwards.
@@ -74,12 +79,10 @@ def capture(model: nn.Module, example_inputs: tuple | None = None) -> Captured:
                 f"to gc.analyze/gc.plan/gc.apply so geomcompile can capture the graph by running "
                 f"the model once instead.") from exc
         graph = _record_run(model, tuple(example_inputs))
-        _resolve_inplace(graph)
         return Captured(graph, modules, "run", True,
                         [f"torch.fx tracing stopped in {where} ({type(exc).__name__}); the graph was "
                          f"captured by running the model once on example_inputs, so it shows the "
                          f"control-flow path taken for those inputs"])
-    _resolve_inplace(graph)
     if example_inputs is not None:
         _propagate_shapes(model, graph, tuple(example_inputs))
     return Captured(graph, modules, "fx", example_inputs is not None)
@@ -101,43 +104,6 @@ def _module_where_tracing_stopped(model: nn.Module, exc: BaseException) -> str:
             name = names[id(obj)] or "<root>"
             where = f"module {name!r} ({type(obj).__name__}.{frame.f_code.co_name}, line {frame.f_lineno})"
     return where or f"the model's top level ({type(model).__name__})"
-
-
-# ---------------------------------------------------------------------------------------------
-# in-place ops
-# ---------------------------------------------------------------------------------------------
-def is_inplace(node: fx.Node, modules: dict[str, nn.Module] | None = None) -> bool:
-    """True when the node overwrites its first argument (relu_, x.add_(), F.relu(inplace=True), ...)."""
-    if node.kwargs.get("inplace") is True:
-        return True
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_")
-    if node.op == "call_function":
-        if node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv):
-            return True
-        name = getattr(node.target, "__name__", "")
-        return (name.endswith("_") and not name.startswith("_")) or name in ("__iadd__", "__imul__", "__isub__")
-    return False
-
-
-def _resolve_inplace(graph: fx.Graph) -> None:
-    """fx keeps later uses of a tensor pointing at the value before an in-place op on it
-    (``F.relu_(x); bn(x)`` traces as ``bn(x)``). Rewire those later uses to the in-place node so
-    the analysis sees the op that really ran. Uses before the op are left alone."""
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for node in list(graph.nodes):
-        if node.op in ("call_module", "call_function", "call_method") and node.args:
-            target = node.args[0]
-            if isinstance(target, fx.Node) and _node_is_inplace_for_rewire(node):
-                for user in list(target.users):
-                    if user is not node and order[user] > order[node]:
-                        user.replace_input_with(target, node)
-
-
-def _node_is_inplace_for_rewire(node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return False  # modules with inplace=True are always written `x = self.relu(x)`; harmless either way
-    return is_inplace(node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,9 +182,9 @@ class _Recorder(TorchFunctionMode):
             node = self.graph.call_function(_untracked_tensor, ())  # made outside what we saw
             self.bind(value, node)
             return node
-        if isinstance(value, (list, tuple)):
-            return type(value)(self.lookup(v) for v in value) if not hasattr(value, "_fields") else tuple(
-                self.lookup(v) for v in value)
+        if isinstance(value, (list, tuple)):  # named tuples become plain tuples
+            items = [self.lookup(v) for v in value]
+            return items if isinstance(value, list) else tuple(items)
         if isinstance(value, dict):
             return {k: self.lookup(v) for k, v in value.items()}
         if isinstance(value, (int, float, bool, str, type(None), torch.dtype, torch.device, slice)):
