@@ -38,11 +38,14 @@ class Backend:
         return []
 
 
+def stage_items(items: list[WorkItem], stage: str):
+    """The items of one stage (penalty, metric or manifold), in order."""
+    return (item for item in items if item.geometry.stage == stage)
+
+
 def stage_items_with_grads(items: list[WorkItem], stage: str, ctx: StepContext):
     """(item, grads) for the items of one stage where at least one parameter has a gradient."""
-    for item in items:
-        if item.geometry.stage != stage:
-            continue
+    for item in stage_items(items, stage):
         grads = [ctx.params[n].grad for n in item.unit.names]
         if any(g is not None for g in grads):
             yield item, grads

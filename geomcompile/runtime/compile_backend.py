@@ -38,7 +38,7 @@ from ..errors import GeomCompileWarning
 from ..geometries.base import STAGES, Geometry, StepContext, Unit
 from ..geometries.channel_directed import METRICS
 from ..geometries.psi import PSI, psi_grad, psi_renorm_factors
-from .backends import Backend, WorkItem, stage_items_with_grads
+from .backends import Backend, WorkItem, stage_items, stage_items_with_grads
 
 # dynamic=False. Measured on ResNet-20 (9 distinct weight shapes), 2 CPU cores, empty inductor
 # cache: first step (compile) 12 s for channel_directed and 7 s for psi with static shapes, 24-27 s
@@ -265,9 +265,7 @@ class CompileBackend(Backend):
         with torch.no_grad():
             for stage in STAGES:
                 buckets: dict[Geometry, list[_Slot]] = defaultdict(list)
-                for item in items:
-                    if item.geometry.stage != stage:
-                        continue
+                for item in stage_items(items, stage):
                     program = PROGRAMS.get(item.geometry.name)
                     if program is None:
                         item.geometry.post_step(item.unit, states(item), ctx)

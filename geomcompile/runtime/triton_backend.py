@@ -29,7 +29,7 @@ import torch
 from ..errors import GeomCompileError
 from ..geometries.base import STAGES, StepContext, Unit
 from ..geometries.psi import STATE_POWERS
-from .backends import Backend, WorkItem, stage_items_with_grads
+from .backends import Backend, WorkItem, stage_items, stage_items_with_grads
 from .buckets import KERNEL_DTYPES, BucketKey, Entry, bucketize, fused_kind, update_of
 
 
@@ -318,9 +318,7 @@ class TritonBackend(Backend):
         with torch.no_grad():
             for stage in STAGES:
                 retract = []
-                for item in items:
-                    if item.geometry.stage != stage:
-                        continue
+                for item in stage_items(items, stage):
                     family = FAMILIES.get(item.geometry.name)
                     if family is None:
                         item.geometry.post_step(item.unit, states(item), ctx)
