@@ -95,8 +95,14 @@ class Plan:
 
     @property
     def backend(self):
-        """The installed Backend instance (None before install); its notes are in ``plan.notes``."""
+        """The installed Backend instance (None before install)."""
         return self._installation.backend if self._installation is not None else None
+
+    def backend_notes(self) -> list[str]:
+        """What the backend runs how, and every fallback it took, as of now (a compile that failed
+        at the first step shows up here after that step)."""
+        inst = self._installation
+        return inst.backend.describe(inst.items, inst.ctx) if inst is not None else []
 
     def diagnostics(self) -> dict[str, dict[str, dict[str, float]]]:
         """Per unit and geometry, the numbers a geometry reports (estimates, counters) for logging."""
@@ -135,7 +141,7 @@ class Plan:
                      + (" (torch.fx symbolic trace)" if self.structure.capture_path == "fx"
                         else " (ran the model once on example_inputs)"))
         lines.append(f"backend: {self.backend_name or 'not installed'}")
-        for note in self.notes:
+        for note in self.notes + self.backend_notes():
             lines.append(f"note: {note}")
         for w in self.warnings:
             lines.append(f"warning: {w}")

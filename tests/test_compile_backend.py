@@ -112,8 +112,7 @@ def test_geometry_without_program_runs_eager_and_is_reported(monkeypatch):
     monkeypatch.delitem(PROGRAMS, "psi")         # psi now has no compiled program: nothing compiles
     plan, run, reference = _twin_runs(CASES["psi"], PARITY_OPTIMIZERS["sgd_momentum"], steps=3)
     _assert_same_run(run, reference, rtol=0, atol=0)
-    inst = plan._installation
-    lines = inst.backend.describe(inst.items, inst.ctx)
+    lines = plan.backend_notes()        # the backend's report, as plan.summary() shows it
     assert any("psi(max_norm=2.0) has no compiled program; its eager program runs" in line for line in lines)
 
 
@@ -130,8 +129,8 @@ def test_failed_compile_warns_and_runs_the_same_function_uncompiled(monkeypatch)
     with pytest.warns(gc.GeomCompileWarning, match="torch.compile failed .* no compiler here.*runs uncompiled"):
         plan, run, reference = _twin_runs(CASES["channel_directed_h0"], PARITY_OPTIMIZERS["sgd_momentum"], steps=2)
     _assert_same_run(run, reference, rtol=1e-6, atol=1e-7)
-    inst = plan._installation
-    assert any("torch.compile failed" in line for line in inst.backend.describe(inst.items, inst.ctx))
+    assert any("torch.compile failed" in line for line in plan.backend_notes())
+    assert "torch.compile failed" in plan.summary(), "a failure at the first step must reach the report"
 
 
 def test_channel_directed_program_concatenation_equals_one_call_per_tensor():

@@ -213,8 +213,7 @@ def test_float64_parameter_runs_eager_and_the_rest_fused():
             opt.step()
         runs.append((model, opt, plan))
     assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1], "float64 head")
-    inst = runs[1][2]._installation
-    lines = inst.backend.describe(inst.items, inst.ctx)
+    lines = runs[1][2].backend_notes()  # the backend's report, as plan.summary() shows it
     assert any("eager program for head.weight: float64" in line for line in lines), lines
 
 
@@ -229,7 +228,7 @@ def test_fused_parameters_are_hidden_from_the_base_step_and_grads_restored():
         assert p.grad is grads[n], f"{n}: the grad object was not restored"
     for n in ("conv1.weight", "conv2.weight"):                # fused: the kernel only reads the gradient
         assert torch.equal(model.get_parameter(n).grad, raw[n])
-    assert plan._installation.backend._hidden == []
+    assert plan.backend._hidden == []
     assert opt.state[model.conv1.weight]["momentum_buffer"].dtype == torch.float32
 
 
@@ -275,7 +274,7 @@ def test_lr_scheduler_is_honoured_without_new_tables(geometry, opt_name):
             _step(model, opt, 1)                   # the same gradient values each step, new tensors
             sched.step()
             if backend == "triton":
-                slots.append(len(plan._installation.backend.cache._entries))
+                slots.append(len(plan.backend.cache._entries))
         runs.append((model, opt))
     assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1], f"{geometry}/{opt_name} with LambdaLR")
     assert slots[1:] == slots[1:2] * 4, f"table slots grew with the lr: {slots}"
@@ -284,21 +283,17 @@ def test_lr_scheduler_is_honoured_without_new_tables(geometry, opt_name):
 # ---- reports ----------------------------------------------------------------------------------------
 def test_describe_reports_fused_transform_only_and_eager():
     model, opt, plan = _setup("spectral+sobolev", "sgd_momentum", "triton")
-    inst = plan._installation
-    lines = inst.backend.describe(inst.items, inst.ctx)
+    lines = plan.backend_notes()        # the backend's report, as plan.summary() shows it
     assert any("fused" in line and "SGD" in line for line in lines), lines
     assert any("spectral has no Triton kernel" in line for line in lines), lines
     model, opt, plan = _setup("psi", "rmsprop_centered_momentum", "triton")
-    inst = plan._installation
-    lines = inst.backend.describe(inst.items, inst.ctx)
+    lines = plan.backend_notes()        # the backend's report, as plan.summary() shows it
     assert any("gradient-transform kernels only" in line and "RMSprop has no fused kernel" in line
                for line in lines), lines
     model, opt, plan = _setup("sobolev", "adam_amsgrad", "triton")
-    inst = plan._installation
-    assert any("amsgrad=True is not fused" in line for line in inst.backend.describe(inst.items, inst.ctx))
+    assert any("amsgrad=True is not fused" in line for line in plan.backend_notes())
     model, opt, plan = _setup("sobolev+pom", "sgd", "triton")
-    inst = plan._installation
-    assert any("later-stage geometry" in line for line in inst.backend.describe(inst.items, inst.ctx))
+    assert any("later-stage geometry" in line for line in plan.backend_notes())
 
 
 # ---- backend selection ----------------------------------------------------------------------------

@@ -268,6 +268,7 @@ class Runner:
                 return {**_row(load, "optimizer_step", label, backend), "status": "skipped",
                         "reason": str(exc), "base_optimizer": describe_optimizer(optimizer)}
         notes = [str(w.message) for w in caught] + [n for n in plan.notes if n.startswith("backend")]
+        notes += plan.backend_notes()
         named = dict(model.named_parameters())
         geo_params: dict[str, list] = {}
         for name, stages in plan.assignments.items():

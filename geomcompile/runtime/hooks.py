@@ -50,7 +50,6 @@ class Installation:
         self._own_loaded_state(self.optimizer)
         for item in self.items:
             self.report += item.geometry.on_install(item.unit, self.state_of(item), self.ctx)
-        self.report += self.backend.describe(self.items, self.ctx)
         self.handles.append(self.optimizer.register_step_pre_hook(self._pre))
         self.handles.append(self.optimizer.register_step_post_hook(self._post))
         self.handles.append(self.optimizer.register_load_state_dict_post_hook(self._own_loaded_state))
