@@ -70,7 +70,7 @@ def analyze_invariance(facts: ParamFacts, uses: list[Use], cap: Captured) -> Non
     if not found:
         facts.invariance_reason = "not invariant: its output does not reach the loss through any op we follow"
         return
-    unit, group_size = _coarsest(found, facts)
+    unit, group_size = _coarsest(found)
     if facts.kind == "conv_transpose" and facts.groups > 1 and unit != "tensor":
         unit, group_size = "tensor", None  # rows of a grouped conv-transpose are not slices along out_dim
     normalizer = ", ".join(sorted({a.normalizer for a in found}))
@@ -88,7 +88,7 @@ def _has_bias(use: Use, cap: Captured) -> bool:
     return args[2] is not None or use.node.kwargs.get("bias") is not None
 
 
-def _coarsest(found: set[Absorbed], facts: ParamFacts) -> tuple[str, int | None]:
+def _coarsest(found: set[Absorbed]) -> tuple[str, int | None]:
     unit = max((a.unit for a in found), key=UNITS.index)
     if unit != "group":
         return unit, None
@@ -169,7 +169,7 @@ class _Walker:
         return rank + sig.cdim
 
     def _flatten(self, node, sig, start, end, path) -> Signal:
-        c = self._front(sig, node.args[0], path) if sig.cdim < 0 else sig.cdim
+        c = self._front(sig, node.args[0], path)
         src_rank = self._rank(node.args[0])
         if start < 0 or end < 0:
             if src_rank is None and not (start >= 0 and end == -1):
@@ -179,7 +179,8 @@ class _Walker:
         if c < start:
             return replace(sig, cdim=c)
         if end >= 0 and c > end:
-            raise Broken(f"{path}: flatten after the channel dim needs tensor ranks")
+            raise Broken(f"{path}: flatten of dims after the channel dim is not followed (the analyser "
+                         f"refuses rather than track the shifted channel position)")
         return replace(sig, cdim=start, plain=False)
 
     def _reshape(self, src, node, sig, info, path) -> Signal:
