@@ -97,7 +97,7 @@ def layout_facts(name: str, tensor: torch.Tensor, uses: list[Use], cap: Captured
         return facts
     facts.kind = kinds.pop()
     first = uses[0]
-    facts.module = first.module or _op_label(first.node)
+    facts.module = first.module or first.node.name   # a functional use: name the op
     if facts.kind in ("conv", "conv_transpose", "linear"):
         facts.out_dim = 1 if facts.kind == "conv_transpose" else 0
         facts.groups = _groups(first, cap)
@@ -134,10 +134,6 @@ def _facts_from_owner(facts: ParamFacts, cap: Captured) -> ParamFacts:
 
 def _shape(arg):
     return arg.meta.get("gc_shape") if isinstance(arg, fx.Node) else None
-
-
-def _op_label(node: fx.Node) -> str:
-    return f"{node.name}"
 
 
 def _groups(use: Use, cap: Captured) -> int:
