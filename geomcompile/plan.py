@@ -29,8 +29,8 @@ class Plan:
         self.assignments: dict[str, dict[str, Geometry]] = resolution.assignments
         self.rule_of: dict[tuple[str, str], str] = resolution.rule_of
         self.rule_counts: dict[str, int] = resolution.rule_counts
-        self.warnings: list[str] = list(resolution.warnings)
-        self.notes: list[str] = list(structure.notes)
+        self._plan_warnings: list[str] = list(resolution.warnings)
+        self._plan_notes: list[str] = list(structure.notes)
         self.backend_name: str | None = None
         self._installation: Installation | None = None
         self.params: dict[str, nn.Parameter] = dict(model.named_parameters())
@@ -61,21 +61,23 @@ class Plan:
             if id(p) in in_optimizer:
                 group_of[name] = in_optimizer[id(p)]
         missing = [n for n in self.params if n not in group_of]
+        install_warnings = []
         if missing:
-            self.warnings.append(f"{len(missing)} model parameter(s) are not in the optimizer and get no "
-                                 f"update: {_short_list(missing)}")
+            install_warnings.append(f"{len(missing)} model parameter(s) are not in the optimizer and get no "
+                                    f"update: {_short_list(missing)}")
         skipped = [n for n in self.assignments if n not in group_of]
         if skipped:
-            self.warnings.append(f"geometries not installed for parameters missing from the optimizer: "
-                                 f"{_short_list(skipped)}")
+            install_warnings.append(f"geometries not installed for parameters missing from the optimizer: "
+                                    f"{_short_list(skipped)}")
         items = self.work_items(only=set(group_of))
         backend, notes = select_backend(backend, [self.params[n] for i in items for n in i.unit.names])
         ctx = StepContext(optimizer=optimizer, params=self.params, group_of=group_of, model=self.model)
         for item in items:
-            self.warnings += item.geometry.warnings(item.unit, ctx)
+            install_warnings += item.geometry.warnings(item.unit, ctx)
         installation = Installation(optimizer, items, backend, ctx)
         installation.install()
-        self.notes += notes + installation.report
+        installation.report[:0] = notes
+        installation.warnings = install_warnings
         self.backend_name = backend.name
         self._installation = installation
         for w in self.warnings:
@@ -88,6 +90,18 @@ class Plan:
             return
         self._installation.remove(keep_state=keep_state)
         self._installation = None
+
+    @property
+    def warnings(self) -> list[str]:
+        """Problems found when planning, plus those of the current installation."""
+        inst = self._installation
+        return self._plan_warnings + (inst.warnings if inst is not None else [])
+
+    @property
+    def notes(self) -> list[str]:
+        """Facts of the analysis, plus what the current installation did (backend choice, retractions)."""
+        inst = self._installation
+        return self._plan_notes + (inst.report if inst is not None else [])
 
     @property
     def installed(self) -> bool:

@@ -239,3 +239,21 @@ def test_summary_readable_for_200_parameters():
     assert col <= 22 and any("…" in line for line in table), "long names were not shortened in the middle"
     assert all(len(line) < 200 for line in table)
     assert "capture: fx" in plan.summary()
+
+
+def test_reinstalling_does_not_repeat_warnings_and_a_failed_install_leaves_the_plan_as_it_was():
+    model = SmallNet()
+    plan = gc.plan(model, _policy(CASES["psi"]))
+    before = (list(plan.warnings), list(plan.notes))
+    with pytest.raises(gc.GeomCompileError, match="unknown backend"):
+        plan.install(torch.optim.SGD([model.conv1.weight], lr=0.1), backend="cuda")
+    assert (plan.warnings, plan.notes) == before and not plan.installed
+    opt = torch.optim.SGD([model.conv1.weight], lr=0.1, weight_decay=1e-4)
+    with pytest.warns(gc.GeomCompileWarning):
+        plan.install(opt)
+    first = plan.summary()
+    plan.remove()
+    with pytest.warns(gc.GeomCompileWarning):
+        plan.install(opt)
+    assert plan.summary() == first
+    assert sum("not in the optimizer" in w for w in plan.warnings) == 1

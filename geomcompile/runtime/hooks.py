@@ -30,7 +30,8 @@ class Installation:
         self.backend = backend
         self.ctx = ctx
         self.handles = []
-        self.report: list[str] = []
+        self.report: list[str] = []      # notes for plan.summary(): backend choice, what on_install did
+        self.warnings: list[str] = []
 
     # -- state -----------------------------------------------------------------------------
     def root(self) -> dict:
