@@ -246,3 +246,24 @@ def channel_directed(grads: Sequence[torch.Tensor], dims: Sequence[int], metric:
             NF=table.shape[1], DT=dt, SOBOLEV=metric == "sobolev", HAS_MIX=mix != 0, **flags,
             ONE_TILE=one_tile, BLOCK_O=bo, BLOCK_R=br)
     staged.finish()
+
+
+# ---- the fast path the geometry declares ------------------------------------------------------
+class ChannelDirectedKernels:
+    """The Triton fast path of geometries/channel_directed.py (protocol: runtime/triton_backend.KernelFamily)."""
+
+    name = "channel_directed"
+    retracts = False
+
+    def transform(self, geometry, entries, cache, slot) -> None:
+        o = geometry.opts
+        channel_directed([e.grad for e in entries], [e.facts.out_dim for e in entries],
+                         o["metric"], o["lam"], o["mix"], cache=cache, slot=slot)
+
+    def fused(self, geometry, entries, update, cache, slot, retract: bool = False) -> None:
+        o = geometry.opts
+        channel_directed([e.grad for e in entries], [e.facts.out_dim for e in entries],
+                         o["metric"], o["lam"], o["mix"], update=update,
+                         weights=[e.param.detach() for e in entries],
+                         states=[e.extra["states"] for e in entries],
+                         first=[e.extra["first"] for e in entries], cache=cache, slot=slot)

@@ -334,3 +334,34 @@ def psi_renorm(weights: Sequence[torch.Tensor], layouts: Sequence[tuple], max_no
             _psi_renorm_kernel[(n,)](table, pmap, float(max_norm), NF=table.shape[1], DT=dt, N_STATE=len(powers),
                                      POW1=pw[0], POW2=pw[1], POW3=pw[2], ONE_TILE=one_tile, BLOCK_U=bu, BLOCK=blk)
     staged.finish()
+
+
+# ---- the fast path the geometry declares ------------------------------------------------------
+class PSIKernels:
+    """The Triton fast path of geometries/psi.py (protocol: runtime/triton_backend.KernelFamily)."""
+
+    name = "psi"
+    retracts = True          # renormalisation after the step
+
+    @staticmethod
+    def _layouts(geometry, entries):
+        from geomcompile.geometries.psi import psi_layout
+        return [psi_layout(e.facts) for e in entries]
+
+    def transform(self, geometry, entries, cache, slot) -> None:
+        psi([e.param.detach() for e in entries], [e.grad for e in entries],
+            self._layouts(geometry, entries), cache=cache, slot=slot)
+
+    def fused(self, geometry, entries, update, cache, slot, retract: bool = True) -> None:
+        # Without retract the kernel renormalises nothing (max_norm = inf); psi's eager post_step does it.
+        psi([e.param.detach() for e in entries], [e.grad for e in entries],
+            self._layouts(geometry, entries), update=update,
+            states=[e.extra["states"] for e in entries], first=[e.extra["first"] for e in entries],
+            max_norm=geometry.opts["max_norm"] if retract else float("inf"),
+            counters=[e.extra["counter"] for e in entries] if retract else None,
+            cache=cache, slot=slot)
+
+    def retract(self, geometry, entries, powers, cache, slot) -> None:
+        psi_renorm([e.param.detach() for e in entries], self._layouts(geometry, entries),
+                   geometry.opts["max_norm"], states=[e.extra["states"] for e in entries],
+                   powers=powers, counters=[e.extra["counter"] for e in entries], cache=cache, slot=slot)

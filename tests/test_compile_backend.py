@@ -15,7 +15,8 @@ import torch
 import geomcompile as gc
 from geomcompile.runtime import compile_backend
 from geomcompile.runtime.backends import BACKENDS
-from geomcompile.runtime.compile_backend import PROGRAMS, CompileBackend
+from geomcompile.runtime.compile_backend import CompileBackend
+from geomcompile.runtime.fastpath import fast_path
 
 from . import test_runtime
 from .test_runtime import CASES, OPTIMIZERS, SmallNet, _data, _inputs, _policy, _train
@@ -55,12 +56,21 @@ def _assert_same_run(run, reference, **tol):
         assert state.keys() == state_ref.keys(), name
         for key in state:
             torch.testing.assert_close(state[key], state_ref[key], **tol, msg=lambda m: f"{name}.{key}: {m}")
-    assert opt.state["geomcompile"]["step"] == opt_ref.state["geomcompile"]["step"]
+    # Geometry state (as carried by the state dicts) matches too.
+    ours, theirs = test_runtime._entries(opt.state_dict()), test_runtime._entries(opt_ref.state_dict())
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name]["steps"] == theirs[name]["steps"], name
+        torch.testing.assert_close(ours[name]["units"], theirs[name]["units"], **tol, msg=lambda m: f"{name}: {m}")
+
+
+def _program(name):
+    return fast_path(gc.geometries.get(name)(), "compile")
 
 
 def test_compile_is_registered_and_has_programs_for_the_issue_geometries():
     assert BACKENDS["compile"] is CompileBackend
-    assert {"channel_directed", "psi"} <= set(PROGRAMS)
+    assert _program("channel_directed") is not None and _program("psi") is not None
 
 
 @pytest.mark.parametrize("opt_name", list(PARITY_OPTIMIZERS))
@@ -109,7 +119,9 @@ def test_runtime_lifecycle(case_name, runtime_test, compile_by_default):
 
 
 def test_geometry_without_program_runs_eager_and_is_reported(monkeypatch):
-    monkeypatch.delitem(PROGRAMS, "psi")         # psi now has no compiled program: nothing compiles
+    psi = gc.geometries.get("psi")
+    monkeypatch.setattr(psi, "fast_paths", {k: v for k, v in psi.fast_paths.items() if k != "compile"})
+    # psi now declares no compiled program: nothing compiles
     plan, run, reference = _twin_runs(CASES["psi"], PARITY_OPTIMIZERS["sgd_momentum"], steps=3)
     _assert_same_run(run, reference, rtol=0, atol=0)
     lines = plan.backend_notes()        # the backend's report, as plan.summary() shows it
@@ -144,7 +156,7 @@ def test_channel_directed_program_concatenation_equals_one_call_per_tensor():
     dims = (0, 1, 0, 0, 0, 0)
     for opts in ({"metric": "sobolev", "lam": 0.5, "mix": 0.5}, {"metric": "h0", "lam": 2.0}):
         geometry = gc.geometries.get("channel_directed")(**opts)
-        got = PROGRAMS["channel_directed"].transform(geometry, dims, grads, [])
+        got = _program("channel_directed").transform(geometry, dims, grads, [])
         for grad, dim, out in zip(grads, dims, got):
             want = METRICS[opts["metric"]](grad, opts["lam"], dim=dim, mix=opts.get("mix", 0.0))
             assert out.dtype == grad.dtype and out.shape == grad.shape
@@ -155,14 +167,14 @@ def test_psi_program_flags_units_near_max_norm():
     geometry = gc.geometries.get("psi")(max_norm=1.0)
     w = torch.zeros(3, 4)
     w[0, 0], w[1, 0], w[2, 0] = 0.5, 1.0 - 1e-6, 1.5      # below, at the limit within the margin, above
-    flags = PROGRAMS["psi"].needs_retraction(geometry, (("row", 0, None),) * 3, [w[:1], w[1:2], w[2:]])
+    flags = _program("psi").needs_retraction(geometry, (("row", 0, None),) * 3, [w[:1], w[1:2], w[2:]])
     assert flags.tolist() == [False, True, True]
 
 
 def test_each_compiled_function_has_its_own_code_object():
     """Dynamo caches per code object and silently runs eager past 8 entries: buckets must not share one."""
     geometry = gc.geometries.get("channel_directed")()
-    program = PROGRAMS["channel_directed"]
+    program = _program("channel_directed")
     a = compile_backend._transform_function(program, geometry, (0,))
     b = compile_backend._transform_function(program, geometry, (0, 0))
     assert a.__code__ is not b.__code__ and a.__code__.co_code == b.__code__.co_code

@@ -92,12 +92,46 @@ def sobolev_dense_reference(grad: torch.Tensor, lam: float, dim: int = 0, mix: f
 METRICS = {"h0": reweighted_h0, "sobolev": sobolev}
 
 
+class CompiledChannelDirected:
+    """The compile fast path (protocol: runtime/compile_backend.Program): reweighted_h0 / sobolev
+    along each gradient's output-channel dim.
+
+    Both metrics act on each column of the (O, R) matrix independently (means, sums and prefix
+    sums run over O only), so gradients with the same O, dtype and device are concatenated along
+    R and transformed by one call of the reference function. ResNet-20's 22 weights become 4
+    groups: fewer, larger kernels, and about half the CPU compile time of one call per tensor.
+    """
+
+    name = "channel_directed"
+    uses_weights = False
+    retracts = False
+
+    def layout(self, geometry, facts):
+        return facts.out_dim
+
+    def transform(self, geometry, layouts, grads, weights):
+        metric, o = METRICS[geometry.opts["metric"]], geometry.opts
+        groups: dict[tuple, list[int]] = {}
+        for i, (g, dim) in enumerate(zip(grads, layouts)):
+            groups.setdefault((g.shape[dim], g.dtype, g.device), []).append(i)
+        out: list[torch.Tensor] = [None] * len(grads)  # type: ignore[list-item]
+        for index in groups.values():
+            rows = [grads[i].movedim(layouts[i], 0).reshape(grads[i].shape[layouts[i]], -1) for i in index]
+            new = metric(torch.cat(rows, dim=1), o["lam"], dim=0, mix=o["mix"])
+            for i, piece in zip(index, new.split([r.shape[1] for r in rows], dim=1)):
+                moved = grads[i].movedim(layouts[i], 0)
+                out[i] = piece.reshape(moved.shape).movedim(0, layouts[i])
+        return out
+
+
 @register
 class ChannelDirected(Geometry):
     name = "channel_directed"
     stage = "metric"
     match_hint = "add `kind: [conv, conv_transpose, linear]` to match"
     paper = "000_ce70f4ca5b877378.txt"
+    fast_paths = {"compile": "geomcompile.geometries.channel_directed:CompiledChannelDirected",
+                  "triton": "geomcompile.kernels.channel_directed:ChannelDirectedKernels"}
     options = {
         "metric": Option(str, "sobolev", "h0 (re-weighted H0) or sobolev (H1 along the output channel)",
                          choices=("h0", "sobolev")),

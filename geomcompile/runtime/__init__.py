@@ -1,5 +1,6 @@
-"""Runtime: optimizer hooks, geometry state in the optimizer, backend dispatch."""
-from .backends import BACKENDS, Backend, EagerBackend, select_backend
+"""Runtime: optimizer hooks, plan-owned geometry state, backend dispatch."""
+from .backends import BACKENDS, EagerBackend, select_backend
+from .fastpath import Backend, WorkItem
 from .hooks import Installation
 
-__all__ = ["BACKENDS", "Backend", "EagerBackend", "select_backend", "Installation"]
+__all__ = ["BACKENDS", "Backend", "EagerBackend", "WorkItem", "select_backend", "Installation"]

@@ -18,7 +18,7 @@ from typing import Any, Callable, Hashable, Iterable
 import torch
 
 from ..analysis.facts import ParamFacts
-from .backends import WorkItem
+from .fastpath import WorkItem
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

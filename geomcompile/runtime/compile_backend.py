@@ -1,7 +1,8 @@
 """The torch.compile backend: the geometries' eager programs, compiled once per bucket of parameters.
 
-A *program* (``PROGRAMS``) restates a geometry's pre-step gradient transform, and for psi the
-test that decides whether a post-step renormalisation is needed, as a pure function over lists
+A *program* (a geometry's ``fast_paths["compile"]``, defined next to the geometry) restates its
+pre-step gradient transform, and for a retracting geometry the test that decides whether a
+post-step retraction is needed, as a pure function over lists
 of tensors built from the same functions as the eager reference (``gc.functional``). At each
 step, per stage (penalty → metric → manifold), the parameters of one geometry configuration (name
 and options) whose gradients are present form a *bucket*. One compiled function transforms all
@@ -16,7 +17,7 @@ the results straight into ``p.grad``.
   runs eager, with only a logged warning, past 8 entries; one code object shared by every bucket
   would reach that on a large model zoo or a benchmark sweep.
 * psi's renormalisation is rare (a unit's norm must pass ``max_norm``). The compiled function only
-  flags the parameters with a unit within ``RENORM_MARGIN`` of the limit (one host sync per
+  flags the parameters with a unit within ``psi.RENORM_MARGIN`` of the limit (one host sync per
   bucket), and those run psi's eager ``post_step``, which decides exactly and rescales the
   optimizer state. Results match eager whatever the norms.
 * A geometry without a program runs its eager ``pre_step`` / ``post_step`` in its stage's turn, and
@@ -35,22 +36,20 @@ import torch
 
 from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileWarning
-from ..geometries.base import STAGES, Geometry, StepContext, Unit
-from ..geometries.channel_directed import METRICS
-from ..geometries.psi import PSI, psi_grad, psi_renorm_factors
-from .backends import Backend, WorkItem, stage_items, stage_items_with_grads
+from ..geometries.base import STAGES, Geometry, StepContext
+from .fastpath import Backend, WorkItem, eager_post_step, fast_path, stage_items, stage_items_with_grads
 
 # dynamic=False. Measured on ResNet-20 (9 distinct weight shapes), 2 CPU cores, empty inductor
 # cache: first step (compile) 12 s for channel_directed and 7 s for psi with static shapes, 24-27 s
 # and 18-21 s with dynamic=True, and the static code also ran faster (docs/bench.md).
 DEFAULT_DYNAMIC = False
-RENORM_MARGIN = 1e-4          # relative: flag units with norm > max_norm * (1 - margin) for the exact check
 CACHE_SIZE = 256              # compiled functions kept per process (least recently used dropped)
 
 
 # ---- programs: the geometries' update rules over lists of tensors ------------------------------
 class Program:
-    """A geometry's update program over lists of tensors: what torch.compile traces.
+    """The protocol of a geometry's compile fast path (declared as ``fast_paths["compile"]`` next to
+    the geometry): its update program over lists of tensors, what torch.compile traces.
 
     layout(geometry, facts): hashable static facts about one parameter that the program bakes in.
     transform(geometry, layouts, grads, weights): the new gradients (pure; no in-place writes).
@@ -73,57 +72,6 @@ class Program:
     def needs_retraction(self, geometry: Geometry, layouts: Sequence,
                          weights: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
-
-
-class ChannelDirectedProgram(Program):
-    """reweighted_h0 / sobolev along each gradient's output-channel dim.
-
-    Both metrics act on each column of the (O, R) matrix independently (means, sums and prefix
-    sums run over O only), so gradients with the same O, dtype and device are concatenated along
-    R and transformed by one call of the reference function. ResNet-20's 22 weights become 4
-    groups: fewer, larger kernels, and about half the CPU compile time of one call per tensor.
-    """
-
-    name = "channel_directed"
-
-    def layout(self, geometry, facts):
-        return facts.out_dim
-
-    def transform(self, geometry, layouts, grads, weights):
-        metric, o = METRICS[geometry.opts["metric"]], geometry.opts
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, (g, dim) in enumerate(zip(grads, layouts)):
-            groups[(g.shape[dim], g.dtype, g.device)].append(i)
-        out: list[torch.Tensor] = [None] * len(grads)  # type: ignore[list-item]
-        for index in groups.values():
-            rows = [grads[i].movedim(layouts[i], 0).reshape(grads[i].shape[layouts[i]], -1) for i in index]
-            new = metric(torch.cat(rows, dim=1), o["lam"], dim=0, mix=o["mix"])
-            for i, piece in zip(index, new.split([r.shape[1] for r in rows], dim=1)):
-                moved = grads[i].movedim(layouts[i], 0)
-                out[i] = piece.reshape(moved.shape).movedim(0, layouts[i])
-        return out
-
-
-class PSIProgram(Program):
-    """‖w_u‖²·∇_u per invariance unit; renormalisation flagged here, done by psi's eager post_step."""
-
-    name = "psi"
-    uses_weights = True
-    retracts = True
-
-    def layout(self, geometry, facts):
-        return PSI._layout(facts)             # (unit, dim, group_size)
-
-    def transform(self, geometry, layouts, grads, weights):
-        return [psi_grad(w, g, unit, dim, gs) for w, g, (unit, dim, gs) in zip(weights, grads, layouts)]
-
-    def needs_retraction(self, geometry, layouts, weights):
-        near = geometry.opts["max_norm"] * (1.0 - RENORM_MARGIN)
-        return torch.stack([(psi_renorm_factors(w, near, unit, dim, gs) != 1).any()
-                            for w, (unit, dim, gs) in zip(weights, layouts)])
-
-
-PROGRAMS: dict[str, Program] = {p.name: p for p in (ChannelDirectedProgram(), PSIProgram())}
 
 
 # ---- compiled functions, cached for the process ------------------------------------------------
@@ -193,7 +141,7 @@ class CompileBackend(Backend):
     def describe(self, items: list[WorkItem], ctx: StepContext) -> list[str]:
         compiled, eager = Counter(), Counter()
         for item in items:
-            (compiled if item.geometry.name in PROGRAMS else eager)[item.geometry.label()] += 1
+            (compiled if fast_path(item.geometry, "compile") else eager)[item.geometry.label()] += 1
         lines = []
         if compiled:
             what = ", ".join(f"{g} ({n} unit(s))" for g, n in compiled.items())
@@ -243,7 +191,7 @@ class CompileBackend(Backend):
         for stage in STAGES:
             buckets: dict[Geometry, list[_Slot]] = defaultdict(list)
             for item, grads in stage_items_with_grads(items, stage, ctx):
-                if item.geometry.name not in PROGRAMS:
+                if fast_path(item.geometry, "compile") is None:
                     item.geometry.pre_step(item.unit, grads, states(item), ctx)
                     continue
                 for name, facts, grad in zip(item.unit.names, item.unit.facts, grads):
@@ -253,7 +201,7 @@ class CompileBackend(Backend):
                 self._transform(geometry, slots, ctx)
 
     def _transform(self, geometry: Geometry, slots: list[_Slot], ctx: StepContext) -> None:
-        program = PROGRAMS[geometry.name]
+        program = fast_path(geometry, "compile")
         layouts = tuple(program.layout(geometry, s.facts) for s in slots)
         grads = [s.tensor for s in slots]
         weights = [ctx.params[s.name].detach() for s in slots] if program.uses_weights else []
@@ -261,28 +209,34 @@ class CompileBackend(Backend):
         with torch.no_grad():
             self._call(entry, geometry, grads, weights)
 
-    def post_step(self, items, states: Callable[[WorkItem], dict], ctx: StepContext) -> None:
+    def post_step(self, items, states: Callable[[WorkItem], dict], ctx: StepContext):
+        rescales = []
         with torch.no_grad():
             for stage in STAGES:
                 buckets: dict[Geometry, list[_Slot]] = defaultdict(list)
                 for item in stage_items(items, stage):
-                    program = PROGRAMS.get(item.geometry.name)
+                    program = fast_path(item.geometry, "compile")
                     if program is None:
-                        item.geometry.post_step(item.unit, states(item), ctx)
+                        rescales += eager_post_step(item, states, ctx)
                     elif program.retracts:
                         for name, facts in zip(item.unit.names, item.unit.facts):
                             p = ctx.params[name]
-                            if p.numel():
+                            if p.numel() and ctx.has_grad(name):
                                 buckets[item.geometry].append(_Slot(item, name, facts, p.detach()))
                 for geometry, slots in buckets.items():
-                    self._retract(geometry, slots, states, ctx)
+                    rescales += self._retract(geometry, slots, states, ctx)
+        return rescales
 
-    def _retract(self, geometry: Geometry, slots: list[_Slot], states, ctx: StepContext) -> None:
-        program = PROGRAMS[geometry.name]
+    def _retract(self, geometry: Geometry, slots: list[_Slot], states, ctx: StepContext):
+        """The compiled check flags parameters near their limit; every unit with a flagged parameter
+        runs the geometry's exact eager post_step, whole (a unit is never split)."""
+        program = fast_path(geometry, "compile")
         layouts = tuple(program.layout(geometry, s.facts) for s in slots)
         weights = [s.tensor for s in slots]
         entry = self._function("retract", program, geometry, layouts, weights, _check_function)
         flags = self._call(entry, geometry, weights).tolist()     # the one host sync of the bucket
-        for slot, flagged in zip(slots, flags):
-            if flagged:
-                geometry.post_step(Unit((slot.name,), (slot.facts,)), states(slot.item), ctx)
+        flagged = {id(slot.item): slot.item for slot, f in zip(slots, flags) if f}
+        rescales = []
+        for item in flagged.values():
+            rescales += eager_post_step(item, states, ctx)
+        return rescales

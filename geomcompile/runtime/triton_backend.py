@@ -2,7 +2,7 @@
 
 At each step, per stage (penalty → metric → manifold):
 
-* a geometry with no kernel (``FAMILIES`` has no entry for it) runs its eager program;
+* a geometry with no kernel family (``fast_paths["triton"]``) runs its eager program;
 * a parameter whose geometry has a kernel is *fused* when its base optimizer is SGD, Adam or
   AdamW (see ``buckets.fused_kind``) and no later-stage geometry needs its gradient: one launch per
   bucket reads grad, weight and optimizer state once, applies the geometry, the base update and
@@ -12,8 +12,12 @@ At each step, per stage (penalty → metric → manifold):
   between backends;
 * otherwise the kernel only transforms ``p.grad`` in place and the base optimizer steps as usual;
   psi's renormalisation then runs as a kernel in the post-step hook;
-* a parameter the kernels cannot take (float64, complex, sparse grad, a device the kernels do not
-  run on) runs the geometry's eager program for that parameter alone.
+* a unit with a parameter the kernels cannot take (float64, complex, sparse grad, a device the
+  kernels do not run on) runs the geometry's eager program, for the whole unit (never split);
+* a retraction inside a kernel emits no Rescale event, so a kernel retracts only parameters whose
+  rescale has no consequence elsewhere (no running statistics to follow, no on_retract callback,
+  no optimizer state the kernel does not rescale); the others are retracted by the eager
+  post_step after the fused update.
 
 ``describe`` says all of this in words for ``plan.summary()``.
 """
@@ -27,9 +31,8 @@ from typing import Callable
 import torch
 
 from ..errors import GeomCompileError
-from ..geometries.base import STAGES, StepContext, Unit
-from ..geometries.psi import STATE_POWERS
-from .backends import Backend, WorkItem, stage_items, stage_items_with_grads
+from ..geometries.base import STAGES, StepContext
+from .fastpath import Backend, WorkItem, eager_post_step, fast_path, stage_items, stage_items_with_grads
 from .buckets import KERNEL_DTYPES, BucketKey, Entry, bucketize, fused_kind, update_of
 
 
@@ -87,52 +90,21 @@ def self_test(device: str) -> str | None:
     return None
 
 
-# ---- kernel families: the geometries that have kernels ---------------------------------------
-class ChannelDirectedKernels:
-    name = "channel_directed"
+# ---- kernel families ----------------------------------------------------------------------------
+class KernelFamily:
+    """The protocol of a geometry's Triton fast path (declared as ``fast_paths["triton"]`` next to
+    the geometry, defined in its kernel module). Entries are ``buckets.Entry``.
+
+    transform(geometry, entries, cache, slot): the gradient transform, written into the grads.
+    fused(geometry, entries, update, cache, slot, retract): transform and the base optimizer's
+        update (``update``: SGDUpdate / AdamUpdate) in one launch; with ``retract`` the retraction too.
+    retract(geometry, entries, powers, cache, slot): the retraction alone, rescaling the optimizer
+        state tensors in ``entry.extra["states"]`` by ``powers``. Only for ``retracts = True``.
+    A retraction inside a kernel emits no Rescale event, so the backend lets a kernel retract only
+    parameters whose rescale has no consequence outside the kernel (ctx.rescale_observed).
+    """
+
     retracts = False
-
-    def transform(self, geometry, entries: list[Entry], cache, slot) -> None:
-        o = geometry.opts
-        _kernels()[0].channel_directed([e.grad for e in entries], [e.facts.out_dim for e in entries],
-                                       o["metric"], o["lam"], o["mix"], cache=cache, slot=slot)
-
-    def fused(self, geometry, entries: list[Entry], update, cache, slot) -> None:
-        o = geometry.opts
-        _kernels()[0].channel_directed([e.grad for e in entries], [e.facts.out_dim for e in entries],
-                                       o["metric"], o["lam"], o["mix"], update=update,
-                                       weights=[e.param.detach() for e in entries],
-                                       states=[e.extra["states"] for e in entries],
-                                       first=[e.extra["first"] for e in entries], cache=cache, slot=slot)
-
-
-class PSIKernels:
-    name = "psi"
-    retracts = True          # renormalisation after the step
-
-    @staticmethod
-    def _layouts(geometry, entries):
-        return [type(geometry)._layout(e.facts) for e in entries]
-
-    def transform(self, geometry, entries, cache, slot) -> None:
-        _kernels()[1].psi([e.param.detach() for e in entries], [e.grad for e in entries],
-                          self._layouts(geometry, entries), cache=cache, slot=slot)
-
-    def fused(self, geometry, entries, update, cache, slot) -> None:
-        _kernels()[1].psi([e.param.detach() for e in entries], [e.grad for e in entries],
-                          self._layouts(geometry, entries), update=update,
-                          states=[e.extra["states"] for e in entries], first=[e.extra["first"] for e in entries],
-                          max_norm=geometry.opts["max_norm"], counters=[e.extra["counter"] for e in entries],
-                          cache=cache, slot=slot)
-
-    def retract(self, geometry, entries, powers, cache, slot) -> None:
-        _kernels()[1].psi_renorm([e.param.detach() for e in entries], self._layouts(geometry, entries),
-                                 geometry.opts["max_norm"], states=[e.extra["states"] for e in entries],
-                                 powers=powers, counters=[e.extra["counter"] for e in entries],
-                                 cache=cache, slot=slot)
-
-
-FAMILIES = {"channel_directed": ChannelDirectedKernels(), "psi": PSIKernels()}
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -143,11 +115,6 @@ def _last_stage(items: list[WorkItem]) -> dict[str, int]:
         for name in item.unit.names:
             last[name] = max(last.get(name, -1), STAGES.index(item.geometry.stage))
     return last
-
-
-def _subunit(unit: Unit, names: list[str]) -> Unit:
-    index = [unit.names.index(n) for n in names]
-    return Unit(tuple(names), tuple(unit.facts[i] for i in index))
 
 
 def _counter(state: dict, device: torch.device) -> torch.Tensor:
@@ -197,6 +164,15 @@ class TritonBackend(Backend):
             return f"no Triton kernels for {p.device.type} tensors"
         return None
 
+    def unit_problem(self, item: WorkItem, ctx: StepContext, grads=None) -> str | None:
+        """Why the kernels cannot take this unit (any of its parameters), or None."""
+        grads = grads if grads is not None else [None] * len(item.unit.names)
+        for name, grad in zip(item.unit.names, grads):
+            problem = self.kernel_problem(ctx.params[name], grad)
+            if problem:
+                return problem
+        return None
+
     def fused_kind(self, name: str, p: torch.Tensor, ctx: StepContext, last_stage: bool) -> tuple[str | None, str]:
         """("sgd"/"adam", "") when this parameter's whole step can run in the kernel, else (None, why)."""
         if not last_stage:
@@ -219,16 +195,16 @@ class TritonBackend(Backend):
         last = _last_stage(items)
         no_kernel, fused, transform, eager = Counter(), Counter(), defaultdict(list), defaultdict(list)
         for item in items:
-            if item.geometry.name not in FAMILIES:
+            if fast_path(item.geometry, "triton") is None:
                 no_kernel[item.geometry.name] += 1
                 continue
             index = STAGES.index(item.geometry.stage)
+            problem = self.unit_problem(item, ctx)
+            if problem:
+                eager[problem] += list(item.unit.names)
+                continue
             for name in item.unit.names:
                 p = ctx.params[name]
-                problem = self.kernel_problem(p)
-                if problem:
-                    eager[problem].append(name)
-                    continue
                 kind, why = self.fused_kind(name, p, ctx, last[name] == index)
                 if kind:
                     fused[type(ctx.optimizer).__name__] += 1
@@ -250,31 +226,37 @@ class TritonBackend(Backend):
         for index, stage in enumerate(STAGES):
             transform, fused = [], []
             for item, grads in stage_items_with_grads(items, stage, ctx):
-                if item.geometry.name not in FAMILIES:
+                if fast_path(item.geometry, "triton") is None or self.unit_problem(item, ctx, grads):
                     item.geometry.pre_step(item.unit, grads, states(item), ctx)
                     continue
-                eager = []
                 for name, facts, grad in zip(item.unit.names, item.unit.facts, grads):
                     if grad is None:
                         continue
                     p = ctx.params[name]
-                    if self.kernel_problem(p, grad):
-                        eager.append(name)
-                        continue
                     kind, _ = self.fused_kind(name, p, ctx, last[name] == index)
-                    entry = Entry(name, p, facts, item, grad, {"kind": kind})
+                    retract = self.kernel_may_retract(item.geometry, name, p, kind, ctx)
+                    entry = Entry(name, p, facts, item, grad, {"kind": kind, "retract": retract})
                     (fused if kind else transform).append(entry)
-                if eager:
-                    sub = _subunit(item.unit, eager)
-                    item.geometry.pre_step(sub, [ctx.params[n].grad for n in eager], states(item), ctx)
             for key, entries in bucketize(transform, _transform_key).items():
-                FAMILIES[key.family].transform(key.geometry, entries, self.cache, key.slot(entries))
+                fast_path(key.geometry, "triton").transform(key.geometry, entries, self.cache, key.slot(entries))
             for key, entries in bucketize(fused, lambda e: _fused_key(e, ctx)).items():
                 self._fused_step(key, entries, states, ctx)
 
+    def kernel_may_retract(self, geometry, name: str, p: torch.Tensor, kind: str | None, ctx: StepContext) -> bool:
+        """Whether a kernel may do this parameter's retraction itself: nothing outside the kernel must
+        follow the rescale (see the module docstring)."""
+        if ctx.rescale_observed(name):
+            return False
+        state = ctx.optimizer.state.get(p, {})
+        if kind:
+            return not [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == p.shape
+                        and k not in _STATE_KEYS[kind]]
+        found = _retract_state(state, p)
+        return found is not None and all(k in geometry.state_powers for k in found[0])
+
     def _fused_step(self, key: BucketKey, entries: list[Entry], states, ctx: StepContext) -> None:
         """Prepare torch's own state for the bucket, launch, and hide the grads from the base step."""
-        opt, family = ctx.optimizer, FAMILIES[key.family]
+        opt, family = ctx.optimizer, fast_path(key.geometry, "triton")
         launches = []
         if entries[0].extra["kind"] == "sgd":
             for e in entries:
@@ -299,51 +281,54 @@ class TritonBackend(Backend):
                 e.extra.update(states=[state["exp_avg"], state["exp_avg_sq"]], first=False)
                 by_step[float(state["step"])].append(e)
             launches += [(dataclasses.replace(key.update, step=s), group) for s, group in by_step.items()]
+        retract = family.retracts and key.extra == ("retract",)
         for e in entries:
-            if family.retracts:
+            if retract:
                 e.extra["counter"] = _counter(states(e.item), e.param.device)
         for update, group in launches:
-            family.fused(key.geometry, group, update, self.cache, key.slot(group))
+            family.fused(key.geometry, group, update, self.cache, key.slot(group), retract=retract)
         for e in entries:
             self._hidden.append((e.param, e.param.grad))
             e.param.grad = None
-            if family.retracts:
+            if retract:
                 self._retracted.add(e.name)
 
     # -- post-step: restore grads, retractions ---------------------------------------------------
-    def post_step(self, items, states: Callable[[WorkItem], dict], ctx: StepContext) -> None:
+    def post_step(self, items, states: Callable[[WorkItem], dict], ctx: StepContext):
         for p, grad in self._hidden:
             p.grad = grad
         self._hidden = []
+        rescales = []
         with torch.no_grad():
             for stage in STAGES:
                 retract = []
                 for item in stage_items(items, stage):
-                    family = FAMILIES.get(item.geometry.name)
-                    if family is None:
-                        item.geometry.post_step(item.unit, states(item), ctx)
+                    family = fast_path(item.geometry, "triton")
+                    if family is None or self.unit_problem(item, ctx):
+                        rescales += eager_post_step(item, states, ctx)
                         continue
                     if not family.retracts:
                         continue
-                    eager = []
+                    names = [n for n in item.unit.names if ctx.has_grad(n) and ctx.params[n].numel()]
+                    if any(n in self._retracted for n in names):
+                        continue          # retracted inside its fused kernel (the whole unit was fused)
+                    if not all(self.kernel_may_retract(item.geometry, n, ctx.params[n], None, ctx) for n in names):
+                        rescales += eager_post_step(item, states, ctx)
+                        continue
                     for name, facts in zip(item.unit.names, item.unit.facts):
+                        if name not in names:
+                            continue
                         p = ctx.params[name]
-                        if name in self._retracted or p.numel() == 0:
-                            continue
-                        bufs = _retract_state(ctx.optimizer.state.get(p, {}), p)
-                        if self.kernel_problem(p) or bufs is None:
-                            eager.append(name)
-                            continue
-                        keys, tensors = bufs
+                        keys, tensors = _retract_state(ctx.optimizer.state.get(p, {}), p)
                         retract.append(Entry(name, p, facts, item, None,
                                              {"keys": keys, "states": tensors,
                                               "counter": _counter(states(item), p.device)}))
-                    if eager:
-                        item.geometry.post_step(_subunit(item.unit, eager), states(item), ctx)
                 for key, entries in bucketize(retract, _retract_key).items():
-                    powers = tuple(STATE_POWERS[k] for k in key.extra)
-                    FAMILIES[key.family].retract(key.geometry, entries, powers, self.cache, key.slot(entries))
+                    geometry = key.geometry
+                    powers = tuple(geometry.state_powers[k] for k in key.extra)
+                    fast_path(geometry, "triton").retract(geometry, entries, powers, self.cache, key.slot(entries))
         self._retracted = set()
+        return rescales
 
 
 def _transform_key(e: Entry) -> BucketKey:
@@ -352,7 +337,8 @@ def _transform_key(e: Entry) -> BucketKey:
 
 def _fused_key(e: Entry, ctx: StepContext) -> BucketKey:
     update = update_of(e.extra["kind"], ctx.optimizer, ctx.group_of[e.name])
-    return BucketKey(e.item.geometry.name, e.item.geometry, update, e.param.dtype, e.param.device)
+    return BucketKey(e.item.geometry.name, e.item.geometry, update, e.param.dtype, e.param.device,
+                     ("retract",) if e.extra["retract"] else ())
 
 
 def _retract_key(e: Entry) -> BucketKey:
@@ -360,9 +346,10 @@ def _retract_key(e: Entry) -> BucketKey:
 
 
 def _retract_state(state: dict, p: torch.Tensor):
-    """(keys, tensors) of the optimizer state psi rescales (as PSI.post_step), or None when the
-    kernel cannot take it (more than three buffers, or one of another dtype/device)."""
-    keys = tuple(k for k in STATE_POWERS if isinstance(state.get(k), torch.Tensor) and state[k].shape == p.shape)
+    """(keys, tensors) of the optimizer state a retraction kernel rescales: every tensor of the
+    parameter's shape. None when the kernel cannot take it (more than three buffers, one of another
+    dtype/device, or a key whose power under the rescale is not known to the kernel's geometry)."""
+    keys = tuple(k for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == p.shape)
     if len(keys) > 3 or any(state[k].dtype != p.dtype or state[k].device != p.device for k in keys):
         return None
     return keys, [state[k] for k in keys]
