@@ -5,12 +5,13 @@
     print(plan.summary())
 """
 from .errors import GeomCompileError, GeomCompileWarning
+from .version import __version__
 from .analysis import analyze
 from .analysis.facts import ParamFacts, ScaleInvariance, Structure
 from .policy import Policy, load_policy
 from .plan import Plan, apply, plan
-from . import functional, geometries
+from .geometries.base import Rescale
+from . import ema, functional, geometries
 
-__version__ = "0.1.0"
 __all__ = ["analyze", "load_policy", "plan", "apply", "Plan", "Policy", "Structure", "ParamFacts",
-           "ScaleInvariance", "GeomCompileError", "GeomCompileWarning", "functional", "geometries"]
+           "ScaleInvariance", "Rescale", "GeomCompileError", "GeomCompileWarning", "functional", "geometries"]

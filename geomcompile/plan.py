@@ -17,8 +17,13 @@ from .analysis import Structure, analyze
 from .errors import GeomCompileError, GeomCompileWarning
 from .geometries.base import STAGES, Geometry, StepContext
 from .policy import Policy, load_policy
-from .runtime.backends import WorkItem, select_backend
+from .version import __version__
+from .runtime.backends import select_backend
+from .runtime.fastpath import WorkItem
 from .runtime.hooks import Installation
+from .runtime.state import PlanState, make_fingerprint
+from .runtime.wrappers import unwrap_optimizer
+from .names import unwrap_model
 
 
 class Plan:
@@ -33,11 +38,15 @@ class Plan:
         self._plan_notes: list[str] = list(structure.notes)
         self.backend_name: str | None = None
         self._installation: Installation | None = None
-        self.params: dict[str, nn.Parameter] = dict(model.named_parameters())
+        # Canonical names (wrappers such as torch.compile or DDP peeled): the Structure's keys.
+        self.model, _ = unwrap_model(model)
+        self.params: dict[str, nn.Parameter] = dict(self.model.named_parameters())
 
     # -- work items ----------------------------------------------------------------------------
     def work_items(self, only: set[str] | None = None) -> list[WorkItem]:
-        """(geometry, unit) pairs: parameters sharing one geometry configuration are grouped by it."""
+        """(geometry, unit) pairs: parameters sharing one geometry configuration are grouped by it.
+
+        A unit that its geometry refuses raises GeomCompileError at the rule's file:line:column."""
         by_geometry: dict[Geometry, list] = defaultdict(list)
         for name, stages in self.assignments.items():
             if only is not None and name not in only:
@@ -46,50 +55,114 @@ class Plan:
                 by_geometry[geometry].append(self.structure[name])
         items = []
         for geometry, facts in by_geometry.items():
-            items += [WorkItem(geometry, unit) for unit in geometry.units(facts)]
+            for unit in geometry.units(facts, self.structure):
+                problem = geometry.check_unit(unit)
+                if problem:
+                    where = self._where(unit.names[0], geometry)
+                    raise GeomCompileError(f"{where}: {geometry.name} cannot form the unit {unit.key}: {problem}")
+                items.append(WorkItem(geometry, unit))
         return items
 
+    def _where(self, name: str, geometry: Geometry) -> str:
+        rule_name = self.rule_of.get((name, geometry.stage))
+        for rule in self.policy.rules:
+            if rule.name == rule_name:
+                return rule.use_where.get(geometry.name, rule.where)
+        return str(self.policy.source)
+
     # -- install / remove ----------------------------------------------------------------------
-    def install(self, optimizer: torch.optim.Optimizer, backend: str = "auto") -> "Plan":
+    def install(self, optimizer, backend: str = "auto", state_mismatch: str = "error",
+                clip_grad_norm: float | None = None) -> "Plan":
+        """Install the plan's hooks on `optimizer` (any torch.optim optimizer, or a known wrapper:
+        ZeroRedundancyOptimizer, timm Lookahead, accelerate's AcceleratedOptimizer, Lightning's
+        LightningOptimizer; the hooks go on the optimizer that owns the state and the step).
+
+        state_mismatch: "error" (default) raises when optimizer.load_state_dict brings geometry
+            state made by a different plan; "reset" starts the differing geometry state fresh;
+            "load" takes the checkpoint's state wherever the same unit and geometry exist.
+        clip_grad_norm: clip the total gradient norm of the optimizer's parameters *after* the
+            geometries' transforms (clipping in the training loop runs before them). Not with the
+            triton backend, whose fused kernels step inside the transform."""
         if self._installation is not None:
             raise GeomCompileError("this plan is already installed; call plan.remove() before installing again")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise GeomCompileError(f"plan.install expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        group_of = {}
-        in_optimizer = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        for name, p in self.params.items():
-            if id(p) in in_optimizer:
-                group_of[name] = in_optimizer[id(p)]
+        if state_mismatch not in ("error", "reset", "load"):
+            raise GeomCompileError(f"state_mismatch must be 'error', 'reset' or 'load', got {state_mismatch!r}")
+        owner, wrappers = unwrap_optimizer(optimizer)
+        group_of = self._group_of(owner)
         missing = [n for n in self.params if n not in group_of]
         install_warnings = []
         if missing:
             install_warnings.append(f"{len(missing)} model parameter(s) are not in the optimizer and get no "
                                     f"update: {_short_list(missing)}")
-        skipped = [n for n in self.assignments if n not in group_of]
+        skipped = [n for n in self.assignments if self.assignments[n] and n not in group_of]
         if skipped:
-            install_warnings.append(f"geometries not installed for parameters missing from the optimizer: "
-                                    f"{_short_list(skipped)}")
+            install_warnings.append(f"geometries not installed for parameters missing from the optimizer "
+                                    f"(an add_param_group later gives them their geometries): {_short_list(skipped)}")
         items = self.work_items(only=set(group_of))
-        backend, notes = select_backend(backend, [self.params[n] for i in items for n in i.unit.names])
-        ctx = StepContext(optimizer=optimizer, params=self.params, group_of=group_of, model=self.model)
+        chosen, notes = select_backend(backend, [self.params[n] for i in items for n in i.unit.names])
+        if clip_grad_norm is not None and chosen.name == "triton":
+            raise GeomCompileError("clip_grad_norm is not supported with the triton backend (its fused kernels "
+                                   "step inside the transform). Fix: use backend='eager' or 'compile', or clip "
+                                   "in your training loop (before the geometry)")
+        ctx = StepContext(optimizer=owner, params=self.params, group_of=group_of, model=self.model)
         for item in items:
             install_warnings += item.geometry.warnings(item.unit, ctx)
-        installation = Installation(optimizer, items, backend, ctx)
+        name_of = {id(p): n for n, p in self.params.items()}
+        state = PlanState(make_fingerprint(__version__, self.policy.describe(), self.assignments))
+        installation = Installation(owner, wrappers, items, chosen, ctx, state, name_of, state_mismatch,
+                                    on_new_params=self._items_for_new_params, clip_grad_norm=clip_grad_norm)
         installation.install()
-        installation.report[:0] = notes
-        installation.warnings = install_warnings
-        self.backend_name = backend.name
+        installation.report[:0] = notes + [f"optimizer {type(optimizer).__name__}: hooks on the "
+                                           f"{type(owner).__name__} it wraps" for _ in wrappers[:1]]
+        installation.warnings = list(dict.fromkeys(install_warnings))     # one line per cause
+        self.backend_name = chosen.name
         self._installation = installation
         for w in self.warnings:
             warnings.warn(w, GeomCompileWarning, stacklevel=2)
         return self
 
-    def remove(self, keep_state: bool = False) -> None:
-        """Uninstall the hooks. Geometry state leaves the optimizer unless keep_state=True."""
+    def _group_of(self, optimizer) -> dict[str, dict]:
+        in_optimizer = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        return {name: in_optimizer[id(p)] for name, p in self.params.items() if id(p) in in_optimizer}
+
+    def _items_for_new_params(self, new_ids: set[int]) -> list[WorkItem]:
+        """Work items for parameters that add_param_group brought in after install (policy re-applied)."""
+        names = {n for n, p in self.params.items() if id(p) in new_ids and self.assignments.get(n)}
+        items = self.work_items(only=names) if names else []
+        if items:
+            self._installation.report.append(f"add_param_group: {len(names)} new parameter(s) got their "
+                                             f"geometries: {_short_list(sorted(names))}")
+        return items
+
+    def on_retract(self, callback) -> "object":
+        """Call ``callback(event)`` after every function-preserving rescale a geometry applies (psi's
+        renormalisation), with a ``gc.Rescale`` (name, param, facts, channel_factors, scale).
+        Returns a handle whose ``remove()`` stops it. Use it to keep copies of the weights in step
+        (``gc.ema.follow`` does this for AveragedModel / EMA models)."""
+        if self._installation is None:
+            raise GeomCompileError("plan.on_retract needs an installed plan; call plan.install(optimizer) first")
+        return self._installation.add_callback(callback)
+
+    def remove(self) -> None:
+        """Uninstall the hooks; the optimizer behaves exactly as before. The geometry state goes with
+        the plan (the optimizer's state dict no longer carries it)."""
         if self._installation is None:
             return
-        self._installation.remove(keep_state=keep_state)
+        self._installation.remove()
         self._installation = None
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps the installed geometries have taken (a step skipped by GradScaler, DCP's
+        initialisation step and steps without gradients do not count); restored from checkpoints."""
+        return self._installation.state.steps if self._installation is not None else 0
+
+    @property
+    def state(self):
+        """The installed plan's geometry state (a DCP Stateful: state_dict() / load_state_dict())."""
+        if self._installation is None:
+            raise GeomCompileError("the plan is not installed; it has no state")
+        return self._installation.state
 
     @property
     def warnings(self) -> list[str]:
@@ -190,6 +263,6 @@ def plan(model: nn.Module, policy, example_inputs=None) -> Plan:
 
 
 def apply(model: nn.Module, policy, optimizer: torch.optim.Optimizer, example_inputs=None,
-          backend: str = "auto") -> Plan:
-    """plan(model, policy, example_inputs).install(optimizer, backend)."""
-    return plan(model, policy, example_inputs).install(optimizer, backend=backend)
+          backend: str = "auto", **install_options) -> Plan:
+    """plan(model, policy, example_inputs).install(optimizer, backend, **install_options)."""
+    return plan(model, policy, example_inputs).install(optimizer, backend=backend, **install_options)

@@ -245,7 +245,7 @@ def test_shell_writes_the_reference_direction(manifold):
     model, x, y = make()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     plan = gc.apply(model, policy({"manifold": manifold, "grouping": "PIO", "group_size": 3}), opt)
-    state = plan._installation.root()["units"]["conv2.weight"]["pom"]
+    state = plan.state.of("conv2.weight", "pom")
     w = model.conv2.weight.detach().clone()
     opt.zero_grad()
     (100 * nn.functional.cross_entropy(model(x), y)).backward()   # large enough for ζ > 1
@@ -310,28 +310,32 @@ def test_geometric_radius_is_eq2():
 
 
 def test_membership_seeded_and_restored_from_state_dict():
-    def setup(seed):
+    def setup(seed, **install):
         model, x, y = make()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        plan = gc.apply(model, policy({"grouping": "PI", "group_size": 2, "seed": seed}), opt)
+        plan = gc.apply(model, policy({"grouping": "PI", "group_size": 2, "seed": seed}), opt, **install)
         return model, opt, plan, x, y
 
     def gid(plan):
-        return plan._installation.root()["units"]["conv2.weight"]["pom"]["group_id"]
+        return plan.state.of("conv2.weight", "pom")["group_id"]
 
     assert torch.equal(gid(setup(1)[2]), gid(setup(1)[2]))
     model_a, opt_a, plan_a, x, y = setup(1)
     train(model_a, opt_a, x, y, 3)
     saved_opt, saved_model = copy.deepcopy(opt_a.state_dict()), copy.deepcopy(model_a.state_dict())
 
-    model_b, opt_b, plan_b, _, _ = setup(2)
+    with pytest.raises(gc.GeomCompileError, match=r"different geomcompile plan: conv1.weight: "
+                                                  r"manifold=pom\(group_size=2, seed=1\) in the checkpoint"):
+        setup(2)[1].load_state_dict(copy.deepcopy(saved_opt))
+    # The explicit override takes the checkpoint's membership (seed 1) into a plan made with seed 2.
+    model_b, opt_b, plan_b, _, _ = setup(2, state_mismatch="load")
     assert not torch.equal(gid(plan_a), gid(plan_b))
     model_b.load_state_dict(saved_model)
     control = copy.deepcopy(model_b)            # same weights, keeps seed 2's membership
     opt_c = torch.optim.SGD(control.parameters(), lr=0.05, momentum=0.9)
-    gc.apply(control, policy({"grouping": "PI", "group_size": 2, "seed": 2}), opt_c)
-    opt_c.load_state_dict(copy.deepcopy(saved_opt))   # torch shares non-parameter state with the dict
-    opt_c.state["geomcompile"]["units"]["conv2.weight"]["pom"]["group_id"] = gid(plan_b).clone()
+    plan_c = gc.apply(control, policy({"grouping": "PI", "group_size": 2, "seed": 2}), opt_c, state_mismatch="load")
+    opt_c.load_state_dict(copy.deepcopy(saved_opt))
+    plan_c.state.of("conv2.weight", "pom")["group_id"] = gid(plan_b).clone()
     opt_b.load_state_dict(copy.deepcopy(saved_opt))
     assert torch.equal(gid(plan_b), gid(plan_a))
 

@@ -212,8 +212,9 @@ def test_one_step_adds_coef_times_the_functional_gradient():
     model = TinyCNN()
     reference = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    gc.apply(model, _policy(coef=0.5, power_iters=3, init_iters=5), opt, example_inputs=(torch.randn(2, 3, 8, 8),))
-    start = opt.state["geomcompile"]["units"]["conv2.weight"]["spectral"]["V"].clone()
+    plan = gc.apply(model, _policy(coef=0.5, power_iters=3, init_iters=5), opt,
+                    example_inputs=(torch.randn(2, 3, 8, 8),))
+    start = plan.state.of("conv2.weight", "spectral")["V"].clone()
     (x, y), = _batches(1)
     _train(model, opt, [(x, y)])
     nn.functional.cross_entropy(reference(x), y).backward()
@@ -288,9 +289,10 @@ def test_vectors_survive_state_dict_and_the_resumed_run_is_identical():
     batches = _batches(7)
     _train(model, opt, batches[:3])
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    units = saved_opt["state"]["geomcompile"]["units"]
-    assert units["conv1.weight"]["spectral"]["V"].shape == (2, 3, 8, 8)
-    assert units["conv2.weight"]["spectral"]["steps"] == 2            # steps 0 and 2 of 0, 1, 2 (every=2)
+    entries = {v["geomcompile"]["name"]: v["geomcompile"]["units"] for v in saved_opt["state"].values()
+               if "geomcompile" in v}
+    assert entries["conv1.weight"]["conv1.weight"]["spectral"]["V"].shape == (2, 3, 8, 8)
+    assert entries["conv2.weight"]["conv2.weight"]["spectral"]["steps"] == 2   # steps 0 and 2 of 0, 1, 2 (every=2)
     _train(model, opt, batches[3:])
 
     resumed = TinyCNN()

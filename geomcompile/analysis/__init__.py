@@ -21,6 +21,8 @@ def analyze(model: nn.Module, example_inputs=None) -> Structure:
     """
     if not isinstance(model, nn.Module):
         raise GeomCompileError(f"gc.analyze expects a torch.nn.Module, got {type(model).__name__}")
+    from ..names import unwrap_model
+    model, peeled = unwrap_model(model)      # torch.compile / DDP: analyse the user's own module
     cap = capture(model, example_inputs)
     primary: dict[int, str] = {}
     aliases: dict[str, list[str]] = {}
@@ -43,6 +45,8 @@ def analyze(model: nn.Module, example_inputs=None) -> Structure:
             analyze_invariance(f, uses[name], cap)
         facts[name] = f
     notes = list(cap.notes)
+    if peeled:
+        notes.append(f"analysed the module inside {' > '.join(peeled)}; parameter names are its own")
     if not cap.has_shapes:
         notes.append("no example_inputs: shapes unknown (Linear->BatchNorm1d invariance and input sizes "
                      "need them)")

@@ -70,7 +70,9 @@ def non_negative(v) -> str | None:
 
 @dataclass(frozen=True)
 class Unit:
-    """The parameters one geometry instance updates together (one tensor, or coupled tensors)."""
+    """The parameters one geometry instance updates together: one tensor, or coupled tensors of
+    several layers and param groups (G-SGD couples a hidden unit's incoming and outgoing weights).
+    No backend ever splits a unit."""
 
     names: tuple[str, ...]
     facts: tuple[ParamFacts, ...]
@@ -80,20 +82,52 @@ class Unit:
         return "+".join(self.names)
 
 
+@dataclass(frozen=True)
+class Rescale:
+    """A function-preserving rescale that a retraction has just applied to one parameter.
+
+    Output channel ``i`` of ``param`` (along ``facts.out_dim``) was multiplied by
+    ``channel_factors[i]`` (1.0 where unchanged). The runtime applies the generic consequences:
+    the base optimizer's state is rescaled by the powers the geometry declares
+    (``Geometry.state_powers``), weight-like state of known optimizer wrappers follows the
+    weight, running statistics of the normalisations that absorb the channels are rescaled
+    (eval mode keeps its function), and ``plan.on_retract`` callbacks are called with it.
+    """
+
+    name: str
+    param: torch.nn.Parameter
+    facts: ParamFacts
+    channel_factors: torch.Tensor
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The factors as a tensor broadcastable against the parameter."""
+        dim = self.facts.out_dim or 0
+        shape = [1] * self.param.dim()
+        if shape:
+            shape[dim] = -1
+        return self.channel_factors.reshape(shape)
+
+
 @dataclass
 class StepContext:
     """What the runtime hands to a geometry's update program at one optimizer step."""
 
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer    # the optimizer that owns the state and the step (wrappers unwrapped)
     params: dict[str, torch.nn.Parameter]
     group_of: dict[str, dict]           # parameter name -> its optimizer param_group
-    step: int = 0                        # optimizer steps taken through the hooks, starting at 0
     model: torch.nn.Module | None = None
     handles: list = field(default_factory=list)   # hooks a geometry registers at install, removed with the plan
+    stepped: frozenset = frozenset()     # names of the parameters that had a gradient at this step's start
+    rescale_observed: Callable[[str], bool] = lambda name: False   # does anything follow its rescales?
 
     def opt_state(self, name: str) -> dict:
         """The base optimizer's own state for a parameter (momentum_buffer, exp_avg, ...)."""
         return self.optimizer.state[self.params[name]]
+
+    def has_grad(self, name: str) -> bool:
+        """Whether the parameter takes part in this step (frozen or unused ones must not be touched)."""
+        return name in self.stepped
 
 
 class Geometry:
@@ -106,6 +140,13 @@ class Geometry:
     needs_example_inputs: ClassVar[bool] = False
     incompatible: ClassVar[tuple[str, ...]] = ()   # geometries that must not share a parameter with it
     match_hint: ClassVar[str] = "narrow its match"  # what to add to a rule's match so check() passes
+    # How the base optimizer's state of a parameter scales when a retraction multiplies a unit by c:
+    # key -> power (state *= c**power). Only geometries whose retractions preserve the function
+    # (they return Rescale events) need it.
+    state_powers: ClassVar[dict[str, int]] = {}
+    # Fast paths next to the geometry: backend name -> "module:attribute" of a FastPath class, imported
+    # only when that backend runs. The registry-driven tests check each against the eager program.
+    fast_paths: ClassVar[dict[str, str]] = {}
 
     def __init__(self, **opts: Any):
         unknown = set(opts) - set(self.options)
@@ -141,9 +182,16 @@ class Geometry:
         """Why this geometry cannot apply to the parameter (quoting the analysis), or None."""
         return None
 
-    def units(self, facts: Sequence[ParamFacts]) -> list[Unit]:
-        """Group the parameters assigned to this geometry into units. Default: one per parameter."""
+    def units(self, facts: Sequence[ParamFacts], structure=None) -> list[Unit]:
+        """Group the parameters assigned to this geometry into units. Default: one per parameter.
+
+        ``structure`` is the analysis Structure of the whole model, for geometries whose units
+        couple parameters across layers."""
         return [Unit((f.name,), (f,)) for f in facts]
+
+    def check_unit(self, unit: Unit) -> str | None:
+        """Why this unit cannot be formed (the policy adds the rule's file:line:column), or None."""
+        return None
 
     def warnings(self, unit: Unit, ctx: StepContext) -> list[str]:
         """Plan-time warnings (e.g. weight decay that breaks an invariance)."""
@@ -151,7 +199,8 @@ class Geometry:
 
     # ---- runtime (eager reference program) ----------------------------------------------------
     def init_state(self, unit: Unit, ctx: StepContext) -> dict:
-        """Geometry state for a unit; lives in optimizer.state["geomcompile"] and survives state_dict()."""
+        """Geometry state for a unit, created at install (a checkpoint loader needs its destination).
+        Owned by the plan and carried inside optimizer.state_dict() (runtime/state.py); prefer tensors."""
         return {}
 
     def on_install(self, unit: Unit, state: dict, ctx: StepContext) -> list[str]:
@@ -163,8 +212,12 @@ class Geometry:
 
         ``grads`` are the parameters' ``.grad`` tensors (None where a parameter has no gradient)."""
 
-    def post_step(self, unit: Unit, state: dict, ctx: StepContext) -> None:
-        """After the base optimizer's step: retraction / renormalisation, in place, under no_grad."""
+    def post_step(self, unit: Unit, state: dict, ctx: StepContext) -> "list[Rescale] | None":
+        """After the base optimizer's step: retraction / renormalisation, in place, under no_grad.
+
+        Parameters without a gradient this step (``not ctx.has_grad(name)``) must be left untouched.
+        A retraction that only rescales units (the function is unchanged) returns its Rescale
+        events; the runtime then applies their consequences (see Rescale)."""
 
     def diagnostics(self, unit: Unit, state: dict) -> dict[str, float]:
         return {}

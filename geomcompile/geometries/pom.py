@@ -379,7 +379,7 @@ class POM(Geometry):
     def on_install(self, unit: Unit, state: dict, ctx: StepContext) -> list[str]:
         facts, o = unit.facts[0], self.opts
         if o["feature_std"]:
-            self._install_std_hook(unit, ctx)
+            self._install_std_hook(unit, state, ctx)
         p = ctx.params[facts.name]
         moved, before = self._retract_off_manifold(p, state["radius"])
         _, how = self._base_radius(facts)
@@ -407,20 +407,16 @@ class POM(Geometry):
                 p.copy_(torch.where(off.reshape(-1, 1, 1), x, w).reshape(p.shape).to(p.dtype))
         return int(off.sum()), float(distance.max())
 
-    def _install_std_hook(self, unit: Unit, ctx: StepContext) -> None:
-        from ..runtime.hooks import STATE_KEY     # late import: the runtime imports the geometries
-        facts, optimizer, key, momentum = unit.facts[0], ctx.optimizer, unit.key, self.opts["std_momentum"]
+    def _install_std_hook(self, unit: Unit, state: dict, ctx: StepContext) -> None:
+        facts, momentum = unit.facts[0], self.opts["std_momentum"]
         if ctx.model is None:
             raise GeomCompileError(f"pom feature_std on {facts.name} needs the model to hook its layer; "
                                    f"install the plan through gc.apply / plan.install")
         module = ctx.model.get_submodule(facts.module)
 
         def measure(mod, args):
-            # Reads the live state each call: optimizer.load_state_dict replaces the dicts.
+            # `state` is the plan's live dict for this unit: a loaded checkpoint is copied into it.
             if not mod.training or not args or not isinstance(args[0], torch.Tensor) or args[0].numel() < 2:
-                return
-            state = optimizer.state.get(STATE_KEY, {}).get("units", {}).get(key, {}).get(self.name)
-            if state is None or "feature_std" not in state:
                 return
             with torch.no_grad():
                 std = args[0].detach().to(torch.float64).std()
@@ -456,7 +452,7 @@ class POM(Geometry):
 
     def post_step(self, unit: Unit, state, ctx: StepContext) -> None:
         p = ctx.params[unit.facts[0].name]
-        if p.grad is None:          # the optimizer skipped it (frozen, unused): leave it bit-identical
+        if not ctx.has_grad(unit.facts[0].name):   # the optimizer skipped it (frozen, unused): leave it bit-identical
             return
         radius = state["base_radius"]
         if self.opts["feature_std"]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..analysis.facts import ParamFacts
-from .base import Geometry, Option, StepContext, Unit, positive, register
+from .base import Geometry, Option, Rescale, StepContext, Unit, positive, register
 
 
 def _unit_view(t: torch.Tensor, unit: str, dim: int, group_size: int | None) -> torch.Tensor:
@@ -75,6 +75,50 @@ def psi_renorm_factors(weight: torch.Tensor, max_norm: float, unit: str = "row",
 STATE_POWERS = {"momentum_buffer": 1, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2,
                 "square_avg": 2, "grad_avg": 1, "acc_delta": 2, "sum": 2}
 
+# Optimizers whose per-coordinate step normalisation cancels psi's ||w||^2 factor.
+_ADAPTIVE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adadelta,
+             torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam)
+
+RENORM_MARGIN = 1e-4   # compile fast path: flag units with norm > max_norm * (1 - margin) for the exact check
+
+
+def psi_layout(facts: ParamFacts) -> tuple[str, int, int | None]:
+    """(unit, dim, group_size) of a scale-invariant weight, as the psi functions take them."""
+    inv = facts.scale_invariant
+    return inv.unit, (facts.out_dim or 0), inv.group_size
+
+
+def channel_factors(factors: torch.Tensor, like: torch.Tensor, unit: str, dim: int,
+                    group_size: int | None) -> torch.Tensor:
+    """Per-unit factors (n_units, 1) -> one factor per output channel (along `dim`) of `like`."""
+    channels = like.shape[dim] if like.dim() else 1
+    flat = factors.reshape(-1)
+    if unit == "group":
+        return flat.repeat_interleave(group_size)
+    if unit == "tensor":
+        return flat.expand(channels).clone()
+    return flat
+
+
+class CompiledPSI:
+    """The compile fast path (protocol: runtime/compile_backend.Program): ‖w_u‖²·∇_u per unit; the
+    renormalisation is flagged here and done, exactly, by psi's eager post_step."""
+
+    name = "psi"
+    uses_weights = True
+    retracts = True
+
+    def layout(self, geometry, facts):
+        return psi_layout(facts)
+
+    def transform(self, geometry, layouts, grads, weights):
+        return [psi_grad(w, g, unit, dim, gs) for w, g, (unit, dim, gs) in zip(weights, grads, layouts)]
+
+    def needs_retraction(self, geometry, layouts, weights):
+        near = geometry.opts["max_norm"] * (1.0 - RENORM_MARGIN)
+        return torch.stack([(psi_renorm_factors(w, near, unit, dim, gs) != 1).any()
+                            for w, (unit, dim, gs) in zip(weights, layouts)])
+
 
 @register
 class PSI(Geometry):
@@ -83,6 +127,8 @@ class PSI(Geometry):
     match_hint = "add `scale_invariant: true` to match"
     paper = "003_e743018e4af99a60.txt"
     incompatible = ("pom",)
+    state_powers = STATE_POWERS
+    fast_paths = {"compile": "geomcompile.geometries.psi:CompiledPSI", "triton": "geomcompile.kernels.psi:PSIKernels"}
     options = {
         "max_norm": Option(float, 1.0e4, "units whose norm exceeds this are rescaled to norm 1 after "
                                          "the step (function unchanged)", check=positive),
@@ -94,13 +140,14 @@ class PSI(Geometry):
                     f"{facts.invariance_reason or 'no normalisation absorbs its scale'}")
         return None
 
-    @staticmethod
-    def _layout(facts: ParamFacts):
-        inv = facts.scale_invariant
-        return inv.unit, (facts.out_dim or 0), inv.group_size
-
     def warnings(self, unit: Unit, ctx: StepContext) -> list[str]:
         out = []
+        kind = type(ctx.optimizer).__name__
+        if isinstance(ctx.optimizer, _ADAPTIVE):
+            out.append(f"psi under {kind}: the optimizer's per-coordinate normalisation mostly cancels the "
+                       f"||w||^2 scaling of the PSI gradient, so the update is close to plain {kind} and "
+                       f"Theorem 1 of the paper (scale-equivalent runs stay equivalent) does not hold; PSI-SGD(M) "
+                       f"is the paper's setting: use torch.optim.SGD (with momentum) for the psi parameters")
         for name in unit.names:
             wd = ctx.group_of[name].get("weight_decay", 0) if name in ctx.group_of else 0
             if wd:
@@ -108,30 +155,40 @@ class PSI(Geometry):
                            f"scale invariance PSI relies on; put it in a group with weight_decay=0")
         return out
 
+    def init_state(self, unit: Unit, ctx: StepContext) -> dict:
+        device = ctx.params[unit.names[0]].device
+        return {"renormalised": torch.zeros((), dtype=torch.int64, device=device)}
+
+    def on_install(self, unit: Unit, state, ctx: StepContext) -> list[str]:
+        from ..runtime.absorb import rescale_problem     # late: the runtime imports the geometries
+        return [f"psi does not renormalise {f.name}: {why}" for f in unit.facts
+                if (why := rescale_problem(f, ctx.model))]
+
     def pre_step(self, unit: Unit, grads, state, ctx: StepContext) -> None:
         for facts, grad in zip(unit.facts, grads):
             if grad is None:
                 continue
-            u, dim, gs = self._layout(facts)
+            u, dim, gs = psi_layout(facts)
             grad.copy_(psi_grad(ctx.params[facts.name].detach(), grad, u, dim, gs))
 
-    def post_step(self, unit: Unit, state, ctx: StepContext) -> None:
+    def post_step(self, unit: Unit, state, ctx: StepContext) -> list[Rescale]:
+        from ..runtime.absorb import rescale_problem
+        events = []
         for facts in unit.facts:
             p = ctx.params[facts.name]
-            if p.numel() == 0:
+            if p.numel() == 0 or not ctx.has_grad(facts.name) or rescale_problem(facts, ctx.model):
                 continue
-            u, dim, gs = self._layout(facts)
+            u, dim, gs = psi_layout(facts)
             factors = psi_renorm_factors(p.detach(), self.opts["max_norm"], u, dim, gs)
-            if bool((factors == 1).all()):
+            # Eager: skip the common case (nothing to renormalise) with one host sync. Traced by
+            # torch.compile(optimizer.step), the update is branch-free (factors of 1 change nothing).
+            if not torch.compiler.is_compiling() and bool((factors == 1).all()):
                 continue
             scale = _expand_per_unit(factors, p, u, dim, gs)
             p.detach().copy_((p.detach().to(scale.dtype) * scale).to(p.dtype))
-            opt_state = ctx.opt_state(facts.name)
-            for key, power in STATE_POWERS.items():
-                buf = opt_state.get(key)
-                if isinstance(buf, torch.Tensor) and buf.shape == p.shape:
-                    buf.copy_((buf.to(scale.dtype) * scale**power).to(buf.dtype))
-            state["renormalised"] = state.get("renormalised", 0) + int((factors != 1).sum())
+            state["renormalised"] += (factors != 1).sum().to(state["renormalised"].device)
+            events.append(Rescale(facts.name, p, facts, channel_factors(factors, p, u, dim, gs)))
+        return events
 
     def diagnostics(self, unit: Unit, state) -> dict[str, float]:
         return {"renormalised_units": float(state.get("renormalised", 0))}

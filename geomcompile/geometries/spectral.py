@@ -295,20 +295,25 @@ class Spectral(Geometry):
             raise GeomCompileError(f"spectral on {facts.name}: {e}. Fix: check `input_size` "
                                    f"(now {self.opts['input_size']!r}) or the layer") from None
 
-    def units(self, facts: Sequence[ParamFacts]) -> list[Unit]:
+    def units(self, facts: Sequence[ParamFacts], structure=None) -> list[Unit]:
         for f in facts:
             self.spec(f)             # fail at install, with the fix, rather than at the first step
-        return super().units(facts)
+        return super().units(facts, structure)
 
     def init_state(self, unit: Unit, ctx: StepContext) -> dict:
         weight = ctx.params[unit.names[0]]
         seed = zlib.crc32(unit.key.encode())       # reproducible per layer, global RNG untouched
         block = initial_block(self.spec(unit.facts[0]), _compute_dtype(weight), weight.device, seed)
-        return {"V": block, "theta": torch.zeros(BLOCK, dtype=block.dtype), "steps": 0}
+        # calls: optimizer steps this unit took part in (for `every`); steps: penalty evaluations.
+        return {"V": block, "theta": torch.zeros(BLOCK, dtype=block.dtype), "steps": 0, "calls": 0}
 
     def pre_step(self, unit: Unit, grads, state, ctx: StepContext) -> None:
         grad = grads[0]
-        if grad is None or ctx.step % self.opts["every"]:
+        if grad is None:
+            return
+        calls = state.get("calls", 0)
+        state["calls"] = calls + 1
+        if calls % self.opts["every"]:
             return
         facts = unit.facts[0]
         iters = self.opts["power_iters"] if state["steps"] else max(self.opts["init_iters"], self.opts["power_iters"])

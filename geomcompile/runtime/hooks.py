@@ -1,78 +1,251 @@
-"""Install a plan's update programs as hooks on any torch.optim optimizer.
+"""Install a plan's update programs as hooks on any torch.optim optimizer: the step protocol.
 
-* ``register_step_pre_hook``: penalty, then metric, then manifold gradient transforms, applied
-  to ``p.grad`` in place. Under ``torch.amp.GradScaler`` the hooks run inside ``optimizer.step``,
-  after unscaling; a step the scaler skips runs no hook at all.
-* ``register_step_post_hook``: retractions (psi renormalisation, manifold projections).
+    optimizer.step(closure)                 # user, Lightning, accelerate, HF Trainer, GradScaler
+     └─ step pre-hook (_pre)
+         1. closure given: run it once under enable_grad, so the geometry acts on the gradients it
+            produces; torch's step gets a closure that returns the cached loss (no second backward)
+         2. no parameter of the plan has a gradient, or DCP's fake initialisation step (lr 0 in every
+            group, all gradients zero): nothing runs, no counter moves
+         3. parameters added by add_param_group since the last step get their geometries
+         4. backend.pre_step: penalty, metric, manifold transforms of p.grad (or fused updates)
+     └─ the base optimizer's step (torch's own, minus the parameters a fused kernel already stepped)
+     └─ step post-hook (_post): backend.post_step (retractions), then the consequences of every
+        function-preserving rescale (Rescale): optimizer state, wrapper state, running statistics
+        of absorbing normalisations, plan.on_retract callbacks
 
-Geometry state lives in ``optimizer.state["geomcompile"]`` (a string key: torch keeps it as is
-in ``state_dict()`` / ``load_state_dict()``), keyed by unit and geometry name, so a resumed run
-continues exactly. The base optimizer's per-parameter state is never touched by the hooks'
-bookkeeping (Adam initialises itself on an empty ``state[p]``).
+Gradient accumulation needs nothing special: whatever number of backwards ran, the transform
+sees their sum in p.grad once, at the step. Under ``torch.amp.GradScaler`` the hooks run inside
+``optimizer.step``, after unscaling; a step the scaler skips runs no hook at all.
+
+State: ``runtime/state.py`` (owned by the plan, carried inside the optimizer's state dict).
 """
 from __future__ import annotations
 
-import copy
+import warnings
+from typing import Callable
 
 import torch
 
-from ..geometries.base import STAGES, StepContext
+from ..errors import GeomCompileError, GeomCompileWarning
+from ..geometries.base import STAGES, Rescale, StepContext
+from . import absorb
 from .backends import Backend, WorkItem
-
-STATE_KEY = "geomcompile"
+from .state import PlanState, extract_entries, pids_by_name, stray_entries
+from .wrappers import WEIGHT_LIKE_STATE
 
 
 class Installation:
-    def __init__(self, optimizer: torch.optim.Optimizer, items: list[WorkItem], backend: Backend,
-                 ctx: StepContext):
-        self.optimizer = optimizer
+    def __init__(self, optimizer: torch.optim.Optimizer, wrappers: list, items: list[WorkItem],
+                 backend: Backend, ctx: StepContext, state: PlanState, name_of: dict[int, str],
+                 state_mismatch: str = "error", on_new_params: Callable | None = None,
+                 clip_grad_norm: float | None = None):
+        self.optimizer = optimizer                 # the optimizer that owns the state and the step
+        self.wrappers = wrappers                   # outermost first (ZeRO, Lookahead, accelerate, ...)
         self.items = sorted(items, key=lambda it: STAGES.index(it.geometry.stage))
         self.backend = backend
         self.ctx = ctx
+        self.state = state
+        self.name_of = name_of                     # id(parameter) -> canonical name
+        self.state_mismatch = state_mismatch
+        self.on_new_params = on_new_params         # (params) -> new work items, for add_param_group
+        self.clip_grad_norm = clip_grad_norm
         self.handles = []
+        self.callbacks: dict[int, Callable[[Rescale], None]] = {}
         self.report: list[str] = []      # notes for plan.summary(): backend choice, what on_install did
         self.warnings: list[str] = []
+        self._known_params = self._optimizer_param_ids()
+        self._unscaled_keys_warned: set[tuple[str, str]] = set()
+        ctx.rescale_observed = self._rescale_observed
 
     # -- state -----------------------------------------------------------------------------
-    def root(self) -> dict:
-        root = self.optimizer.state.get(STATE_KEY)
-        if not isinstance(root, dict):
-            root = self.optimizer.state[STATE_KEY] = {"version": 1, "step": 0, "units": {}}
-        return root
-
     def state_of(self, item: WorkItem) -> dict:
-        per_unit = self.root()["units"].setdefault(item.unit.key, {})
-        if item.geometry.name not in per_unit:
-            per_unit[item.geometry.name] = item.geometry.init_state(item.unit, self.ctx)
-        return per_unit[item.geometry.name]
+        return self.state.of(item.unit.key, item.geometry.name)
+
+    def _create_state(self, items: list[WorkItem]) -> None:
+        for item in items:
+            self.state.add(item.unit.key, item.geometry.name, item.unit.names[0],
+                           item.geometry.init_state(item.unit, self.ctx))
 
     # -- hooks -----------------------------------------------------------------------------
     def install(self) -> None:
-        self._own_loaded_state(self.optimizer)
+        stray = stray_entries(self.optimizer)
+        if stray:
+            raise GeomCompileError(
+                "this optimizer already holds geomcompile state loaded before the plan was installed "
+                f"({len(stray)} parameter entries; torch casts it to each parameter's dtype, so it cannot be "
+                "taken over exactly). Fix: install the plan first (gc.apply / plan.install), then call "
+                "optimizer.load_state_dict(...)")
+        self._create_state(self.items)
         for item in self.items:
             self.report += item.geometry.on_install(item.unit, self.state_of(item), self.ctx)
-        self.handles.append(self.optimizer.register_step_pre_hook(self._pre))
-        self.handles.append(self.optimizer.register_step_post_hook(self._post))
-        self.handles.append(self.optimizer.register_load_state_dict_post_hook(self._own_loaded_state))
+        opt = self.optimizer
+        self.handles.append(opt.register_step_pre_hook(self._pre))
+        self.handles.append(opt.register_step_post_hook(self._post))
+        self.handles.append(opt.register_state_dict_post_hook(self._embed_state))
+        self.handles.append(opt.register_load_state_dict_pre_hook(self._take_loaded_state))
+        self.handles.append(opt.register_load_state_dict_post_hook(self._take_stray_state))
+        for wrapper in self.wrappers:
+            # A wrapper that writes the owner's state itself (ZeroRedundancyOptimizer.load_state_dict)
+            # leaves our entries in optimizer.state; take them when its own load runs.
+            if hasattr(wrapper, "_optimizer_load_state_dict_pre_hooks"):
+                self.handles.append(wrapper.register_load_state_dict_pre_hook(
+                    lambda _w, sd: self._take_stray_state(self.optimizer) or None))
 
-    @staticmethod
-    def _own_loaded_state(optimizer) -> None:
-        """torch's load_state_dict keeps non-parameter entries as the very objects of the checkpoint;
-        copy ours so that stepping never writes into the user's saved dict (or a second optimizer's)."""
-        if isinstance(optimizer.state.get(STATE_KEY), dict):
-            optimizer.state[STATE_KEY] = copy.deepcopy(optimizer.state[STATE_KEY])
+    def _embed_state(self, optimizer, state_dict):
+        return self.state.embed(state_dict, pids_by_name(optimizer, self.name_of))
 
+    def _take_loaded_state(self, optimizer, state_dict):
+        clean, entries = extract_entries(state_dict, optimizer, self.name_of)
+        if entries:
+            self.report += self.state.load_entries(entries, self.state_mismatch)
+        return clean
+
+    def _take_stray_state(self, optimizer) -> None:
+        stray = stray_entries(self.optimizer)
+        if not stray:
+            return
+        entries = {}
+        for p, entry in stray.items():
+            entries[entry.get("name")] = entry
+            del self.optimizer.state[p]["geomcompile"]
+            if not self.optimizer.state[p]:
+                del self.optimizer.state[p]
+        self.report += self.state.load_entries(entries, self.state_mismatch)
+
+    # -- the step protocol -------------------------------------------------------------------
     def _pre(self, optimizer, args, kwargs):
-        self.ctx.step = self.root()["step"]
-        self.backend.pre_step(self.items, self.state_of, self.ctx)
+        # torch passes the step's own (self, closure?) as args.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        replaced = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            replaced = (args[:1], {**{k: v for k, v in kwargs.items() if k != "closure"},
+                                   "closure": _CachedClosure(loss)})
+        self._adopt_new_params()
+        self._refresh_groups()
+        stepped = frozenset(n for it in self.items for n in it.unit.names if self.ctx.params[n].grad is not None)
+        self.ctx.stepped = stepped if stepped and not self._is_initialisation_step(stepped) else frozenset()
+        if self.ctx.stepped:
+            self.backend.pre_step(self.items, self.state_of, self.ctx)
+            if self.clip_grad_norm is not None:
+                grads = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(grads, self.clip_grad_norm)
+        return replaced
+
+    def _refresh_groups(self) -> None:
+        """Hyperparameters are read from the live param_groups: load_state_dict replaces the group dicts."""
+        groups = self.optimizer.param_groups
+        if getattr(self, "_groups_seen", None) is groups and all(
+                a is b for a, b in zip(self._group_dicts, groups)) and len(self._group_dicts) == len(groups):
+            return
+        self._groups_seen, self._group_dicts = groups, list(groups)
+        in_optimizer = {id(p): g for g in groups for p in g["params"]}
+        self.ctx.group_of = {n: in_optimizer[id(p)] for n, p in self.ctx.params.items() if id(p) in in_optimizer}
+
+    def _rescale_observed(self, name: str) -> bool:
+        """Whether anything outside the optimizer's state follows a rescale of this parameter."""
+        if self.callbacks:
+            return True
+        facts = next((f for it in self.items for n, f in zip(it.unit.names, it.unit.facts) if n == name), None)
+        return facts is not None and absorb.has_running_stats(facts, self.ctx.model)
 
     def _post(self, optimizer, args, kwargs):
-        self.backend.post_step(self.items, self.state_of, self.ctx)
-        self.root()["step"] += 1
+        if not self.ctx.stepped:
+            return
+        with torch.no_grad():
+            rescales = self.backend.post_step(self.items, self.state_of, self.ctx) or []
+            for event in rescales:
+                self._apply_consequences(event)
+        self.state.steps += 1
+        self.ctx.stepped = frozenset()
 
-    def remove(self, keep_state: bool = False) -> None:
+    def _is_initialisation_step(self, stepped) -> bool:
+        """DCP's get/set_state_dict initialise optimizer state with one step at lr 0 on zero gradients
+        (torch.distributed.checkpoint.state_dict._init_optim_state): that step is not training."""
+        if any(_lr(g) != 0 for g in self.optimizer.param_groups):
+            return False
+        return all(not bool(self.ctx.params[n].grad.any()) for n in stepped)
+
+    def _adopt_new_params(self) -> None:
+        """add_param_group after install: the new parameters get the geometries their names match."""
+        ids = self._optimizer_param_ids()
+        if ids == self._known_params:
+            return
+        new = ids - self._known_params
+        self._known_params = ids
+        if not new or self.on_new_params is None:
+            return
+        items = self.on_new_params(new)
+        if items:
+            self._create_state(items)
+            for item in items:
+                self.report += item.geometry.on_install(item.unit, self.state_of(item), self.ctx)
+            self.items = sorted(self.items + items, key=lambda it: STAGES.index(it.geometry.stage))
+
+    def _optimizer_param_ids(self) -> frozenset:
+        # Cheap: a set of ids per step, compared with the last one.
+        return frozenset(id(p) for g in self.optimizer.param_groups for p in g["params"])
+
+    # -- consequences of a function-preserving rescale ----------------------------------------
+    def _apply_consequences(self, event: Rescale) -> None:
+        p, scale = event.param, event.scale
+        geometry_powers = self._powers_of(event.name)
+        state = self.optimizer.state.get(p, {})
+        for key, buf in state.items():
+            if not (isinstance(buf, torch.Tensor) and buf.shape == p.shape and buf.numel()):
+                continue
+            power = geometry_powers.get(key, 1 if key in WEIGHT_LIKE_STATE else None)
+            if power is None:
+                if (event.name, key) not in self._unscaled_keys_warned:
+                    self._unscaled_keys_warned.add((event.name, key))
+                    warnings.warn(f"{event.name}: optimizer state {key!r} was not rescaled with its renormalised "
+                                  f"units (geomcompile does not know how it scales); the run may no longer be "
+                                  f"equivalent to the unrescaled one", GeomCompileWarning, stacklevel=3)
+                continue
+            buf.copy_((buf.to(scale.dtype) * scale**power).to(buf.dtype))
+        if self.ctx.model is not None:
+            absorb.rescale_running_stats(self.ctx.model, event.facts, event.channel_factors, self.ctx.params)
+        for callback in list(self.callbacks.values()):
+            callback(event)
+
+    def _powers_of(self, name: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for item in self.items:
+            if name in item.unit.names:
+                out.update(item.geometry.state_powers)
+        return out
+
+    def add_callback(self, callback: Callable[[Rescale], None]) -> "_CallbackHandle":
+        key = max(self.callbacks, default=-1) + 1
+        self.callbacks[key] = callback
+        return _CallbackHandle(self.callbacks, key)
+
+    def remove(self) -> None:
         for h in self.handles + self.ctx.handles:
             h.remove()
         self.handles, self.ctx.handles = [], []
-        if not keep_state:
-            self.optimizer.state.pop(STATE_KEY, None)
+        self.callbacks.clear()
+
+
+class _CachedClosure:
+    """What torch's step receives after the pre-hook ran the user's closure: the same loss, again."""
+
+    def __init__(self, loss):
+        self.loss = loss
+
+    def __call__(self):
+        return self.loss
+
+
+class _CallbackHandle:
+    def __init__(self, table: dict, key: int):
+        self.table, self.key = table, key
+
+    def remove(self) -> None:
+        self.table.pop(self.key, None)
+
+
+def _lr(group: dict) -> float:
+    lr = group.get("lr", 1.0)
+    return float(lr) if isinstance(lr, torch.Tensor) else lr
