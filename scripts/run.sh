@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up geomcompile (idempotent) and run one job:
 #   bash scripts/run.sh demo   -> geomcompile demo (small BN ResNet on 8x8 digits, with and without a policy)
-#   bash scripts/run.sh test   -> the test suite (pytest; exits non-zero on any failure or if no test ran)
+#   bash scripts/run.sh test   -> the test suite (pytest; exits non-zero on any failure or if no test ran),
+#                                 after installing the framework clients it drives (tests/requirements.txt)
 # Setup: a virtual environment in .venv that can see an already installed torch
 # (--system-site-packages), torch installed only if missing, then this project.
 # torch is never resolved unpinned: on a machine without an NVIDIA GPU we ask for the CPU build.
@@ -31,8 +32,40 @@ if ! "$PY" -c "import geomcompile, pytest, sklearn, matplotlib" 2>/dev/null || [
   mkdir -p .venv && touch .venv/.installed
 fi
 
+# True when every `name==version` line of the given files is installed at exactly that version
+# (package metadata only: importing lightning and transformers would take seconds).
+pins_installed() {
+  "$PY" - "$@" <<'EOF'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+for path in sys.argv[1:]:
+    for line in open(path):
+        name, sep, want = line.split("#")[0].strip().partition("==")
+        if not sep:
+            continue
+        try:
+            if version(name.strip()) != want.strip():
+                sys.exit(1)
+        except PackageNotFoundError:
+            sys.exit(1)
+EOF
+}
+
+# The test job's framework clients (Lightning, transformers, accelerate), pinned. pip gets a
+# constraint holding torch at the installed version, so it can never replace or upgrade it.
+install_test_deps() {
+  if pins_installed tests/requirements.txt tests/constraints.txt; then
+    return
+  fi
+  local torch_pin
+  torch_pin="$(mktemp)"
+  "$PY" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > "$torch_pin"
+  "$PY" -m pip install -q -r tests/requirements.txt -c tests/constraints.txt -c "$torch_pin"
+  rm -f "$torch_pin"
+}
+
 case "$job" in
   demo) exec "$PY" -m geomcompile demo "$@" ;;
-  test) exec "$PY" -m pytest -q tests "$@" ;;
+  test) install_test_deps; exec "$PY" -m pytest -q tests "$@" ;;
   *) echo "usage: bash scripts/run.sh demo|test [args]" >&2; exit 2 ;;
 esac
