@@ -54,13 +54,14 @@ EOF
 # The test job's framework clients (Lightning, transformers, accelerate), pinned. pip gets a
 # constraint holding torch at the installed version, so it can never replace or upgrade it.
 install_test_deps() {
-  if pins_installed tests/requirements.txt tests/constraints.txt; then
+  if pins_installed tests/requirements.txt tests/constraints.txt tests/requirements-nodeps.txt; then
     return
   fi
   local torch_pin
   torch_pin="$(mktemp)"
   "$PY" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > "$torch_pin"
   "$PY" -m pip install -q -r tests/requirements.txt -c tests/constraints.txt -c "$torch_pin"
+  "$PY" -m pip install -q --no-deps -r tests/requirements-nodeps.txt
   rm -f "$torch_pin"
 }
 
