@@ -25,7 +25,7 @@ import contextlib
 import operator
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Mapping, Any
 
 import torch
 import torch.fx as fx
@@ -64,10 +64,20 @@ class Captured:
     notes: list[str] = field(default_factory=list)
 
 
-def capture(model: nn.Module, example_inputs: tuple | None = None) -> Captured:
+def split_inputs(example_inputs) -> tuple[tuple, dict]:
+    """example_inputs as (positional, keyword) arguments of one forward call. Accepted: a tuple or list
+    of positional inputs, a single tensor, or a Mapping of keyword arguments (a Hugging Face batch)."""
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def capture(model: nn.Module, example_inputs=None) -> Captured:
     modules = dict(model.named_modules())
-    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
-        example_inputs = (example_inputs,)
+    if example_inputs is not None:
+        example_inputs = split_inputs(example_inputs)
     try:
         graph = _LeafTracer().trace(model)
     except Exception as exc:  # symbolic tracing can fail in many ways; all mean "use the fallback"
@@ -78,13 +88,13 @@ def capture(model: nn.Module, example_inputs: tuple | None = None) -> Captured:
                 f"{type(exc).__name__}: {_first_line(exc)}. Pass example_inputs=(a batch of inputs,) "
                 f"to gc.analyze/gc.plan/gc.apply so geomcompile can capture the graph by running "
                 f"the model once instead.") from exc
-        graph = _record_run(model, tuple(example_inputs))
+        graph = _record_run(model, *example_inputs)
         return Captured(graph, modules, "run", True,
                         [f"torch.fx tracing stopped in {where} ({type(exc).__name__}); the graph was "
                          f"captured by running the model once on example_inputs, so it shows the "
                          f"control-flow path taken for those inputs"])
     if example_inputs is not None:
-        _propagate_shapes(model, graph, tuple(example_inputs))
+        _propagate_shapes(model, graph, *example_inputs)
     return Captured(graph, modules, "fx", example_inputs is not None)
 
 
@@ -140,10 +150,14 @@ class _ShapeInterpreter(fx.Interpreter):
         return out
 
 
-def _propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple) -> None:
+def _propagate_shapes(model: nn.Module, graph: fx.Graph, args: tuple, kwargs: dict) -> None:
     gm = fx.GraphModule(model, graph)
+    if kwargs:       # placeholders are forward's parameters in order; fill them by name, else their default
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        args = tuple(args) + tuple(kwargs[n.target] if n.target in kwargs else (n.args[0] if n.args else None)
+                                   for n in placeholders[len(args):])
     with preserved_state(model):
-        _ShapeInterpreter(gm).run(*example_inputs)
+        _ShapeInterpreter(gm).run(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +228,8 @@ def _untracked_tensor():
     """Marker target for tensors the recorder saw only as inputs (created outside its view)."""
 
 
-def _record_run(model: nn.Module, example_inputs: tuple) -> fx.Graph:
+def _record_run(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> fx.Graph:
+    example_kwargs = example_kwargs or {}
     rec = _Recorder(model)
     handles = []
 
@@ -244,13 +259,17 @@ def _record_run(model: nn.Module, example_inputs: tuple) -> fx.Graph:
                 node = rec.graph.placeholder(f"input_{i}")
                 rec.bind(x, node)
                 placeholders.append(node)
+            for key, x in example_kwargs.items():
+                node = rec.graph.placeholder(f"input_{key}")
+                rec.bind(x, node)
+                placeholders.append(node)
             with rec:
-                out = model(*example_inputs)
+                out = model(*example_inputs, **example_kwargs)
             rec.graph.output(rec.lookup(out))
     except Exception as exc:
         raise GeomCompileError(
             f"geomcompile could not capture the model by running it on example_inputs: "
-            f"{type(exc).__name__}: {_first_line(exc)}. Check that model(*example_inputs) runs.") from exc
+            f"{type(exc).__name__}: {_first_line(exc)}. Check that model(*example_inputs) (or model(**example_inputs) for a mapping) runs.") from exc
     finally:
         for h in handles:
             h.remove()

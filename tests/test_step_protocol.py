@@ -328,3 +328,33 @@ def test_compiled_and_ddp_wrapped_models_use_the_users_names(tmp_path):
         assert "conv1.weight" in names and not any(n.startswith("module.") for n in names)
     finally:
         dist.destroy_process_group()
+
+
+class _KwargsNet(nn.Module):
+    """Called as model(**batch), like a Hugging Face model; the Python branch makes fx tracing fail."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.proj = nn.Linear(8, 8, bias=False)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.norm(self.proj(self.embed(input_ids)))
+        if attention_mask is not None and bool(attention_mask.any()):
+            h = h * attention_mask.unsqueeze(-1)
+        return self.head(h.mean(1))
+
+
+def test_mapping_example_inputs_capture_by_running_the_model():
+    batch = {"input_ids": torch.randint(0, 10, (2, 5)), "attention_mask": torch.ones(2, 5)}
+    structure = gc.analyze(_KwargsNet(), example_inputs=batch)
+    assert structure.capture_path == "run"
+    assert structure["proj.weight"].scale_invariant is not None      # Linear -> LayerNorm: tensor unit
+    assert structure["proj.weight"].input_shape == (2, 5, 8)
+
+
+def test_mapping_example_inputs_on_the_fx_path():
+    structure = gc.analyze(SmallNet(), example_inputs={"x": _inputs()[0]})
+    assert structure.capture_path == "fx" and structure["conv1.weight"].input_shape == (6, 3, 8, 8)
