@@ -35,6 +35,13 @@ class Plan:
         self.rule_of: dict[tuple[str, str], str] = resolution.rule_of
         self.rule_counts: dict[str, int] = resolution.rule_counts
         self._plan_warnings: list[str] = list(resolution.warnings)
+        seen: set = set()
+        for name, stages in self.assignments.items():
+            for geometry in stages.values():
+                where = self._where(name, geometry)
+                if (where, geometry) not in seen:
+                    seen.add((where, geometry))
+                    self._plan_warnings += [f"{where}: {w}" for w in geometry.config_warnings()]
         self._plan_notes: list[str] = list(structure.notes)
         self.backend_name: str | None = None
         self._installation: Installation | None = None

@@ -358,3 +358,20 @@ def test_mapping_example_inputs_capture_by_running_the_model():
 def test_mapping_example_inputs_on_the_fx_path():
     structure = gc.analyze(SmallNet(), example_inputs={"x": _inputs()[0]})
     assert structure.capture_path == "fx" and structure["conv1.weight"].input_shape == (6, 3, 8, 8)
+
+
+@pytest.mark.parametrize("use, expected", [
+    ({"channel_directed": {"metric": "h0"}}, "identical to plain SGD"),
+    ({"psi": {"max_norm": 0.5}}, "every unit is renormalised at every step"),
+])
+def test_option_combinations_that_do_nothing_useful_warn_with_their_position(tmp_path, use, expected):
+    import yaml
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "rules": [{"name": "r", "match": {"kind": "conv"}, "use": use}]}))
+    if "psi" in use:
+        text = path.read_text().replace("kind: conv", "scale_invariant: true")
+        path.write_text(text)
+    with pytest.warns(gc.GeomCompileWarning, match=expected) as record:
+        gc.apply(SmallNet(), str(path), torch.optim.SGD(SmallNet().parameters(), lr=0.1), example_inputs=_inputs())
+    texts = [str(w.message) for w in record if expected in str(w.message)]
+    assert len(texts) == 1 and texts[0].startswith(f"{path}:") and texts[0].split(":")[1].isdigit(), texts

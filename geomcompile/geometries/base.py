@@ -189,6 +189,11 @@ class Geometry:
         couple parameters across layers."""
         return [Unit((f.name,), (f,)) for f in facts]
 
+    def config_warnings(self) -> list[str]:
+        """Warnings about an option combination, whatever the parameter (the plan adds the position
+        of the policy's `use` entry)."""
+        return []
+
     def check_unit(self, unit: Unit) -> str | None:
         """Why this unit cannot be formed (the policy adds the rule's file:line:column), or None."""
         return None

@@ -134,6 +134,14 @@ class PSI(Geometry):
                                          "the step (function unchanged)", check=positive),
     }
 
+    def config_warnings(self) -> list[str]:
+        # Renormalised units get norm 1; with max_norm < 1 that is above the limit, so every unit is
+        # renormalised at every step. max_norm == 1 only renormalises units that grew past 1.
+        if self.opts["max_norm"] < 1:
+            return [f"psi with max_norm {self.opts['max_norm']} < 1: units are renormalised to norm 1, which is above "
+                    f"max_norm, so every unit is renormalised at every step; use max_norm >= 1 (default 1e4)"]
+        return []
+
     def check(self, facts: ParamFacts) -> str | None:
         if facts.scale_invariant is None:
             return (f"psi needs a scale-invariant weight, but the analysis found {facts.name} is not: "
