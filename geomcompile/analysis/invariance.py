@@ -31,13 +31,12 @@ import operator
 from dataclasses import dataclass, replace
 
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..capture import Captured
-import torch.nn.functional as F
-
 from .facts import UNITS, Absorber, ParamFacts, ScaleInvariance
-from .layout import Use
+from .layout import Use, _get_attr
 from .ops import _arg, classify
 
 
@@ -115,15 +114,9 @@ def _bias(use: Use, cap: Captured) -> tuple[bool, str | None]:
     b = args[2] if args[2] is not None else use.node.kwargs.get("bias")
     if b is None:
         return False, None
-    if isinstance(b, fx.Node) and b.op == "get_attr" and isinstance(_attr(cap, b.target), nn.Parameter):
+    if isinstance(b, fx.Node) and b.op == "get_attr" and isinstance(_get_attr(cap, b.target), nn.Parameter):
         return True, b.target
     return True, None
-
-
-def _attr(cap: Captured, target: str):
-    owner, _, name = target.rpartition(".")
-    mod = cap.modules.get(owner)
-    return getattr(mod, name, None) if mod is not None else None
 
 
 def _out_channels(facts: ParamFacts) -> int:
