@@ -399,34 +399,43 @@ MOBILENETV2 = ZooEntry(
 
 # --- conv -> ReLU -> BN, conv(bias) -> BN, conv(bias) -> maxpool -> BN --------------------------
 class ConvReluBN(nn.Module):
-    def __init__(self, bias: bool):
+    def __init__(self, bias: bool, maxpool: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=bias)
         self.relu = nn.ReLU()
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        x = self.bn(self.relu(self.conv(x)))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-class ConvBiasBN(nn.Module):
-    def __init__(self, maxpool: bool):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=True)
         self.pool = nn.MaxPool2d(2) if maxpool else nn.Identity()
         self.bn = nn.BatchNorm2d(4)
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x):
-        x = F.relu(self.bn(self.pool(self.conv(x))))
+        x = self.bn(self.pool(self.relu(self.conv(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ConvBiasBN(nn.Module):
+    def __init__(self, maxpool: bool, scale: float = 1.0):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=True)
+        self.pool = nn.MaxPool2d(2) if maxpool else nn.Identity()
+        self.scale = scale          # != 1: the bias reaches the BN multiplied by it
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.pool(self.conv(x))
+        if self.scale != 1.0:
+            x = x * self.scale
+        x = F.relu(self.bn(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
 _head = {"bn": norm(), "fc.weight": linear(None), "fc.bias": bias()}
 CONV_RELU_BN = ZooEntry("conv_relu_bn", lambda: ConvReluBN(False), images(),
                         expand({"conv.weight": conv(row("bn")), **_head}), negative=("fc.weight",))
+CONV_RELU_MAXPOOL_BN = ZooEntry(
+    "conv_relu_maxpool_bn", lambda: ConvReluBN(False, maxpool=True), images(),
+    # ReLU and max pooling are positively homogeneous; without a bias nothing else reaches the BN
+    expand({"conv.weight": conv(row("bn")), **_head}), negative=("fc.weight",))
 CONV_BIAS_RELU_BN = ZooEntry(
     "conv_bias_relu_bn", lambda: ConvReluBN(True), images(),
     # ReLU(c*z + b) != c*ReLU(z + b/c): the ReLU sees the unscaled bias before BN
@@ -472,6 +481,29 @@ GROUPNORM = ZooEntry(
     }),
     # per-row scaling breaks a group-invariant weight too: the unit must not be finer than "group"
     negative=("conv1.weight", "conv3.weight", "fc.weight"))
+
+
+# --- one BatchNorm module applied to two convolutions ----------------------------------------
+class SharedNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.conv_b = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a = F.relu(self.bn(self.conv_a(x)))
+        b = F.relu(self.bn(self.conv_b(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(a, 1) + F.adaptive_avg_pool2d(b, 1), 1))
+
+
+SHARED_NORM = ZooEntry(
+    "shared_norm", SharedNorm, images(),
+    # in training mode each call normalises its own batch, so both convs are absorbed by bn
+    # (its running statistics, however, mix the two calls)
+    expand({"conv_a.weight": conv(row("bn")), "conv_b.weight": conv(row("bn")), **_head}),
+    negative=("fc.weight",))
 
 
 # --- transformer block ------------------------------------------------------------------------
@@ -842,10 +874,10 @@ BREAKING = ZooEntry(
 
 # --- InstanceNorm and a 1-d conv --------------------------------------------------------------
 class InstanceNormConv1d(nn.Module):
-    def __init__(self):
+    def __init__(self, track_running_stats: bool = False):
         super().__init__()
         self.conv1 = nn.Conv1d(3, 4, 3, padding=1, bias=True)
-        self.inorm = nn.InstanceNorm1d(4, affine=True)
+        self.inorm = nn.InstanceNorm1d(4, affine=True, track_running_stats=track_running_stats)
         self.conv2 = nn.Conv1d(4, 6, 3, padding=1, groups=2, bias=False)
         self.bn = nn.BatchNorm1d(6)
         self.fc = nn.Linear(6, 3)
@@ -867,7 +899,7 @@ INSTANCENORM = ZooEntry(
 
 ZOO: list[ZooEntry] = [
     RESNET20, SMALL_RESNET, PREACT, VGG11_BN, VGG11, PLAIN_CNN, MLP_BIAS, MLP_NOBIAS, DENSENET,
-    MOBILENETV2, CONV_RELU_BN, CONV_BIAS_RELU_BN, CONV_BIAS_BN, CONV_BIAS_MAXPOOL_BN, GROUPNORM,
-    TRANSFORMER, DECODER, FUNCTIONAL, SHARED_BOTH_BN, SHARED_ONE_OUTPUT, TIED, DATA_DEPENDENT,
-    SLICED, LINEAR_GELU_BN, DROPOUT, PASS_THROUGH, BREAKING, INSTANCENORM,
+    MOBILENETV2, CONV_RELU_BN, CONV_RELU_MAXPOOL_BN, CONV_BIAS_RELU_BN, CONV_BIAS_BN, CONV_BIAS_MAXPOOL_BN,
+    GROUPNORM, TRANSFORMER, DECODER, FUNCTIONAL, SHARED_BOTH_BN, SHARED_ONE_OUTPUT, SHARED_NORM, TIED,
+    DATA_DEPENDENT, SLICED, LINEAR_GELU_BN, DROPOUT, PASS_THROUGH, BREAKING, INSTANCENORM,
 ]

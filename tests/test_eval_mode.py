@@ -46,8 +46,8 @@ def _scaled_start(cls, seed=0):
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton", "compile"])
-@pytest.mark.parametrize("make", [SmallNet, lambda: ConvBiasBN(False), lambda: ConvBiasBN(True)],
-                         ids=["resnet_style", "conv_bias_bn", "conv_bias_maxpool_bn"])
+@pytest.mark.parametrize("make", [SmallNet, lambda: ConvBiasBN(False), lambda: ConvBiasBN(True), DenseBlockNet],
+                         ids=["resnet_style", "conv_bias_bn", "conv_bias_maxpool_bn", "densenet_style"])
 def test_eval_output_unchanged_by_renormalisation(make, backend):
     renorm, plain = _scaled_start(make), None
     plain = copy.deepcopy(renorm)
@@ -77,14 +77,17 @@ def test_without_the_running_stats_rescale_eval_output_moves():
     assert (renorm(x) - plain(x)).abs().max() > 0.1
 
 
-def test_densenet_units_whose_channels_cannot_be_placed_are_not_renormalised_and_said_so():
-    renorm = _scaled_start(DenseBlockNet)
-    plain = copy.deepcopy(renorm)
-    plan = _run(renorm, 2.0, "eager")
-    _run(plain, 1e9, "eager")
+def test_units_whose_absorbers_are_unknown_are_not_renormalised_and_said_so():
+    """Without example_inputs the DenseNet block's cat offsets cannot be proven: psi leaves those units
+    alone (eval mode would change otherwise) and the plan says why."""
+    model = _scaled_start(DenseBlockNet)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    plan = gc.apply(model, _policy(2.0), opt)
     refused = [n for n in plan.notes if n.startswith("psi does not renormalise")]
-    assert refused and all("behind a cat" in n for n in refused)
-    x = torch.randn(16, 3, 8, 8)
-    renorm.eval(), plain.eval()
-    want = plain(x)
-    torch.testing.assert_close(renorm(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert refused, plan.notes
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    names = [n.split(":")[0].removeprefix("psi does not renormalise ") for n in refused]
+    for n in names:     # stepped (no renormalisation): norms stay far above max_norm
+        assert model.get_parameter(n).flatten(1).norm(dim=1).min() > 2.0, n

@@ -5,11 +5,11 @@ from torch import nn
 
 from ..capture import capture
 from ..errors import GeomCompileError
-from .facts import ParamFacts, ScaleInvariance, Structure
+from .facts import Absorber, ParamFacts, ScaleInvariance, Structure
 from .invariance import analyze_invariance
 from .layout import layout_facts, param_uses
 
-__all__ = ["analyze", "ParamFacts", "ScaleInvariance", "Structure"]
+__all__ = ["analyze", "Absorber", "ParamFacts", "ScaleInvariance", "Structure"]
 
 
 def analyze(model: nn.Module, example_inputs=None) -> Structure:
@@ -41,6 +41,7 @@ def analyze(model: nn.Module, example_inputs=None) -> Structure:
         f.aliases = tuple(aliases[name])
         if not uses[name]:
             f.invariance_reason = "not used by any op in the captured graph"
+            f.absorbers_reason = "not scale-invariant: absorbers are recorded only for scale-invariant weights"
         else:
             analyze_invariance(f, uses[name], cap)
         facts[name] = f

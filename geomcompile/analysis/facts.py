@@ -33,6 +33,28 @@ class ScaleInvariance:
         return f"invariant[{self.unit}] by {self.normalizer}"
 
 
+@dataclass(frozen=True)
+class Absorber:
+    """A normalisation that absorbs a scale-invariant weight's channels on one path.
+
+    module: qualified name of the normalisation module (for a functional normalisation without
+            running statistics, the name of its op in the captured graph);
+    offset: index, in the normaliser's channel dimension, of the layer's output channel 0
+            (non-zero behind ``torch.cat``; one normaliser may read the layer at several offsets);
+    channels: how many of the layer's output channels it reads there (consecutive from offset);
+    bias: qualified name of the layer's bias parameter when it reaches this normaliser unscaled
+          (a per-channel constant, removed by the per-channel mean), else None;
+    running_stats: the module keeps running statistics (BatchNorm / InstanceNorm with
+                   ``track_running_stats=True``) that describe the layer's current scale.
+    """
+
+    module: str
+    offset: int
+    channels: int
+    bias: str | None
+    running_stats: bool
+
+
 @dataclass
 class ParamFacts:
     name: str
@@ -43,6 +65,8 @@ class ParamFacts:
     depthwise: bool = False             # groups == in_channels == out_channels > 1
     scale_invariant: ScaleInvariance | None = None
     invariance_reason: str = ""         # why not invariant (or why it is), always filled by the pass
+    absorbers: tuple[Absorber, ...] | None = None   # normalisations that absorb the scaled channels; None = unknown
+    absorbers_reason: str = ""          # why absorbers is unknown (empty when known)
     module: str | None = None           # qualified name of the module (or op) that consumes the parameter
     layer: dict[str, Any] = field(default_factory=dict)  # stride, padding, dilation, padding_mode, ...
     input_shape: tuple[int, ...] | None = None   # the consuming layer's input shape (needs example_inputs)

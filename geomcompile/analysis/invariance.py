@@ -15,6 +15,15 @@ per-channel ops that keep per-channel constants constant, and is removed by BN/I
 per-channel means). Anything else it meets first (ReLU, dropout, GroupNorm, LayerNorm) breaks
 invariance. When unsure (unknown op, channel position unknown without shapes) the answer is
 "not invariant" with the reason; the pass never claims an invariance it cannot show.
+
+The same walk records, for an invariant weight, every normalisation that absorbs it
+(``facts.absorbers``): where the layer's channel 0 lands in the normaliser's channel dimension
+(behind ``cat``), whether the layer's bias reaches it, and whether it keeps running statistics,
+which describe the old scale and must be rescaled with the weight (``runtime/absorb.py``). Where
+a path does not show that record (a channel position that needs shapes, a channel spread over
+several features by flatten, a bias scaled on the way, a normaliser whose running statistics
+also see other tensors), ``absorbers`` is None and ``absorbers_reason`` says why; the invariance
+claim itself does not depend on it.
 """
 from __future__ import annotations
 
@@ -22,11 +31,13 @@ import operator
 from dataclasses import dataclass, replace
 
 import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
 
 from ..capture import Captured
-from .facts import UNITS, ParamFacts, ScaleInvariance
-from .layout import Use
-from .ops import classify
+from .facts import UNITS, Absorber, ParamFacts, ScaleInvariance
+from .layout import Use, _get_attr
+from .ops import _arg, classify
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,9 @@ class Signal:
     whole: bool = True         # the tensor is all of the layer's output (no cat with others)
     plain: bool = True         # channels still one-to-one (no flatten / cat): GroupNorm may absorb
     path: str = ""             # for reasons: "conv1 -> relu -> add"
+    at: int | None = 0         # index of the layer's channel 0 along the channel dim (None: unknown)
+    bias: str | None = None    # the bias parameter riding along as the offset
+    unproven: str = ""         # why this path's absorber record (at, bias) cannot be given
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,11 @@ class Absorbed:
     unit: str
     normalizer: str
     group_size: int | None = None
+    node: fx.Node | None = None     # the normalisation op reached
+    at: int | None = None
+    bias: str | None = None
+    running_stats: bool = False
+    unproven: str = ""
 
 
 class Broken(Exception):
@@ -52,6 +71,7 @@ class Broken(Exception):
 
 def analyze_invariance(facts: ParamFacts, uses: list[Use], cap: Captured) -> None:
     """Fill facts.scale_invariant / facts.invariance_reason for a conv / conv-transpose / linear weight."""
+    facts.absorbers_reason = "not scale-invariant: absorbers are recorded only for scale-invariant weights"
     if facts.kind not in ("conv", "conv_transpose", "linear"):
         facts.invariance_reason = f"kind {facts.kind!r}: only conv, conv_transpose and linear weights are analysed"
         return
@@ -61,8 +81,11 @@ def analyze_invariance(facts: ParamFacts, uses: list[Use], cap: Captured) -> Non
         for use in uses:
             if use.role != "weight":
                 raise Broken(f"also used by {use.node.name} as {use.role}")
-            sig = Signal(cdim=-1 if facts.kind == "linear" else 1, offset=_has_bias(use, cap),
-                         path=use.module or use.node.name)
+            has_bias, bias = _bias(use, cap)
+            path = use.module or use.node.name
+            sig = Signal(cdim=-1 if facts.kind == "linear" else 1, offset=has_bias, path=path, bias=bias,
+                         unproven=f"the bias of {path} is not a parameter of the model" if has_bias and not bias
+                         else "")
             found |= walker.follow_users(use.node, _resolve(sig, use.node))
     except Broken as why:
         facts.invariance_reason = f"not invariant: {why}"
@@ -79,13 +102,57 @@ def analyze_invariance(facts: ParamFacts, uses: list[Use], cap: Captured) -> Non
               f" normalisation) through positively homogeneous per-channel ops")
     facts.scale_invariant = ScaleInvariance(unit, normalizer, reason, group_size)
     facts.invariance_reason = reason
+    facts.absorbers, facts.absorbers_reason = _absorbers(found, _out_channels(facts), cap)
 
 
-def _has_bias(use: Use, cap: Captured) -> bool:
+def _bias(use: Use, cap: Captured) -> tuple[bool, str | None]:
+    """(the layer has a bias, its parameter name when it is a parameter)."""
     if use.module is not None:
-        return getattr(cap.modules[use.module], "bias", None) is not None
+        has = getattr(cap.modules[use.module], "bias", None) is not None
+        return has, f"{use.module}.bias" if has else None
     args = list(use.node.args) + [None] * 3
-    return args[2] is not None or use.node.kwargs.get("bias") is not None
+    b = args[2] if args[2] is not None else use.node.kwargs.get("bias")
+    if b is None:
+        return False, None
+    if isinstance(b, fx.Node) and b.op == "get_attr" and isinstance(_get_attr(cap, b.target), nn.Parameter):
+        return True, b.target
+    return True, None
+
+
+def _out_channels(facts: ParamFacts) -> int:
+    if facts.kind == "conv_transpose":   # weight (in, out / groups, *kernel)
+        return facts.shape[1] * facts.groups
+    return facts.shape[0]
+
+
+def _absorbers(found: set[Absorbed], channels: int, cap: Captured) -> tuple[tuple[Absorber, ...] | None, str]:
+    """The absorber records of an invariant weight, or None and why they cannot be given."""
+    problems = sorted({a.unproven for a in found if a.unproven})
+    if problems:
+        return None, "absorbers unknown: " + "; ".join(problems)
+    records: dict[str, dict[fx.Node, set]] = {}
+    for a in found:
+        records.setdefault(a.normalizer, {}).setdefault(a.node, set()).add((a.at, a.bias))
+    for module, per_call in records.items():
+        running = [a for a in found if a.normalizer == module and a.running_stats]
+        if not running:
+            continue
+        size = cap.modules[module].running_mean.shape[0]
+        if any(a.at + channels > size for a in running):
+            return None, (f"absorbers unknown: the layer's {channels} channels do not fit in the {size} "
+                          f"channels of {module} where the analysis places them")
+        calls = {n for n in cap.graph.nodes if n.op == "call_module" and n.target == module}
+        first = next(iter(per_call.values()))
+        if set(per_call) != calls or any(r != first for r in per_call.values()):
+            return None, (f"absorbers unknown: {module} is called {len(calls)} times, not always on this "
+                          f"layer's channels at the same place, and its running statistics mix those calls")
+    out = {Absorber(a.normalizer, a.at, channels, a.bias, a.running_stats) for a in found}
+    return tuple(sorted(out, key=lambda a: (a.module, a.offset))), ""
+
+
+def _unprove(sig: Signal, why: str) -> Signal:
+    """Keep following (the invariance does not depend on it) but mark the absorber record unknown."""
+    return replace(sig, unproven=sig.unproven or why)
 
 
 def _coarsest(found: set[Absorbed]) -> tuple[str, int | None]:
@@ -146,6 +213,9 @@ class _Walker:
             raise Broken(f"{path}: the layer's bias is not scaled with its weight and {info.name} does not "
                          f"keep it a per-channel constant (remove the bias: a BatchNorm follows)")
         nxt = replace(sig, path=path)
+        if sig.offset and info.name in ("mul", "div", "sum"):
+            nxt = _unprove(nxt, f"at {_label(node)} the layer's bias is multiplied ({info.name}) before it reaches "
+                                f"a normalisation, so the per-channel constant there is not the bias parameter")
         if info.cls == "flatten":
             nxt = self._flatten(node, nxt, info.extra["start"], info.extra["end"], path)
         elif info.cls == "reshape":
@@ -181,7 +251,24 @@ class _Walker:
         if end >= 0 and c > end:
             raise Broken(f"{path}: flatten of dims after the channel dim is not followed (the analyser "
                          f"refuses rather than track the shifted channel position)")
-        return replace(sig, cdim=start, plain=False)
+        nxt = replace(sig, cdim=start, plain=False)
+        shape = node.args[0].meta.get("gc_shape")
+        if start != c:
+            return _unprove(nxt, f"at {_label(node)} flatten merges the channel dim with the dims before it")
+        if shape is None or end < 0:
+            return _unprove(nxt, f"at {_label(node)} how many features each channel becomes needs shapes; "
+                                 f"pass example_inputs")
+        return self._spread(nxt, node, shape[c + 1:end + 1])
+
+    def _spread(self, sig: Signal, node: fx.Node, dims) -> Signal:
+        """Channel c becomes features c*k .. c*k + k - 1, k = prod(dims): one-to-one only when k == 1."""
+        k = 1
+        for d in dims:
+            k *= d
+        if k == 1:
+            return sig
+        return _unprove(sig, f"at {_label(node)} each channel is spread over {k} features; running "
+                             f"statistics are matched channel by channel only")
 
     def _reshape(self, src, node, sig, info, path) -> Signal:
         s_in, s_out = src.meta.get("gc_shape"), node.meta.get("gc_shape")
@@ -193,11 +280,13 @@ class _Walker:
             for s in s_in[c:]:
                 tail *= s
             if tuple(s_out[:c]) == tuple(s_in[:c]) and len(s_out) == c + 1 and s_out[c] == tail:
-                return replace(sig, cdim=c, plain=False)
+                return self._spread(replace(sig, cdim=c, plain=False), node, s_in[c + 1:])
             raise Broken(f"{path}: {info.name} {tuple(s_in)} -> {tuple(s_out)} moves the channels")
         shape = info.extra["shape"]
         if sig.cdim == 1 and len(shape) == 2 and shape[1] == -1 and _is_batch_size(shape[0], src):
-            return replace(sig, plain=False)  # x.view(x.size(0), -1): flatten from dim 1
+            return _unprove(replace(sig, plain=False),   # x.view(x.size(0), -1): flatten from dim 1
+                            f"at {_label(node)} how many features each channel becomes needs shapes; "
+                            f"pass example_inputs")
         raise Broken(f"{path}: {info.name} without known shapes; pass example_inputs")
 
     def _reduce(self, node, sig, info, path) -> Signal:
@@ -225,7 +314,28 @@ class _Walker:
         if dim != c:
             raise Broken(f"{path}: cat along dim {dim}, not the channel dim {c}")
         whole = sig.whole and all(t is src for t in tensors)
-        return self.follow_users(node, replace(sig, cdim=c, whole=whole, plain=False, path=path))
+        out: set[Absorbed] = set()
+        for i in (i for i, t in enumerate(tensors) if t is src):
+            nxt = replace(sig, cdim=c, whole=whole, plain=False, path=path)
+            before = self._count(tensors[:i], dim)
+            if before is None or sig.at is None:
+                nxt = _unprove(replace(nxt, at=None),
+                               f"at {_label(node)} where the layer's channels land needs the channel counts of "
+                               f"the tensors before them in the cat; pass example_inputs")
+            else:
+                nxt = replace(nxt, at=sig.at + before)
+            out |= self.follow_users(node, nxt)
+        return frozenset(out)
+
+    def _count(self, tensors, dim: int) -> int | None:
+        """Total size of `tensors` along `dim`, when their shapes are known."""
+        total = 0
+        for t in tensors:
+            shape = t.meta.get("gc_shape") if isinstance(t, fx.Node) else None
+            if shape is None or len(shape) <= dim:
+                return None
+            total += shape[dim]
+        return total
 
     def _absorb(self, node, sig, info, path) -> Absorbed:
         kind = info.extra["norm"]
@@ -239,7 +349,7 @@ class _Walker:
                 expected = 0  # unbatched input (C, *spatial)
             if c != expected:
                 raise Broken(f"{path}: {label} normalises dim {expected}, but the channels are at dim {c}")
-            return Absorbed("row", label)
+            return self._record(Absorbed("row", label), node, sig)
         if sig.offset:
             raise Broken(f"{path}: {label} ({kind} norm) does not subtract per-channel means, so the "
                          f"layer's unscaled bias breaks the invariance")
@@ -249,16 +359,36 @@ class _Walker:
             channels = info.extra.get("num_channels") or self._channels(node.args[0], c)
             if not (sig.plain and sig.whole and c == 1 and isinstance(groups, int) and channels):
                 raise Broken(f"{path}: {label} groups do not line up with the layer's channels")
-            return Absorbed("group", label, channels // groups)
+            return self._record(Absorbed("group", label, channels // groups), node, sig)
         if kind == "layer":
             if not sig.whole:
                 raise Broken(f"{path}: {label} normalises the layer's output together with other tensors")
-            return Absorbed("tensor", label)
+            return self._record(Absorbed("tensor", label), node, sig)
         raise Broken(f"{path}: unknown normalisation {label}")
+
+    def _record(self, absorbed: Absorbed, node: fx.Node, sig: Signal) -> Absorbed:
+        """Add where the channels land, the bias and the running statistics to an absorption."""
+        unproven, running = sig.unproven, False
+        if node.op == "call_module":
+            m = self.cap.modules[node.target]
+            mean = getattr(m, "running_mean", None)
+            running = bool(getattr(m, "track_running_stats", False)) and mean is not None
+        elif node.target in (F.batch_norm, F.instance_norm):
+            if _arg(node, 1, "running_mean") is not None:
+                unproven = unproven or (f"{node.name} is a functional normalisation whose running statistics "
+                                        f"belong to no normalisation module")
+        elif absorbed.unit == "row":
+            unproven = unproven or f"cannot tell whether {node.name} keeps running statistics"
+        return replace(absorbed, node=node, at=sig.at, bias=sig.bias if sig.offset else None,
+                       running_stats=running, unproven=unproven)
 
     def _channels(self, node, c):
         shape = node.meta.get("gc_shape")
         return shape[c] if shape is not None else None
+
+
+def _label(node: fx.Node) -> str:
+    return node.target if node.op == "call_module" else node.name
 
 
 def _is_batch_size(arg, src: fx.Node) -> bool:

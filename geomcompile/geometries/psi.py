@@ -170,7 +170,7 @@ class PSI(Geometry):
     def on_install(self, unit: Unit, state, ctx: StepContext) -> list[str]:
         from ..runtime.absorb import rescale_problem     # late: the runtime imports the geometries
         return [f"psi does not renormalise {f.name}: {why}" for f in unit.facts
-                if (why := rescale_problem(f, ctx.model))]
+                if (why := rescale_problem(f))]
 
     def pre_step(self, unit: Unit, grads, state, ctx: StepContext) -> None:
         for facts, grad in zip(unit.facts, grads):
@@ -184,7 +184,7 @@ class PSI(Geometry):
         events = []
         for facts in unit.facts:
             p = ctx.params[facts.name]
-            if p.numel() == 0 or not ctx.has_grad(facts.name) or rescale_problem(facts, ctx.model):
+            if p.numel() == 0 or not ctx.has_grad(facts.name) or rescale_problem(facts):
                 continue
             u, dim, gs = psi_layout(facts)
             factors = psi_renorm_factors(p.detach(), self.opts["max_norm"], u, dim, gs)

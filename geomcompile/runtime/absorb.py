@@ -1,23 +1,25 @@
-"""Keep the eval-mode function when a retraction rescales a scale-invariant weight's channels.
+"""Keep the eval-mode function when a scale-invariant weight's output channels are rescaled.
 
-A BatchNorm (or InstanceNorm with ``track_running_stats``) in training mode normalises with batch
-statistics, so scaling the channels that reach it by c > 0 changes nothing. In eval mode it uses
-``running_mean`` / ``running_var``, accumulated for the old scale: they must follow. The layer's
-bias b rides unscaled into the normalisation (only through offset-preserving ops, or the analysis
-would not have claimed invariance), so the channel that reached the norm as z = u + b becomes
-c·u + b:
+Scaling output channel i of a layer by c_i > 0 (psi's renormalisation) leaves the training-mode
+function unchanged, because the normalisations that absorb it use batch statistics. In eval mode
+BatchNorm / InstanceNorm use running statistics, accumulated for the old scale. Write the
+normaliser's input channel as z = u + b, with u the part that scales and b the layer bias that
+reaches it unscaled (``Absorber.bias``; 0 without one). After the rescale z' = c·u + b, and running
+statistics that describe z' are
 
-    mean' = c·(mean − b) + b,      var' = c²·var
+    mean' = c·(mean − b) + b = mean + (c − 1)·(mean − b),      var' = c²·var.
 
-The eval output (x − mean)/sqrt(var + eps) is then unchanged up to eps: with var' = c²·var the
-relative effect of eps changes, as it does for batch statistics in training mode.
+Both are affine in every batch statistic that went into the average, with weights that sum to 1
+(initial values included), so this holds for the exponential average (``momentum``) and the
+cumulative average (``momentum=None``) alike; ``num_batches_tracked`` is left as it is.
 
-Which normalisations absorb a weight is read from the analysis (``facts.scale_invariant.normalizer``).
-The rescale is applied only when it is provable: every absorbing normalisation with running
-statistics must read exactly the layer's channels (its ``num_features`` equals the layer's output
-channels, so the channels arrive at offset 0 — channel permutations, slices and partial ``cat``\\ s
-break invariance in the analysis). Otherwise ``rescale_problem`` says why, and psi does not
-renormalise that weight (the plan reports it).
+eps: the eval output becomes (z' − mean')/sqrt(var' + eps) = (z − mean)/sqrt(var + eps/c²), so it is
+unchanged up to eps, which is now weighed against a variance c² times smaller or larger. The
+relative change is about (1/c² − 1)·eps/(2·var): the same inexactness the training-mode function
+has with batch variances, and inherent to normalising with an eps.
+
+Both functions are tensor-only (no Python branching on tensor values, no ``.item()``), so they can
+run inside ``torch.compile(optimizer.step)``.
 """
 from __future__ import annotations
 
@@ -26,70 +28,91 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..analysis.facts import ParamFacts
-
-_RUNNING = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-
-
-def absorbers(facts: ParamFacts) -> list[str]:
-    """Qualified names of the normalisations that absorb the weight's scaling (from the analysis)."""
-    inv = facts.scale_invariant
-    if inv is None or not inv.normalizer:
-        return []
-    return [n.strip() for n in inv.normalizer.split(",") if n.strip()]
+from ..analysis.facts import Absorber, ParamFacts
+from ..errors import GeomCompileError
 
 
-def _with_running_stats(model: nn.Module, facts: ParamFacts) -> list[tuple[str, nn.Module | None]]:
-    out = []
-    for name in absorbers(facts):
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            out.append((name, None))
-            continue
-        if isinstance(module, _RUNNING) and module.track_running_stats and module.running_mean is not None:
-            out.append((name, module))
-    return out
-
-
-def rescale_problem(facts: ParamFacts, model: nn.Module | None = None) -> str | None:
-    """Why the running statistics behind this weight cannot be rescaled provably, or None."""
-    if model is None or facts.scale_invariant is None:
-        return None
-    channels = facts.shape[facts.out_dim or 0] if facts.shape else 1
-    for name, module in _with_running_stats(model, facts):
-        if module is None:
-            return f"its normalisation {name!r} is not a submodule of the model, so its running statistics cannot be found"
-        if module.num_features != channels:
-            return (f"{name} has {module.num_features} channels and the layer {channels}: where the layer's channels "
-                    f"sit in it (behind a cat) is not known, so its running statistics could not follow a "
-                    f"renormalisation and eval mode would change")
+def rescale_problem(facts: ParamFacts) -> str | None:
+    """Why the running statistics of this weight's absorbers cannot be rescaled (None when they can,
+    including when there are none with running stats)."""
+    if facts.absorbers is None:
+        return facts.absorbers_reason or f"{facts.name}: the analysis recorded no absorbers"
     return None
 
 
-def has_running_stats(facts: ParamFacts, model: nn.Module | None = None) -> bool:
-    return model is not None and bool(_with_running_stats(model, facts))
+def rescaled_running_stats(mean: torch.Tensor, var: torch.Tensor, factors: torch.Tensor,
+                           bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure: running statistics of channels whose scaled part was multiplied by `factors`.
+
+    mean' = mean + (c − 1)·(mean − b), var' = c²·var, exact where c == 1. Computed in float32
+    (float64 for float64 buffers); returned in the buffers' dtypes.
+    """
+    dtype = torch.float64 if mean.dtype == torch.float64 else torch.float32
+    c = factors.to(device=mean.device, dtype=dtype)
+    m = mean.to(dtype)
+    centred = m if bias is None else m - bias.detach().to(device=mean.device, dtype=dtype)
+    new_mean = m + (c - 1) * centred
+    new_var = var.to(dtype) * (c * c)
+    return new_mean.to(mean.dtype), new_var.to(var.dtype)
 
 
 def rescale_running_stats(model: nn.Module, facts: ParamFacts, channel_factors: torch.Tensor,
                           params: Mapping[str, torch.Tensor] | None = None) -> None:
-    """After the weight's output channels were multiplied by ``channel_factors`` (1.0 = unchanged),
-    make the running statistics of every absorbing normalisation match. Tensor-only (no host sync)."""
-    targets = [m for _, m in _with_running_stats(model, facts) if m is not None]
-    if not targets:
+    """Match the absorbers' running statistics to a weight whose output channels were rescaled.
+
+    After the weight's output channels were multiplied by `channel_factors` (1-D, one per output
+    channel of the layer, 1.0 where unchanged; a one-element tensor scales every channel), every
+    absorbing normalisation with running statistics gets, on channels offset..offset+channels,
+    mean' = c·(mean − b) + b and var' = c²·var (b: the layer bias entering that channel, 0 without
+    bias), so the eval-mode function is unchanged up to eps (see the module docstring). Absorbers
+    without running statistics (GroupNorm, LayerNorm, norms with ``track_running_stats=False``) are
+    left alone. `params` maps names to parameters for reading the bias (default:
+    ``dict(model.named_parameters())``; names it lacks, such as aliases, are looked up on the model).
+
+    Raises GeomCompileError when ``rescale_problem(facts)`` names a problem, or when the factors
+    do not have one entry per channel.
+    """
+    problem = rescale_problem(facts)
+    if problem is not None:
+        raise GeomCompileError(f"cannot rescale the running statistics behind {facts.name}: {problem}")
+    running = [a for a in facts.absorbers if a.running_stats]
+    if not running:
         return
-    bias = _bias_of(facts, params if params is not None else dict(model.named_parameters()))
+    factors = channel_factors.reshape(-1)
+    if params is None:
+        params = dict(model.named_parameters())
     with torch.no_grad():
-        for module in targets:
-            mean, var = module.running_mean, module.running_var
-            c = channel_factors.to(device=mean.device, dtype=torch.float32)
-            b = bias.to(device=mean.device, dtype=torch.float32) if bias is not None else torch.zeros_like(c)
-            mean.copy_((c * (mean.to(torch.float32) - b) + b).to(mean.dtype))
-            var.copy_((c * c * var.to(torch.float32)).to(var.dtype))
+        for absorber in running:
+            _rescale_one(model, absorber, _per_channel(factors, absorber, facts), params)
 
 
-def _bias_of(facts: ParamFacts, params: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-    if not facts.module:
-        return None
-    bias = params.get(f"{facts.module}.bias")
-    return bias.detach() if bias is not None else None
+def _per_channel(factors: torch.Tensor, absorber: Absorber, facts: ParamFacts) -> torch.Tensor:
+    if factors.numel() == 1:
+        return factors.expand(absorber.channels)
+    if factors.numel() != absorber.channels:
+        raise GeomCompileError(
+            f"rescale_running_stats for {facts.name}: channel_factors has {factors.numel()} entries, but the "
+            f"layer has {absorber.channels} output channels; pass one factor per output channel (repeat a "
+            f"group's factor over its channels) or a single factor for the whole tensor")
+    return factors
+
+
+def _rescale_one(model: nn.Module, absorber: Absorber, factors: torch.Tensor,
+                 params: Mapping[str, torch.Tensor]) -> None:
+    norm = model.get_submodule(absorber.module)
+    mean, var = getattr(norm, "running_mean", None), getattr(norm, "running_var", None)
+    if mean is None or var is None:
+        return   # the module no longer keeps running statistics
+    bias = None
+    if absorber.bias is not None:
+        bias = params[absorber.bias] if absorber.bias in params else model.get_parameter(absorber.bias)
+    channels = slice(absorber.offset, absorber.offset + absorber.channels)
+    new_mean, new_var = rescaled_running_stats(mean[channels], var[channels], factors, bias)
+    mean[channels].copy_(new_mean)
+    var[channels].copy_(new_var)
+
+
+def has_running_stats(facts: ParamFacts) -> bool:
+    """Whether a rescale of this weight has running statistics to follow (unknown absorbers count:
+    the runtime must not let anything rescale such a weight behind their back)."""
+    return facts.absorbers is None or any(a.running_stats for a in facts.absorbers)

@@ -148,7 +148,7 @@ class Installation:
         if self.callbacks:
             return True
         facts = next((f for it in self.items for n, f in zip(it.unit.names, it.unit.facts) if n == name), None)
-        return facts is not None and absorb.has_running_stats(facts, self.ctx.model)
+        return facts is not None and absorb.has_running_stats(facts)
 
     def _post(self, optimizer, args, kwargs):
         if not self.ctx.stepped:
