@@ -5,6 +5,7 @@ Nothing here compiles: torch.compile only wraps, and the analysis reads the wrap
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 import warnings
 
 import pytest
@@ -102,6 +103,10 @@ def test_a_user_module_called_module_is_not_mangled(process_group):
     assert bare["module.0.weight"].scale_invariant.normalizer == "module.1"
     ddp = gc.analyze(nn.parallel.DistributedDataParallel(HasModule()), images())
     assert facts_table(ddp) == facts_table(bare)                 # DDP's `module.` dropped, the user's kept
+    # a policy naming the user's `module` as written matches it, with no note
+    text = "version: 1\nrules:\n  - match: {param: module.0.weight}\n    use: {psi: {}}\n"
+    result = gc.load_policy(text).resolve(bare)
+    assert list(result.assignments) == ["module.0.weight"] and result.notes == []
 
 
 # ---- wrapped models analyse like the bare model ------------------------------------------------------
@@ -156,6 +161,51 @@ def test_the_peeled_wrapper_is_noted():
     structure = gc.analyze(torch.compile(small_resnet()))
     assert any("inside torch.compile" in n for n in structure.notes)
     assert not any("inside" in n for n in gc.analyze(small_resnet()).notes)
+
+
+# ---- policies on wrapped models ------------------------------------------------------------------------
+POLICY = textwrap.dedent("""\
+    version: 1
+    rules:
+      - name: blocks
+        match: {param: "PREFIXlayer*.**.weight", kind: conv, scale_invariant: true}
+        use: {psi: {}}
+      - name: head
+        match: {param: "PREFIXfc.weight"}
+        use: {channel_directed: {}}
+    """)
+
+
+def assigned(result) -> dict:
+    return {(p, s): g.name for p, stages in result.assignments.items() for s, g in stages.items()}
+
+
+def test_plan_of_a_compiled_model_matches_the_users_glob():
+    bare = gc.plan(small_resnet(), POLICY.replace("PREFIX", ""))
+    compiled = gc.plan(torch.compile(small_resnet()), POLICY.replace("PREFIX", ""))
+    assert assigned(compiled) == assigned(bare)
+    assert ("layer1.0.conv1.weight", "metric") in assigned(bare) and ("fc.weight", "metric") in assigned(bare)
+    assert compiled.rule_counts == bare.rule_counts
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module.", "module._orig_mod."])
+def test_a_glob_written_against_a_wrapped_name_is_read_canonically(prefix, tmp_path):
+    path = tmp_path / "wrapped.yaml"
+    path.write_text(POLICY.replace("PREFIX", prefix))
+    structure = gc.analyze(torch.compile(small_resnet()))
+    result = gc.load_policy(path).resolve(structure)          # strict: no "matches nothing" error
+    assert assigned(result) == assigned(gc.load_policy(POLICY.replace("PREFIX", "")).resolve(structure))
+    assert len(result.notes) == 2
+    assert result.notes[0].startswith(f"{path}:4:20: param pattern '{prefix}layer*.**.weight'")
+    assert "read as 'layer*.**.weight'" in result.notes[0]
+    assert result.notes[1].startswith(f"{path}:7:20:") and "read as 'fc.weight'" in result.notes[1]
+
+
+def test_a_wrapped_glob_that_matches_nothing_either_way_is_still_an_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(POLICY.replace("PREFIX", "module.").replace("fc.weight", "classifier.weight"))
+    with pytest.raises(gc.GeomCompileError, match=f"{path}:6:5: rule 'head' matches no parameter"):
+        gc.load_policy(path).resolve(gc.analyze(small_resnet()))
 
 
 # ---- example_inputs forms --------------------------------------------------------------------------
