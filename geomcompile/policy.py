@@ -20,13 +20,16 @@ a geometry that cannot apply to a parameter its rule matched (error in strict, w
 Names are canonical (``geomcompile.names``): without torch.compile / DDP / FSDP / checkpoint
 wrapper components. A ``param``/``module`` glob written against a wrapped name (``module.head.weight``,
 ``_orig_mod.**``) is read without the wrapper components when, as written, it matches no name of the
-model; the resolution's ``notes`` say so.
+model; the resolution's ``notes`` say so. An option combination that works but defeats its purpose
+(``Geometry.config_warnings``) is a ``GeomCompileWarning`` at load time, placed at its ``use`` entry,
+and is listed again in every resolution's ``warnings``.
 """
 from __future__ import annotations
 
 import difflib
 import importlib.resources
 import re
+import warnings as _warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -35,7 +38,7 @@ import yaml
 
 from . import geometries  # noqa: F401  (importing the package registers the geometries)
 from .analysis.facts import KINDS, ParamFacts
-from .errors import GeomCompileError
+from .errors import GeomCompileError, GeomCompileWarning
 from .geometries.base import REGISTRY, STAGES, Geometry
 from .names import canonical_name
 
@@ -295,6 +298,7 @@ class Rule:
     use_where: dict[str, str] = field(default_factory=dict, repr=False)   # geometry -> its position
     _match_test: Callable = field(default=lambda f, names=None: True, repr=False, compare=False)
     _exclude_test: Callable | None = field(default=None, repr=False, compare=False)
+    config_warnings: list[str] = field(default_factory=list, repr=False)   # "file:line:col: ..." per use entry
     _patterns: list = field(default_factory=list, repr=False, compare=False)
 
     def matches(self, facts: ParamFacts, names: _Names | None = None) -> bool:
@@ -342,11 +346,11 @@ def _build_geometry(cls: type[Geometry], opts, path: tuple, loc: _Locator) -> Ge
         loc.fail(path, f"cannot configure {cls.name}: {e}")
 
 
-def _build_use(raw, path: tuple, loc: _Locator, rule: str) -> tuple[dict, dict]:
+def _build_use(raw, path: tuple, loc: _Locator, rule: str) -> tuple[dict, dict, list]:
     if not isinstance(raw, Mapping) or not raw:
         loc.fail(path, f"rule {rule!r}: `use` must map geometry names to options, got {raw!r}. "
                        f"Fix: write e.g. `use: {{psi: {{max_norm: 1.0e4}}}}`")
-    use, where, stage_of = {}, {}, {}
+    use, where, stage_of, config_warnings = {}, {}, {}, []
     for name, opts in raw.items():
         cls = REGISTRY.get(name)
         if cls is None:
@@ -360,7 +364,11 @@ def _build_use(raw, path: tuple, loc: _Locator, rule: str) -> tuple[dict, dict]:
         stage_of[cls.stage] = name
         use[name] = _build_geometry(cls, opts, path + (name,), loc)
         where[name] = loc.at(path + (name,), key=True)
-    return use, where
+        for text in use[name].config_warnings():
+            message = f"{where[name]}: rule {rule!r}: {name}: {text}"
+            config_warnings.append(message)
+            _warnings.warn(message, GeomCompileWarning, stacklevel=2)
+    return use, where, config_warnings
 
 
 def _build_rule(raw, index: int, loc: _Locator) -> Rule:
@@ -383,9 +391,9 @@ def _build_rule(raw, index: int, loc: _Locator) -> Rule:
                                       f"Fix: remove it, or give selectors")
     exclude_test = None if exclude is None else _compile_selectors(exclude, path + ("exclude",), loc, "exclude",
                                                                    patterns)
-    use, use_where = _build_use(raw["use"], path + ("use",), loc, name)
+    use, use_where, config_warnings = _build_use(raw["use"], path + ("use",), loc, name)
     return Rule(name, dict(raw["match"]), None if exclude is None else dict(exclude), use, loc.at(path),
-                str(raw.get("description", "")), use_where, match_test, exclude_test, patterns)
+                str(raw.get("description", "")), use_where, match_test, exclude_test, config_warnings, patterns)
 
 
 # ---- policy ---------------------------------------------------------------------------------
@@ -416,6 +424,11 @@ class Policy:
         """One line per rule: its selectors and geometries (for `geomcompile validate POLICY`)."""
         head = f"policy {self.source}: version {self.version}, validate {self.validate}, {len(self.rules)} rule(s)"
         return "\n".join([head] + [f"  {i}. {r.describe()}" for i, r in enumerate(self.rules, 1)])
+
+    @property
+    def config_warnings(self) -> list[str]:
+        """Option combinations that work but defeat their purpose, "file:line:col: ..." per use entry."""
+        return [w for rule in self.rules for w in rule.config_warnings]
 
     def _problem(self, message: str, warnings: list[str]) -> None:
         """A model-dependent problem: an error in strict mode, a warning in warn mode."""
@@ -457,7 +470,7 @@ class Policy:
     def resolve(self, structure: Mapping[str, ParamFacts]) -> Resolution:
         """Assign geometries to the parameters of an analysed model (see the module docstring)."""
         counts = {rule.name: 0 for rule in self.rules}
-        assignments, rule_of, warnings = {}, {}, []
+        assignments, rule_of, warnings = {}, {}, list(self.config_warnings)
         names = _Names(structure)
         notes = [note for rule in self.rules for pattern in rule._patterns for note in pattern.notes(names)]
         for name, facts in structure.items():
