@@ -15,24 +15,35 @@ result is not reassigned; the in-place node stays a user of that value. The inva
 every user, so such an op is still checked on the path (and the ops it knows in place keep the
 signal as it was). The run path rebinds the tensor to the in-place op's node, as executed.
 
-With example inputs, every tensor-valued node gets ``node.meta["gc_shape"]``. Running the model
-for shapes leaves it as it was: training flag, buffers (BatchNorm running stats) and the global
-RNG state are restored afterwards.
+Example inputs (``normalize_example_inputs``): a tuple or list of positional inputs, one tensor, or
+a ``Mapping`` of keyword arguments (``model(**batch)``, as for Hugging Face batches). A forward
+argument that has a default and is not given is traced as that default (fx ``concrete_args``), so
+``if attention_mask is not None:`` takes the branch the inputs take. With example inputs, every
+tensor-valued node gets ``node.meta["gc_shape"]``. Running the model for shapes leaves it as it
+was: training flag, buffers (BatchNorm running stats) and the global RNG state are restored
+afterwards.
+
+Wrappers (``geomcompile.names``): the root's torch.compile / DDP / DataParallel / FSDP1 /
+checkpoint wrappers are peeled off, wrappers inside the model are traced through as if absent,
+and every module target in the graph and every key of ``Captured.modules`` is a canonical name.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import operator
 import traceback
 from dataclasses import dataclass, field
-from typing import Mapping, Any
+from typing import Any, Mapping
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from .errors import GeomCompileError
+from .names import canonical_module_names, is_compiled, unwrap_model, unwrap_one
 
 # Module types the analysis understands as a whole; user subclasses of these stay leaves too.
 _KNOWN_LEAF_TYPES = (
@@ -42,9 +53,12 @@ _KNOWN_LEAF_TYPES = (
 
 
 def is_leaf_module(m: nn.Module) -> bool:
-    """torch.fx's default rule (torch.nn modules except Sequential) plus subclasses of known layers."""
+    """torch.fx's default rule (torch.nn modules except Sequential) plus subclasses of known layers.
+    Wrappers (DDP, DataParallel, ...) are not leaves: what they wrap is analysed."""
     if isinstance(m, _KNOWN_LEAF_TYPES):
         return True
+    if unwrap_one(m) is not None:
+        return False
     mod = type(m).__module__
     return (mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")) and not isinstance(
         m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
@@ -53,6 +67,12 @@ def is_leaf_module(m: nn.Module) -> bool:
 class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_leaf_module(m)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        inner = unwrap_one(m)
+        if inner is not None:     # a wrapper inside the model: trace the module it wraps instead
+            return self.call_module(inner, inner.forward, args, kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
 
 @dataclass
@@ -64,38 +84,99 @@ class Captured:
     notes: list[str] = field(default_factory=list)
 
 
-def split_inputs(example_inputs) -> tuple[tuple, dict]:
-    """example_inputs as (positional, keyword) arguments of one forward call. Accepted: a tuple or list
-    of positional inputs, a single tensor, or a Mapping of keyword arguments (a Hugging Face batch)."""
+@dataclass(frozen=True)
+class ExampleInputs:
+    """One forward call's inputs: ``model(*args, **kwargs)``."""
+
+    args: tuple
+    kwargs: dict
+
+    def describe(self) -> str:
+        return ", ".join(["*args"] * bool(self.args) + ["**kwargs"] * bool(self.kwargs)) or "no inputs"
+
+
+def normalize_example_inputs(example_inputs) -> ExampleInputs | None:
+    """None; a tuple or list of positional inputs; a Mapping of keyword inputs (``model(**batch)``);
+    anything else (one tensor) is the single positional input. A model whose forward takes one dict
+    positionally gets it as ``(batch,)``."""
+    if example_inputs is None or isinstance(example_inputs, ExampleInputs):
+        return example_inputs
     if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
+        bad = [k for k in example_inputs if not isinstance(k, str)]
+        if bad:
+            raise GeomCompileError(f"example_inputs given as a mapping are keyword arguments, so its keys must "
+                                   f"be strings; got {bad[0]!r}. Fix: pass (batch,) if forward takes the "
+                                   f"mapping as one positional argument")
+        return ExampleInputs((), dict(example_inputs))
     if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    return (example_inputs,), {}
+        return ExampleInputs(tuple(example_inputs), {})
+    return ExampleInputs((example_inputs,), {})
 
 
 def capture(model: nn.Module, example_inputs=None) -> Captured:
-    modules = dict(model.named_modules())
-    if example_inputs is not None:
-        example_inputs = split_inputs(example_inputs)
+    """Capture the model (wrappers peeled off) with the given example inputs (see the module docstring)."""
+    model, peeled = unwrap_model(model)
+    inputs = normalize_example_inputs(example_inputs)
+    canon = canonical_module_names(model)
+    modules = {canon[raw]: m for raw, m in model.named_modules(remove_duplicate=False)}  # inner wins
+    notes = [f"analysed the model inside {peeled}; parameter names are given without the wrapper's "
+             f"prefix"] if peeled else []
+    concrete = _absent_defaults(model, inputs) if inputs is not None else None
     try:
-        graph = _LeafTracer().trace(model)
+        graph = _LeafTracer().trace(model, concrete_args=concrete or None)
     except Exception as exc:  # symbolic tracing can fail in many ways; all mean "use the fallback"
-        where = _module_where_tracing_stopped(model, exc)
-        if example_inputs is None:
+        where = _module_where_tracing_stopped(model, exc, canon)
+        if inputs is None:
             raise GeomCompileError(
                 f"torch.fx could not trace the model: it stopped in {where} with "
                 f"{type(exc).__name__}: {_first_line(exc)}. Pass example_inputs=(a batch of inputs,) "
-                f"to gc.analyze/gc.plan/gc.apply so geomcompile can capture the graph by running "
-                f"the model once instead.") from exc
-        graph = _record_run(model, *example_inputs)
-        return Captured(graph, modules, "run", True,
-                        [f"torch.fx tracing stopped in {where} ({type(exc).__name__}); the graph was "
-                         f"captured by running the model once on example_inputs, so it shows the "
-                         f"control-flow path taken for those inputs"])
-    if example_inputs is not None:
-        _propagate_shapes(model, graph, *example_inputs)
-    return Captured(graph, modules, "fx", example_inputs is not None)
+                f"(or a dict of keyword inputs) to gc.analyze/gc.plan/gc.apply so geomcompile can "
+                f"capture the graph by running the model once instead.") from exc
+        return _run_capture(model, inputs, canon, modules, notes,
+                            f"torch.fx tracing stopped in {where} ({type(exc).__name__})")
+    if inputs is not None:
+        try:
+            _propagate_shapes(model, graph, inputs)
+        except GeomCompileError:
+            raise
+        except Exception as exc:  # the traced graph does not run on these inputs: record what does run
+            return _run_capture(model, inputs, canon, modules, notes,
+                                f"the traced graph did not run on example_inputs ({type(exc).__name__}: "
+                                f"{_first_line(exc)})")
+    _rename_targets(graph, canon)
+    return Captured(graph, modules, "fx", inputs is not None, notes)
+
+
+def _run_capture(model, inputs: ExampleInputs, canon, modules, notes, why: str) -> Captured:
+    graph = _record_run(model, inputs, canon)
+    return Captured(graph, modules, "run", True,
+                    notes + [f"{why}; the graph was captured by running the model once on example_inputs, "
+                             f"so it shows the control-flow path taken for those inputs"])
+
+
+def _absent_defaults(model: nn.Module, inputs: ExampleInputs) -> dict[str, Any]:
+    """Forward arguments with a default that the inputs leave out: traced as that default."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    positional = [n for n, p in params.items()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:len(inputs.args)]
+    # Only defaults fx can check for (other values would only get a warning from fx).
+    return {n: p.default for n, p in params.items()
+            if n not in positional and n not in inputs.kwargs
+            and (p.default is None or type(p.default) in (bool, int, float, str))}
+
+
+def _rename_targets(graph: fx.Graph, canon: dict[str, str]) -> None:
+    """Module and attribute targets in canonical names (wrappers inside the model dropped)."""
+    for node in graph.nodes:
+        if node.op == "call_module":
+            node.target = canon.get(node.target, node.target)
+        elif node.op == "get_attr":
+            owner, _, attr = node.target.rpartition(".")
+            if owner in canon:
+                node.target = f"{canon[owner]}.{attr}" if canon[owner] else attr
 
 
 def _first_line(exc: BaseException) -> str:
@@ -103,9 +184,9 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else ""
 
 
-def _module_where_tracing_stopped(model: nn.Module, exc: BaseException) -> str:
-    """Innermost module whose forward was on the stack when tracing raised."""
-    names = {id(m): n for n, m in model.named_modules()}
+def _module_where_tracing_stopped(model: nn.Module, exc: BaseException, canon: dict[str, str]) -> str:
+    """Innermost module whose forward was on the stack when tracing raised (canonical name)."""
+    names = {id(m): canon[n] for n, m in model.named_modules()}
     where = None
     for frame, _ in traceback.walk_tb(exc.__traceback__):
         code = frame.f_code
@@ -150,14 +231,41 @@ class _ShapeInterpreter(fx.Interpreter):
         return out
 
 
-def _propagate_shapes(model: nn.Module, graph: fx.Graph, args: tuple, kwargs: dict) -> None:
+def _placeholder_values(model: nn.Module, graph: fx.Graph, inputs: ExampleInputs) -> dict[fx.Node, Any]:
+    """The value of every placeholder of a traced graph for one call model(*args, **kwargs)."""
+    try:
+        bound = inspect.signature(model.forward).bind(*inputs.args, **inputs.kwargs)
+    except TypeError as exc:
+        raise GeomCompileError(f"example_inputs ({inputs.describe()}) do not fit "
+                               f"{type(model).__name__}.forward: {exc}") from None
+    params = inspect.signature(model.forward).parameters
+    env = {}
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        name = node.target.lstrip("*")
+        if name in bound.arguments:
+            value = bound.arguments[name]
+            env[node] = list(value) if params[name].kind is inspect.Parameter.VAR_POSITIONAL else value
+        elif node.target.startswith("**"):
+            env[node] = {}
+        elif node.target.startswith("*"):
+            env[node] = []
+        elif node.args:                  # a default, or a value fx specialised the trace to
+            env[node] = node.args[0]
+        else:
+            raise GeomCompileError(f"example_inputs ({inputs.describe()}) give no value for "
+                                   f"{type(model).__name__}.forward's argument {node.target!r}")
+    return env
+
+
+def _propagate_shapes(model: nn.Module, graph: fx.Graph, inputs: ExampleInputs) -> None:
+    env = _placeholder_values(model, graph, inputs)
+    for node, value in env.items():
+        node.meta["gc_shape"] = _shape_of(value)
     gm = fx.GraphModule(model, graph)
-    if kwargs:       # placeholders are forward's parameters in order; fill them by name, else their default
-        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        args = tuple(args) + tuple(kwargs[n.target] if n.target in kwargs else (n.args[0] if n.args else None)
-                                   for n in placeholders[len(args):])
     with preserved_state(model):
-        _ShapeInterpreter(gm).run(*args)
+        _ShapeInterpreter(gm).run(initial_env=dict(env))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,18 +274,18 @@ def _propagate_shapes(model: nn.Module, graph: fx.Graph, args: tuple, kwargs: di
 class _Recorder(TorchFunctionMode):
     """Writes every torch function / Tensor method called outside leaf modules into an fx.Graph."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, canon: dict[str, str]):
         super().__init__()
         self.graph = fx.Graph()
         self.env: dict[int, fx.Node] = {}
         self.keep: list[Any] = []          # keep recorded tensors alive so ids stay unique
         self.depth = 0                      # > 0 while inside a leaf module's forward
-        self.qualname = {id(m): n for n, m in model.named_modules()}
+        self.qualname = {id(m): canon[n] for n, m in model.named_modules()}
         self.attr_name = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            self.attr_name.setdefault(id(p), name)
-        for name, b in model.named_buffers(remove_duplicate=False):
-            self.attr_name.setdefault(id(b), name)
+        for n, m in model.named_modules(remove_duplicate=False):
+            for local, t in [*m._parameters.items(), *m._buffers.items()]:
+                if t is not None:
+                    self.attr_name.setdefault(id(t), f"{canon[n]}.{local}" if canon[n] else local)
 
     def bind(self, value: Any, node: fx.Node) -> None:
         if isinstance(value, torch.Tensor):
@@ -228,9 +336,15 @@ def _untracked_tensor():
     """Marker target for tensors the recorder saw only as inputs (created outside its view)."""
 
 
-def _record_run(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> fx.Graph:
-    example_kwargs = example_kwargs or {}
-    rec = _Recorder(model)
+def _eager_compiled_submodules(model: nn.Module):
+    """torch.compile'd submodules run eagerly, so the recorder sees their ops."""
+    if any(is_compiled(m) for m in model.modules()) and hasattr(torch.compiler, "set_stance"):
+        return torch.compiler.set_stance("force_eager")
+    return contextlib.nullcontext()
+
+
+def _record_run(model: nn.Module, inputs: ExampleInputs, canon: dict[str, str]) -> fx.Graph:
+    rec = _Recorder(model, canon)
     handles = []
 
     # Hooks run with the recording mode active: bookkeeping (x.shape, ...) happens at depth > 0
@@ -253,23 +367,22 @@ def _record_run(model: nn.Module, example_inputs: tuple, example_kwargs: dict | 
             handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(m.register_forward_hook(post, with_kwargs=True))
     try:
-        with preserved_state(model):
-            placeholders = []
-            for i, x in enumerate(example_inputs):
-                node = rec.graph.placeholder(f"input_{i}")
-                rec.bind(x, node)
-                placeholders.append(node)
-            for key, x in example_kwargs.items():
-                node = rec.graph.placeholder(f"input_{key}")
-                rec.bind(x, node)
-                placeholders.append(node)
+        with preserved_state(model), _eager_compiled_submodules(model):
+            named = [(f"input_{i}", x) for i, x in enumerate(inputs.args)] + list(inputs.kwargs.items())
+            for name, value in named:
+                leaves = [value] if isinstance(value, torch.Tensor) else tree_leaves(value)
+                tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+                for j, t in enumerate(tensors):
+                    rec.bind(t, rec.graph.placeholder(name if len(tensors) == 1 else f"{name}_{j}"))
             with rec:
-                out = model(*example_inputs, **example_kwargs)
+                out = model(*inputs.args, **inputs.kwargs)
             rec.graph.output(rec.lookup(out))
     except Exception as exc:
+        call = {"*args": "model(*example_inputs)", "**kwargs": "model(**example_inputs)",
+                "*args, **kwargs": "model(*args, **kwargs)", "no inputs": "model()"}[inputs.describe()]
         raise GeomCompileError(
             f"geomcompile could not capture the model by running it on example_inputs: "
-            f"{type(exc).__name__}: {_first_line(exc)}. Check that model(*example_inputs) (or model(**example_inputs) for a mapping) runs.") from exc
+            f"{type(exc).__name__}: {_first_line(exc)}. Check that {call} runs.") from exc
     finally:
         for h in handles:
             h.remove()

@@ -47,9 +47,15 @@ def cmd_plan(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    import warnings
+    from .errors import GeomCompileWarning
     from .policy import load_policy
-    policy = load_policy(args.policy)
+    with warnings.catch_warnings():       # printed below as plain lines, with their file:line:column
+        warnings.simplefilter("ignore", GeomCompileWarning)
+        policy = load_policy(args.policy)
     print(policy.describe())
+    for w in policy.config_warnings:
+        print(f"warning: {w}")
     print(f"ok: {policy.source} is a valid version-{policy.version} policy ({len(policy.rules)} rules)")
     return 0
 

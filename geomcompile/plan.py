@@ -23,7 +23,7 @@ from .runtime.fastpath import WorkItem
 from .runtime.hooks import Installation
 from .runtime.state import PlanState, make_fingerprint
 from .runtime.wrappers import unwrap_optimizer
-from .names import unwrap_model
+from .names import canonical_named_parameters, unwrap_model
 
 
 class Plan:
@@ -35,19 +35,12 @@ class Plan:
         self.rule_of: dict[tuple[str, str], str] = resolution.rule_of
         self.rule_counts: dict[str, int] = resolution.rule_counts
         self._plan_warnings: list[str] = list(resolution.warnings)
-        seen: set = set()
-        for name, stages in self.assignments.items():
-            for geometry in stages.values():
-                where = self._where(name, geometry)
-                if (where, geometry) not in seen:
-                    seen.add((where, geometry))
-                    self._plan_warnings += [f"{where}: {w}" for w in geometry.config_warnings()]
-        self._plan_notes: list[str] = list(structure.notes)
+        self._plan_notes: list[str] = list(structure.notes) + list(resolution.notes)
         self.backend_name: str | None = None
         self._installation: Installation | None = None
         # Canonical names (wrappers such as torch.compile or DDP peeled): the Structure's keys.
         self.model, _ = unwrap_model(model)
-        self.params: dict[str, nn.Parameter] = dict(self.model.named_parameters())
+        self.params: dict[str, nn.Parameter] = dict(canonical_named_parameters(model))
 
     # -- work items ----------------------------------------------------------------------------
     def work_items(self, only: set[str] | None = None) -> list[WorkItem]:
@@ -124,8 +117,10 @@ class Plan:
         installation.warnings = list(dict.fromkeys(install_warnings))     # one line per cause
         self.backend_name = chosen.name
         self._installation = installation
+        already = set(self.policy.config_warnings)        # emitted when the policy was loaded
         for w in self.warnings:
-            warnings.warn(w, GeomCompileWarning, stacklevel=2)
+            if w not in already:
+                warnings.warn(w, GeomCompileWarning, stacklevel=2)
         return self
 
     def _group_of(self, optimizer) -> dict[str, dict]:

@@ -16,12 +16,20 @@ Loading always validates the document strictly (keys, types, geometry and option
 values); every error names ``file:line:column`` and says what to do. ``validate`` only governs the
 problems that depend on the model, found by ``Policy.resolve``: a rule matching no parameter, and
 a geometry that cannot apply to a parameter its rule matched (error in strict, warning in warn).
+
+Names are canonical (``geomcompile.names``): without torch.compile / DDP / FSDP / checkpoint
+wrapper components. A ``param``/``module`` glob written against a wrapped name (``module.head.weight``,
+``_orig_mod.**``) is read without the wrapper components when, as written, it matches no name of the
+model; the resolution's ``notes`` say so. An option combination that works but defeats its purpose
+(``Geometry.config_warnings``) is a ``GeomCompileWarning`` at load time, placed at its ``use`` entry,
+and is listed again in every resolution's ``warnings``.
 """
 from __future__ import annotations
 
 import difflib
 import importlib.resources
 import re
+import warnings as _warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -30,8 +38,9 @@ import yaml
 
 from . import geometries  # noqa: F401  (importing the package registers the geometries)
 from .analysis.facts import KINDS, ParamFacts
-from .errors import GeomCompileError
+from .errors import GeomCompileError, GeomCompileWarning
 from .geometries.base import REGISTRY, STAGES, Geometry
+from .names import canonical_name
 
 TOP_KEYS = ("version", "validate", "rules", "description")
 RULE_KEYS = ("name", "description", "match", "exclude", "use")
@@ -150,18 +159,64 @@ def glob_to_regex(pattern: str) -> str:
     return out
 
 
-def _pattern_test(value, bad, names_of) -> Callable[[ParamFacts], bool]:
+class _Names:
+    """All parameter and module names of one analysed model, for the wrapped-glob fallback."""
+
+    def __init__(self, structure: Mapping[str, ParamFacts]):
+        self.of = {"param": [n for f in structure.values() for n in (f.name, *f.aliases)],
+                   "module": [m for f in structure.values() for m in _module_names(f)]}
+        self._hits: dict = {}
+
+    def hit(self, space: str, regex: re.Pattern) -> bool:
+        key = (space, regex.pattern)
+        if key not in self._hits:
+            self._hits[key] = any(regex.fullmatch(n) for n in self.of[space])
+        return self._hits[key]
+
+
+@dataclass
+class _PatternTest:
+    """A `param` or `module` selector. A glob with wrapper components (``module.head.weight``)
+    also has a canonical form, used where the glob as written matches no name of the model
+    (so a user submodule really called ``module`` is still matched as written)."""
+
+    space: str                                    # "param" or "module"
+    names_of: Callable[[ParamFacts], list[str]]
+    regexes: list[re.Pattern]
+    canonical: list[tuple[str, re.Pattern, str, re.Pattern]]   # (glob, its regex, canonical glob, regex)
+    where: str = ""
+
+    def __call__(self, facts: ParamFacts, names: _Names | None = None) -> bool:
+        own = self.names_of(facts)
+        if any(r.fullmatch(n) for n in own for r in self.regexes):
+            return True
+        return any(canon.fullmatch(n) for _, literal, _, canon in self.canonical
+                   if names is None or not names.hit(self.space, literal) for n in own)
+
+    def notes(self, names: _Names) -> list[str]:
+        return [f"{self.where}: {self.space} pattern {glob!r} names a wrapper (torch.compile `_orig_mod`, "
+                f"DDP `module`, FSDP or checkpoint wrapper) and matches no name as written; geomcompile "
+                f"names parameters without wrappers, so it was read as {canon_glob!r}. Fix: write "
+                f"{canon_glob!r} in the policy"
+                for glob, literal, canon_glob, canon in self.canonical
+                if not names.hit(self.space, literal) and names.hit(self.space, canon)]
+
+
+def _pattern_test(value, bad, names_of, space: str) -> _PatternTest:
     patterns = value if isinstance(value, list) else [value]
     if not patterns or not all(isinstance(p, str) and p for p in patterns):
         bad(f'expected a name pattern or a list of them, got {value!r}. Fix: write e.g. "layer*.**.weight" '
             f'or "re:.*\\.weight"')
-    regexes = []
+    regexes, canonical = [], []
     for p in patterns:
         try:
             regexes.append(re.compile(p[3:] if p.startswith("re:") else glob_to_regex(p)))
         except re.error as e:
             bad(f"invalid regular expression {p[3:]!r}: {e}. Fix: correct it, or use a glob without 're:'")
-    return lambda facts: any(r.fullmatch(n) for n in names_of(facts) for r in regexes)
+        canon = canonical_name(p) if not p.startswith("re:") else p
+        if canon != p:
+            canonical.append((p, regexes[-1], canon, re.compile(glob_to_regex(canon))))
+    return _PatternTest(space, names_of, regexes, canonical)
 
 
 def _module_names(facts: ParamFacts) -> list[str]:
@@ -197,8 +252,8 @@ def _count_test(read: Callable[[ParamFacts], int], compare: Callable[[int, int],
 
 
 SELECTORS = {
-    "param": lambda v, bad: _pattern_test(v, bad, lambda f: [f.name, *f.aliases]),
-    "module": lambda v, bad: _pattern_test(v, bad, _module_names),
+    "param": lambda v, bad: _pattern_test(v, bad, lambda f: [f.name, *f.aliases], "param"),
+    "module": lambda v, bad: _pattern_test(v, bad, _module_names, "module"),
     "kind": _kind_test,
     "scale_invariant": _flag_test(lambda f: f.scale_invariant is not None),
     "depthwise": _flag_test(lambda f: bool(f.depthwise)),
@@ -208,8 +263,9 @@ SELECTORS = {
 }
 
 
-def _compile_selectors(raw, path: tuple, loc: _Locator, what: str) -> Callable[[ParamFacts], bool]:
-    """Validate a `match`/`exclude` mapping and return a test that holds when all selectors do."""
+def _compile_selectors(raw, path: tuple, loc: _Locator, what: str, patterns: list) -> Callable:
+    """Validate a `match`/`exclude` mapping and return a test ``(facts, names=None) -> bool`` that
+    holds when all selectors do. Name-pattern selectors are also appended to `patterns`."""
     if not isinstance(raw, Mapping):
         loc.fail(path, f"`{what}` must be a mapping of selectors ({', '.join(SELECTORS)}), got {raw!r}. "
                        f"Fix: write e.g. `{what}: {{kind: conv}}`" + ("; `match: {}` matches every parameter"
@@ -219,8 +275,13 @@ def _compile_selectors(raw, path: tuple, loc: _Locator, what: str) -> Callable[[
         if key not in SELECTORS:
             loc.fail(path + (key,), f"unknown selector {key!r}{_hint(key, SELECTORS)}. Fix: use one of "
                                     f"{', '.join(SELECTORS)}", key=True)
-        tests.append(SELECTORS[key](value, lambda msg, p=path + (key,): loc.fail(p, f"{what}.{key}: {msg}")))
-    return lambda facts: all(test(facts) for test in tests)
+        test = SELECTORS[key](value, lambda msg, p=path + (key,): loc.fail(p, f"{what}.{key}: {msg}"))
+        if isinstance(test, _PatternTest):
+            test.where = loc.at(path + (key,))
+            patterns.append(test)
+        tests.append(test)
+    return lambda facts, names=None: all(t(facts, names) if isinstance(t, _PatternTest) else t(facts)
+                                         for t in tests)
 
 
 # ---- rules ----------------------------------------------------------------------------------
@@ -235,12 +296,17 @@ class Rule:
     where: str
     description: str = ""
     use_where: dict[str, str] = field(default_factory=dict, repr=False)   # geometry -> its position
-    _match_test: Callable = field(default=lambda f: True, repr=False, compare=False)
+    _match_test: Callable = field(default=lambda f, names=None: True, repr=False, compare=False)
     _exclude_test: Callable | None = field(default=None, repr=False, compare=False)
+    config_warnings: list[str] = field(default_factory=list, repr=False)   # "file:line:col: ..." per use entry
+    _patterns: list = field(default_factory=list, repr=False, compare=False)
 
-    def matches(self, facts: ParamFacts) -> bool:
-        """The match holds and the exclusion does not."""
-        return self._match_test(facts) and not (self._exclude_test is not None and self._exclude_test(facts))
+    def matches(self, facts: ParamFacts, names: _Names | None = None) -> bool:
+        """The match holds and the exclusion does not. `names` (all names of the model) decides
+        whether a glob with wrapper components is read as written or without them; without it,
+        either form matches."""
+        return self._match_test(facts, names) and not (self._exclude_test is not None
+                                                       and self._exclude_test(facts, names))
 
     def describe(self) -> str:
         flow = lambda d: yaml.safe_dump(d, default_flow_style=True, sort_keys=False, width=10**6).strip()
@@ -280,11 +346,11 @@ def _build_geometry(cls: type[Geometry], opts, path: tuple, loc: _Locator) -> Ge
         loc.fail(path, f"cannot configure {cls.name}: {e}")
 
 
-def _build_use(raw, path: tuple, loc: _Locator, rule: str) -> tuple[dict, dict]:
+def _build_use(raw, path: tuple, loc: _Locator, rule: str) -> tuple[dict, dict, list]:
     if not isinstance(raw, Mapping) or not raw:
         loc.fail(path, f"rule {rule!r}: `use` must map geometry names to options, got {raw!r}. "
                        f"Fix: write e.g. `use: {{psi: {{max_norm: 1.0e4}}}}`")
-    use, where, stage_of = {}, {}, {}
+    use, where, stage_of, config_warnings = {}, {}, {}, []
     for name, opts in raw.items():
         cls = REGISTRY.get(name)
         if cls is None:
@@ -298,7 +364,11 @@ def _build_use(raw, path: tuple, loc: _Locator, rule: str) -> tuple[dict, dict]:
         stage_of[cls.stage] = name
         use[name] = _build_geometry(cls, opts, path + (name,), loc)
         where[name] = loc.at(path + (name,), key=True)
-    return use, where
+        for text in use[name].config_warnings():
+            message = f"{where[name]}: rule {rule!r}: {name}: {text}"
+            config_warnings.append(message)
+            _warnings.warn(message, GeomCompileWarning, stacklevel=2)
+    return use, where, config_warnings
 
 
 def _build_rule(raw, index: int, loc: _Locator) -> Rule:
@@ -313,15 +383,17 @@ def _build_rule(raw, index: int, loc: _Locator) -> Rule:
                             ("use", "`use: {channel_directed: {metric: sobolev}}`")):
         if needed not in raw:
             loc.fail(path, f"rule {name!r} has no `{needed}`. Fix: add {example}")
-    match_test = _compile_selectors(raw["match"], path + ("match",), loc, "match")
+    patterns: list[_PatternTest] = []
+    match_test = _compile_selectors(raw["match"], path + ("match",), loc, "match", patterns)
     exclude = raw.get("exclude")
     if isinstance(exclude, Mapping) and not exclude:
         loc.fail(path + ("exclude",), f"rule {name!r}: an empty `exclude` would exclude every parameter. "
                                       f"Fix: remove it, or give selectors")
-    exclude_test = None if exclude is None else _compile_selectors(exclude, path + ("exclude",), loc, "exclude")
-    use, use_where = _build_use(raw["use"], path + ("use",), loc, name)
+    exclude_test = None if exclude is None else _compile_selectors(exclude, path + ("exclude",), loc, "exclude",
+                                                                   patterns)
+    use, use_where, config_warnings = _build_use(raw["use"], path + ("use",), loc, name)
     return Rule(name, dict(raw["match"]), None if exclude is None else dict(exclude), use, loc.at(path),
-                str(raw.get("description", "")), use_where, match_test, exclude_test)
+                str(raw.get("description", "")), use_where, match_test, exclude_test, config_warnings, patterns)
 
 
 # ---- policy ---------------------------------------------------------------------------------
@@ -333,6 +405,7 @@ class Resolution:
     rule_of: dict[tuple[str, str], str]           # (param, stage) -> rule that assigned it
     rule_counts: dict[str, int]                   # rule -> parameters its selectors matched
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how the policy was read (e.g. wrapped names)
 
 
 class Policy:
@@ -352,17 +425,23 @@ class Policy:
         head = f"policy {self.source}: version {self.version}, validate {self.validate}, {len(self.rules)} rule(s)"
         return "\n".join([head] + [f"  {i}. {r.describe()}" for i, r in enumerate(self.rules, 1)])
 
+    @property
+    def config_warnings(self) -> list[str]:
+        """Option combinations that work but defeat their purpose, "file:line:col: ..." per use entry."""
+        return [w for rule in self.rules for w in rule.config_warnings]
+
     def _problem(self, message: str, warnings: list[str]) -> None:
         """A model-dependent problem: an error in strict mode, a warning in warn mode."""
         if self.validate == "strict":
             raise GeomCompileError(message)
         warnings.append(message)
 
-    def _assign(self, facts: ParamFacts, counts: dict, warnings: list) -> dict[str, tuple[Geometry, Rule]]:
+    def _assign(self, facts: ParamFacts, counts: dict, warnings: list,
+                names: _Names) -> dict[str, tuple[Geometry, Rule]]:
         """Per stage, the first matching rule (file order) whose geometry of that stage applies."""
         chosen: dict[str, tuple[Geometry, Rule]] = {}
         for rule in self.rules:
-            if not rule.matches(facts):
+            if not rule.matches(facts, names):
                 continue
             counts[rule.name] += 1
             for gname, geometry in rule.use.items():
@@ -391,9 +470,11 @@ class Policy:
     def resolve(self, structure: Mapping[str, ParamFacts]) -> Resolution:
         """Assign geometries to the parameters of an analysed model (see the module docstring)."""
         counts = {rule.name: 0 for rule in self.rules}
-        assignments, rule_of, warnings = {}, {}, []
+        assignments, rule_of, warnings = {}, {}, list(self.config_warnings)
+        names = _Names(structure)
+        notes = [note for rule in self.rules for pattern in rule._patterns for note in pattern.notes(names)]
         for name, facts in structure.items():
-            chosen = self._assign(facts, counts, warnings)
+            chosen = self._assign(facts, counts, warnings, names)
             self._check_compatible(name, chosen)
             if chosen:
                 assignments[name] = {s: chosen[s][0] for s in STAGES if s in chosen}
@@ -402,7 +483,7 @@ class Policy:
             if counts[rule.name] == 0:
                 self._problem(f"{rule.where}: rule {rule.name!r} matches no parameter of the model. Fix: "
                               f"correct its selectors, remove the rule, or set `validate: warn`", warnings)
-        return Resolution(assignments, rule_of, counts, warnings)
+        return Resolution(assignments, rule_of, counts, warnings, notes)
 
 
 def _build_policy(data, loc: _Locator) -> Policy:

@@ -366,3 +366,80 @@ def test_every_shipped_policy_validates():
         policy = load_policy(name)
         assert policy.rules and policy.describe()
         policy.resolve(resnet_like())
+
+
+# ---- option combinations that defeat their purpose (Geometry.config_warnings) -----------------------
+CONFIG_WARNINGS = textwrap.dedent("""\
+    version: 1
+    validate: warn
+    rules:
+      - name: h0-identity
+        match: {kind: conv, depthwise: true}
+        use:
+          channel_directed: {metric: h0, lam: 1, mix: 0}
+      - name: tiny-max-norm
+        match: {kind: conv, scale_invariant: true}
+        use: {psi: {max_norm: 0.5}}
+      - name: unit-max-norm
+        match: {param: "layer2.**"}
+        use:
+          psi:
+            max_norm: 1
+      - name: fine
+        match: {kind: linear}
+        use: {channel_directed: {metric: h0, lam: 0.5}}
+    """)
+
+
+def test_config_warnings_carry_the_use_entrys_position(tmp_path):
+    from geomcompile.errors import GeomCompileWarning
+    path = tmp_path / "combos.yaml"
+    path.write_text(CONFIG_WARNINGS)
+    with pytest.warns(GeomCompileWarning) as record:
+        policy = load_policy(path)
+    messages = [str(w.message) for w in record if issubclass(w.category, GeomCompileWarning)]
+    assert len(messages) == 3, messages                       # exactly one per offending use entry
+    h0, tiny, unit = messages
+    assert h0.startswith(f"{path}:7:7: rule 'h0-identity': channel_directed: identical to plain SGD")
+    assert "set lam != 1 (e.g. 0.5) or use metric: sobolev" in h0
+    assert tiny.startswith(f"{path}:10:11: rule 'tiny-max-norm': psi: max_norm = 0.5: units are "
+                           f"renormalised to norm 1, which is above max_norm")
+    assert "every unit is renormalised at every step" in tiny and "the default is 1e4" in tiny
+    assert unit.startswith(f"{path}:14:7: rule 'unit-max-norm': psi: max_norm = 1") and "max_norm > 1" in unit
+    assert policy.config_warnings == messages
+    # listed in every resolution's warnings, once each (not once per matched parameter)
+    for _ in range(2):
+        result = policy.resolve(resnet_like())
+        assert [w for w in result.warnings if w in messages] == messages
+
+
+def test_config_warnings_reach_the_plan(tmp_path):
+    import warnings as _warnings
+    import geomcompile as gc
+    from geomcompile.models import small_resnet
+    path = tmp_path / "h0.yaml"
+    path.write_text(policy_text("- name: convs\n  match: {kind: conv}\n  use:\n    channel_directed: {metric: h0}\n"))
+    with _warnings.catch_warnings(record=True) as record:
+        _warnings.simplefilter("always")
+        plan = gc.plan(small_resnet(), path)
+    assert sum("identical to plain SGD" in str(w.message) for w in record) == 1
+    assert plan.warnings == [f"{path}:6:7: rule 'convs': channel_directed: identical to plain SGD: re-weighted "
+                             f"H0 with lam = 1 leaves the gradient unchanged; set lam != 1 (e.g. 0.5) or use "
+                             f"metric: sobolev"]
+    assert f"warning: {plan.warnings[0]}" in plan.summary()
+
+
+@pytest.mark.parametrize("use", ["channel_directed: {}", "channel_directed: {metric: h0, lam: 0.5}",
+                                 "channel_directed: {metric: h0, mix: 1}", "channel_directed: {lam: 1}",
+                                 "psi: {}", "psi: {max_norm: 1.5}", "spectral: {}", "pom: {}"])
+def test_no_config_warning_for_sensible_options(use):
+    import warnings as _warnings
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")
+        policy = load_policy(policy_text(f"- match: {{kind: conv}}\n  use: {{{use}}}\n"))
+    assert policy.config_warnings == []
+
+
+def test_every_geometry_has_no_config_warning_by_default():
+    for name, cls in REGISTRY.items():
+        assert cls().config_warnings() == [], name

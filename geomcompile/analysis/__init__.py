@@ -5,6 +5,7 @@ from torch import nn
 
 from ..capture import capture
 from ..errors import GeomCompileError
+from ..names import canonical_named_parameters
 from .facts import Absorber, ParamFacts, ScaleInvariance, Structure
 from .invariance import analyze_invariance
 from .layout import layout_facts, param_uses
@@ -15,19 +16,28 @@ __all__ = ["analyze", "Absorber", "ParamFacts", "ScaleInvariance", "Structure"]
 def analyze(model: nn.Module, example_inputs=None) -> Structure:
     """Facts for every parameter of `model`: kind, out_dim, groups, depthwise, scale invariance, shapes.
 
-    example_inputs: a tuple of inputs (or one tensor) for one forward call. Needed when the
-    model cannot be traced symbolically, and for shapes (input sizes, ranks of Linear outputs).
-    The model is left as it was (mode, buffers, RNG state).
+    example_inputs: the inputs of one forward call, in one of these forms:
+
+    * a tuple or list: positional inputs, ``model(*example_inputs)``;
+    * one tensor: ``model(example_inputs)``;
+    * a ``Mapping`` (a Hugging Face batch): keyword inputs, ``model(**example_inputs)``. A forward
+      that takes one dict positionally gets ``(batch,)``;
+    * ``geomcompile.capture.ExampleInputs(args, kwargs)``: both, for a forward that needs
+      positional-only and keyword inputs together.
+
+    Needed when the model cannot be traced symbolically, and for shapes (input sizes, ranks of
+    Linear outputs). The model is left as it was (mode, buffers, RNG state).
+
+    torch.compile, DDP/DataParallel, FSDP1 and checkpoint wrappers are seen through: the facts
+    are keyed by canonical names (``geomcompile.names``), those of the unwrapped model.
     """
     if not isinstance(model, nn.Module):
         raise GeomCompileError(f"gc.analyze expects a torch.nn.Module, got {type(model).__name__}")
-    from ..names import unwrap_model
-    model, peeled = unwrap_model(model)      # torch.compile / DDP: analyse the user's own module
-    cap = capture(model, example_inputs)
+    cap = capture(model, example_inputs)          # peels the root's wrappers itself, and says so
     primary: dict[int, str] = {}
     aliases: dict[str, list[str]] = {}
     params = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
+    for name, p in canonical_named_parameters(model, remove_duplicate=False):
         if id(p) in primary:
             aliases[primary[id(p)]].append(name)
         else:
@@ -46,8 +56,6 @@ def analyze(model: nn.Module, example_inputs=None) -> Structure:
             analyze_invariance(f, uses[name], cap)
         facts[name] = f
     notes = list(cap.notes)
-    if peeled:
-        notes.append(f"analysed the module inside {' > '.join(peeled)}; parameter names are its own")
     if not cap.has_shapes:
         notes.append("no example_inputs: shapes unknown (Linear->BatchNorm1d invariance and input sizes "
                      "need them)")

@@ -178,6 +178,12 @@ class Geometry:
         return hash((self.name, tuple(sorted((k, repr(v)) for k, v in self.opts.items()))))
 
     # ---- planning ---------------------------------------------------------------------------
+    def config_warnings(self) -> list[str]:
+        """Problems with this combination of options, whatever the parameter: it runs, but does not
+        do what the options suggest. Each says how to fix it. The policy loader reports them at
+        the `use` entry (file:line:column) and lists them in the plan's warnings."""
+        return []
+
     def check(self, facts: ParamFacts) -> str | None:
         """Why this geometry cannot apply to the parameter (quoting the analysis), or None."""
         return None

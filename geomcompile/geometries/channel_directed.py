@@ -141,10 +141,12 @@ class ChannelDirected(Geometry):
     }
 
     def config_warnings(self) -> list[str]:
+        # g = f̄ + (f − f̄)/lam + mix·f is f itself when lam = 1 and mix = 0. (With mix > 0 it is
+        # (1 + mix)·f, SGD with a larger learning rate; a choice a user may make on purpose.)
         o = self.opts
         if o["metric"] == "h0" and o["lam"] == 1.0 and o["mix"] == 0.0:
-            return ["channel_directed with metric h0, lam 1 and mix 0 is identical to plain SGD (re-weighted H0 "
-                    "with lam = 1 leaves the gradient unchanged); set lam != 1 (e.g. 0.5) or use metric: sobolev"]
+            return ["identical to plain SGD: re-weighted H0 with lam = 1 leaves the gradient unchanged; "
+                    "set lam != 1 (e.g. 0.5) or use metric: sobolev"]
         return []
 
     def check(self, facts: ParamFacts) -> str | None:

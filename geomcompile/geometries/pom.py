@@ -35,6 +35,7 @@ import torch
 
 from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileError
+from ..names import get_canonical_submodule
 from .base import Geometry, Option, StepContext, Unit, non_negative, positive, register
 
 def _r(r, like: torch.Tensor) -> torch.Tensor | float:
@@ -412,7 +413,7 @@ class POM(Geometry):
         if ctx.model is None:
             raise GeomCompileError(f"pom feature_std on {facts.name} needs the model to hook its layer; "
                                    f"install the plan through gc.apply / plan.install")
-        module = ctx.model.get_submodule(facts.module)
+        module = get_canonical_submodule(ctx.model, facts.module)   # facts name modules canonically
 
         def measure(mod, args):
             # `state` is the plan's live dict for this unit: a loaded checkpoint is copied into it.

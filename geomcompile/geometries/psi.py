@@ -135,11 +135,19 @@ class PSI(Geometry):
     }
 
     def config_warnings(self) -> list[str]:
-        # Renormalised units get norm 1; with max_norm < 1 that is above the limit, so every unit is
-        # renormalised at every step. max_norm == 1 only renormalises units that grew past 1.
-        if self.opts["max_norm"] < 1:
-            return [f"psi with max_norm {self.opts['max_norm']} < 1: units are renormalised to norm 1, which is above "
-                    f"max_norm, so every unit is renormalised at every step; use max_norm >= 1 (default 1e4)"]
+        # Renormalised units have norm 1. Below 1, that is already above max_norm. At exactly 1
+        # the next step pushes it above too: the PSI gradient is orthogonal to w (scale
+        # invariance), so a plain SGD step gives ||w - lr*g||^2 = 1 + lr^2 ||g||^2 > 1, and even
+        # with g = 0 the renormalised norm may round to just above 1. Either way every unit is
+        # renormalised at (nearly) every step, so both warn; any max_norm > 1 leaves room to grow.
+        max_norm = self.opts["max_norm"]
+        if max_norm < 1:
+            return [f"max_norm = {max_norm}: units are renormalised to norm 1, which is above max_norm, so "
+                    f"every unit is renormalised at every step; use max_norm > 1 (the default is 1e4)"]
+        if max_norm == 1:
+            return ["max_norm = 1: units are renormalised to norm 1 and a PSI step (orthogonal to the "
+                    "weight) only grows the norm, so every unit is renormalised at nearly every step; use "
+                    "max_norm > 1 (the default is 1e4)"]
         return []
 
     def check(self, facts: ParamFacts) -> str | None:
