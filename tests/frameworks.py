@@ -92,6 +92,15 @@ def assert_params_close(model: nn.Module, reference: nn.Module, what: str, rtol:
         torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=lambda m, n=n: f"{what}: {n}: {m}")
 
 
+def assert_same_diagnostics(resumed, uninterrupted) -> None:
+    """Geometry state a resumed plan reports (counters, estimates) equals the uninterrupted plan's."""
+    got, want = resumed.diagnostics(), uninterrupted.diagnostics()
+    diff = {f"{unit}/{geometry}/{key}": (got.get(unit, {}).get(geometry, {}).get(key), value)
+            for unit, per_geometry in want.items() for geometry, values in per_geometry.items()
+            for key, value in values.items() if got.get(unit, {}).get(geometry, {}).get(key) != value}
+    assert got.keys() == want.keys() and not diff, f"resumed vs uninterrupted diagnostics (got, want): {diff}"
+
+
 class UpdateRecorder:
     """Checks, after every step of a momentum-free, decay-free SGD with learning rate `lr`, that
     each parameter moved by -lr * T(raw), where raw is the sum of the gradients accumulated since

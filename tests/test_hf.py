@@ -9,7 +9,6 @@ Gradient clipping is off (`max_grad_norm=0`): the Trainer clips `p.grad` in plac
 backward and the step, where the test's gradient hooks cannot see it, and clipping says nothing
 about whether the geometry ran on the accumulated gradient.
 """
-import warnings
 from functools import partial
 
 import pytest
@@ -19,9 +18,8 @@ from torch import nn
 
 import geomcompile as gc
 
-from .frameworks import LAM, PSI, TinyBNNet, UpdateRecorder, assert_params_equal, example_images, scale_rows_to_norm
-
-warnings.filterwarnings("ignore", ".*torch_dtype.*")
+from .frameworks import (LAM, PSI, TinyBNNet, UpdateRecorder, assert_params_equal, assert_same_diagnostics,
+                         scale_rows_to_norm)
 
 LR = 0.05
 ENCODER_CD = {"version": 1, "rules": [{"name": "encoder-linears",
@@ -119,7 +117,7 @@ def test_resume_from_an_hf_checkpoint_continues_bit_identically(tmp_path, case):
     uninterrupted, plan = run(seed=0)
     resumed, plan_resumed = run(seed=1, resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert_params_equal(resumed, uninterrupted, "resumed vs uninterrupted")
-    assert plan_resumed.diagnostics() == plan.diagnostics()
+    assert_same_diagnostics(plan_resumed, plan)
     if c["policy"] is PSI:
         renormalised = sum(v["psi"]["renormalised_units"] for v in plan.diagnostics().values())
         assert renormalised > 0, "no renormalisation happened: the case does not test the rescaled state"

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import geomcompile as gc
 
 from .frameworks import (CD_CONV, LR, PSI, SPECTRAL, TinyBNNet, UpdateRecorder, assert_params_close,
-                         assert_params_equal, example_images, image_batches, scale_rows_to_norm,
-                         sobolev_on_convs, train_plain)
+                         assert_params_equal, assert_same_diagnostics, example_images, image_batches,
+                         scale_rows_to_norm, sobolev_on_convs, train_plain)
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -102,7 +102,7 @@ def test_checkpoint_and_resume_continue_bit_identically(tmp_path, case):
     resumed = module(seed=1)                       # other weights: the checkpoint decides
     _trainer(6).fit(resumed, loader, ckpt_path=tmp_path / "epoch=0-step=3.ckpt")
     assert_params_equal(resumed, uninterrupted, "resumed vs uninterrupted")
-    assert resumed.plan.diagnostics() == uninterrupted.plan.diagnostics()
+    assert_same_diagnostics(resumed.plan, uninterrupted.plan)
     if case == "psi":
         renormalised = {k: v["psi"]["renormalised_units"] for k, v in uninterrupted.plan.diagnostics().items()}
         assert sum(renormalised.values()) > 0, f"no renormalisation happened: {renormalised}"

@@ -53,6 +53,8 @@ class Installation:
         self.callbacks: dict[int, Callable[[Rescale], None]] = {}
         self.report: list[str] = []      # notes for plan.summary(): backend choice, what on_install did
         self.warnings: list[str] = []
+        self._groups_seen, self._group_dicts = None, []      # see _refresh_groups
+        self._refresh_groups()      # the first step finds the steady state (a compiled step: no recompile)
         self._known_params = self._optimizer_param_ids()
         self._unscaled_keys_warned: set[tuple[str, str]] = set()
         ctx.rescale_observed = self._rescale_observed
@@ -136,7 +138,7 @@ class Installation:
     def _refresh_groups(self) -> None:
         """Hyperparameters are read from the live param_groups: load_state_dict replaces the group dicts."""
         groups = self.optimizer.param_groups
-        if getattr(self, "_groups_seen", None) is groups and all(
+        if self._groups_seen is groups and all(
                 a is b for a, b in zip(self._group_dicts, groups)) and len(self._group_dicts) == len(groups):
             return
         self._groups_seen, self._group_dicts = groups, list(groups)
@@ -157,7 +159,7 @@ class Installation:
             rescales = self.backend.post_step(self.items, self.state_of, self.ctx) or []
             for event in rescales:
                 self._apply_consequences(event)
-        self.state.steps += 1
+        self.state.steps.add_(1)
         self.ctx.stepped = frozenset()
 
     def _is_initialisation_step(self, stepped) -> bool:

@@ -68,7 +68,9 @@ class PlanState:
         self.units: dict[str, dict[str, dict]] = {}
         self.anchor: dict[str, str] = {}           # unit key -> canonical name of the parameter carrying it
         self.loaded_from_checkpoint = False
-        self.steps = 0                             # optimizer steps the geometries took (skipped ones not counted)
+        # Optimizer steps the geometries took (skipped ones not counted). A tensor, so that a compiled
+        # optimizer.step adds to it in place instead of guarding on (and recompiling for) a Python int.
+        self.steps = torch.zeros((), dtype=torch.int64)
 
     def add(self, unit_key: str, geometry_name: str, anchor: str, state: dict) -> None:
         self.units.setdefault(unit_key, {})[geometry_name] = state
@@ -92,7 +94,7 @@ class PlanState:
             name = self.anchor[key]
             entry = out.setdefault(name, {"plan": self.fingerprint.digest, "version": self.fingerprint.version,
                                           "name": name, "geometries": self.fingerprint.geometries_of(name),
-                                          "steps": self.steps, "units": {}})
+                                          "steps": self.steps.clone(), "units": {}})
             entry["units"][key] = {g: dict(s) for g, s in per_geometry.items()}
         return out
 
@@ -125,7 +127,7 @@ class PlanState:
         differing = {name for name, _ in problems} if on_mismatch == "reset" else set()
         steps = [e.get("steps", 0) for name, e in entries.items() if name not in differing]
         if steps:
-            self.steps = max(steps)
+            self.steps.fill_(max(int(v) for v in steps))
         how = "started fresh" if on_mismatch == "reset" else "loaded anyway (state_mismatch='load')"
         report = [f"geometry state in the checkpoint differs from this plan; {how}: "
                   f"{'; '.join(text for _, text in problems[:4])}"] if problems else []
