@@ -125,7 +125,7 @@ def test_geometry_without_program_runs_eager_and_is_reported(monkeypatch):
     plan, run, reference = _twin_runs(CASES["psi"], PARITY_OPTIMIZERS["sgd_momentum"], steps=3)
     _assert_same_run(run, reference, rtol=0, atol=0)
     lines = plan.backend_notes()        # the backend's report, as plan.summary() shows it
-    assert any("psi(max_norm=2.0) has no compiled program; its eager program runs" in line for line in lines)
+    assert any("psi(max_norm=1.5) has no compiled program; its eager program runs" in line for line in lines)
 
 
 def test_failed_compile_warns_and_runs_the_same_function_uncompiled(monkeypatch):

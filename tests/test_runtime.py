@@ -14,15 +14,10 @@ from torch import nn
 import geomcompile as gc
 from geomcompile.geometries import REGISTRY
 
-CASES = {
-    "channel_directed": {"use": {"channel_directed": {"metric": "sobolev", "lam": 0.5, "mix": 0.5}},
-                         "match": {"kind": ["conv", "linear"]}},
-    "channel_directed_h0": {"use": {"channel_directed": {"metric": "h0", "lam": 0.5}}, "match": {"kind": "conv"}},
-    "psi": {"use": {"psi": {"max_norm": 2.0}}, "match": {"scale_invariant": True}},
-    "spectral": {"use": {"spectral": {"coef": 0.1, "power_iters": 1}}, "match": {"kind": "conv", "depthwise": False}},
-    "pom": {"use": {"pom": {"manifold": "sphere", "component": "kernel", "grouping": "PI"}},
-            "match": {"kind": "conv", "depthwise": False}},
-}
+from .registry import CASES as REGISTRY_CASES
+
+# The cases come from the one registry (tests/registry.py), in this file's {"use", "match"} form.
+CASES = {name: {"use": case.rules[0][1], "match": case.rules[0][0]} for name, case in REGISTRY_CASES.items()}
 
 # Every backend must run every geometry (fast paths where it has them, the eager program elsewhere).
 # "triton" runs its kernels under the Triton interpreter on CPU (tests/conftest.py).
@@ -109,11 +104,6 @@ def _twins():
 
 def _case(name):
     return CASES[name]
-
-
-def test_every_registered_geometry_has_a_case():
-    missing = [n for n in REGISTRY if n not in CASES]
-    assert not missing, f"add a case for {missing} to tests/test_runtime.py::CASES"
 
 
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))

@@ -21,6 +21,7 @@ from torch import nn
 import triton  # noqa: E402,F401  (a missing triton fails the suite: the test command installs it)
 
 import geomcompile as gc  # noqa: E402
+from .test_runtime import _entries  # noqa: E402
 from geomcompile.runtime import triton_backend  # noqa: E402
 from geomcompile.runtime.backends import EagerBackend, select_backend  # noqa: E402
 from geomcompile.runtime.triton_backend import TritonBackend  # noqa: E402
@@ -140,23 +141,30 @@ def assert_same(model_a, opt_a, model_b, opt_b, what, dtype=torch.float32):
             va, vb = sa[key], sb[key]
             assert (va.dtype, va.device, va.shape) == (vb.dtype, vb.device, vb.shape), f"{what}: {name}.{key}"
             torch.testing.assert_close(vb, va, **tol, msg=lambda m: f"{what}: {name} state {key}: {m}")
-    ga, gb = opt_a.state.get("geomcompile", {}), opt_b.state.get("geomcompile", {})
-    assert ga.get("step") == gb.get("step")
-    for unit, per_geometry in ga.get("units", {}).items():
-        for geometry, state in per_geometry.items():
-            other = dict(gb["units"][unit][geometry])
-            # psi's counter: an int that eager creates at the first renormalisation, a device
-            # counter (no host sync) that triton creates at its first step
-            count_a, count_b = int(state.get("renormalised", 0)), int(other.pop("renormalised", 0))
-            assert count_a == count_b, f"{what}: {unit} renormalised {count_a} vs {count_b}"
-            state = {k: v for k, v in state.items() if k != "renormalised"}
-            assert sorted(state) == sorted(other), f"{what}: {unit}/{geometry} state keys"
-            for key, va in state.items():
-                if isinstance(va, torch.Tensor):     # e.g. spectral's power-iteration vectors: derived from the
-                    torch.testing.assert_close(           # weights, they amplify 1e-7 weight differences tenfold
-                        other[key], va, rtol=1e-3, atol=1e-5, msg=lambda m: f"{what}: {unit} {key}: {m}")
-                else:
-                    assert va == other[key], f"{what}: {unit}/{geometry}.{key}"
+    assert_same_geometry_state(opt_a, opt_b, what)
+
+
+def assert_same_geometry_state(opt_a, opt_b, what):
+    """The geometry state the two optimizers' state dicts carry: same parameters, steps and values."""
+    ga, gb = _entries(opt_a.state_dict()), _entries(opt_b.state_dict())
+    assert ga.keys() == gb.keys(), f"{what}: geometry state on {sorted(ga)} vs {sorted(gb)}"
+    for name, entry in ga.items():
+        other_entry = gb[name]
+        assert entry["steps"] == other_entry["steps"], f"{what}: {name} steps"
+        assert entry["units"].keys() == other_entry["units"].keys(), f"{what}: {name} units"
+        for unit, per_geometry in entry["units"].items():
+            for geometry, state in per_geometry.items():
+                other = other_entry["units"][unit][geometry]
+                assert sorted(state) == sorted(other), f"{what}: {unit}/{geometry} state keys"
+                for key, va in state.items():
+                    vb = other[key]
+                    if isinstance(va, torch.Tensor) and not va.is_floating_point():
+                        assert torch.equal(va.cpu(), vb.cpu()), f"{what}: {unit}/{geometry}.{key} {va} vs {vb}"
+                    elif isinstance(va, torch.Tensor):   # e.g. spectral's power-iteration vectors: derived from
+                        torch.testing.assert_close(       # the weights, they amplify 1e-7 weight differences tenfold
+                            vb, va, rtol=1e-3, atol=1e-5, msg=lambda m: f"{what}: {unit} {key}: {m}")
+                    else:
+                        assert va == vb, f"{what}: {unit}/{geometry}.{key}"
 
 
 def _parity(geometry, opt_name, dtype=torch.float32, channels_last=False, steps=STEPS):

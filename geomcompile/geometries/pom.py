@@ -382,6 +382,8 @@ class POM(Geometry):
         if o["feature_std"]:
             self._install_std_hook(unit, state, ctx)
         p = ctx.params[facts.name]
+        if not p.requires_grad:     # frozen: no geometry touches it, the install-time retraction neither
+            return [f"pom {facts.name}: frozen (requires_grad=False), not retracted onto the manifold"]
         moved, before = self._retract_off_manifold(p, state["radius"])
         _, how = self._base_radius(facts)
         grid, n, k = component_grid(tuple(facts.shape), o["component"])

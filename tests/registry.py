@@ -1,0 +1,63 @@
+"""The one registry of geometry test cases (like torch's OptimizerInfo): every registered geometry
+has at least one case here, and every backend that a geometry declares a fast path for is derived
+from the declaration (``Geometry.fast_paths``), so adding a geometry or a fast path adds its whole
+test matrix (tests/test_matrix.py) without test code of its own; a geometry without a case fails
+``test_every_registered_geometry_and_fast_path_has_cases``.
+
+A case: the policy rules (match, use) that apply the geometry, whether its post-step retraction can
+move a weight (the frozen-parameter test then forces one), and whether it needs example inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from geomcompile.geometries import REGISTRY
+
+CONV_OR_LINEAR = {"kind": ["conv", "linear"]}
+CONV = {"kind": "conv", "depthwise": False}
+
+
+@dataclass(frozen=True)
+class GeometryCase:
+    geometry: str                 # registered name
+    rules: tuple                  # ((match, use), ...)
+    retracts: bool = False        # its post_step can change a weight
+    # per dtype (rtol, atol) of fast paths against the eager reference after one step from the same
+    # state. bf16 keeps 8 significant bits: neighbouring values are up to 2^-7 apart relative to the
+    # value. The eager program rounds the transformed gradient to bf16 and torch's bf16 step rounds
+    # after each of its operations; a fused kernel computes in fp32 and rounds once. Results may then
+    # differ by two of those spacings, relative to the tensor's largest element: 2 * 2^-7
+    # (tests/test_matrix.py::_close applies the bf16 bound normwise).
+    tolerances: tuple = ((torch.float32, 1e-5, 1e-6), (torch.bfloat16, 2 * 2**-7, 2 * 2**-7))
+
+    def policy(self) -> dict:
+        return {"version": 1, "validate": "warn",
+                "rules": [{"name": f"r{i}", "match": m, "use": u} for i, (m, u) in enumerate(self.rules)]}
+
+    def tolerance(self, dtype) -> dict:
+        rtol, atol = next((r, a) for d, r, a in self.tolerances if d == dtype)
+        return dict(rtol=rtol, atol=atol)
+
+    @property
+    def backends(self) -> list[str]:
+        """eager (the reference) and every backend the geometry declares a fast path for."""
+        return ["eager", *sorted(REGISTRY[self.geometry].fast_paths)]
+
+
+CASES = {
+    "channel_directed": GeometryCase("channel_directed", (
+        (CONV_OR_LINEAR, {"channel_directed": {"metric": "sobolev", "lam": 0.5, "mix": 0.5}}),)),
+    "channel_directed_h0": GeometryCase("channel_directed", (
+        (CONV_OR_LINEAR, {"channel_directed": {"metric": "h0", "lam": 0.5}}),)),
+    "psi": GeometryCase("psi", (({"scale_invariant": True}, {"psi": {"max_norm": 1.5}}),), retracts=True),
+    "spectral": GeometryCase("spectral", ((CONV, {"spectral": {"coef": 0.1, "power_iters": 1}}),)),
+    "pom": GeometryCase("pom", ((CONV, {"pom": {"manifold": "sphere", "component": "kernel",
+                                                "grouping": "PI"}}),), retracts=True),
+}
+
+
+def matrix(kind: str = "all"):
+    """(case name, backend) pairs: every backend that claims the case's geometry ("fast": not eager)."""
+    return [(name, b) for name, case in CASES.items() for b in case.backends if kind == "all" or b != "eager"]
