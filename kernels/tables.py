@@ -154,6 +154,10 @@ class TableCache:
     def clear(self) -> None:
         self._entries.clear()
 
+    def __len__(self) -> int:
+        """Slots with a cached table."""
+        return len(self._entries)
+
 
 def bucket_dtype(operands: Sequence[Operand]) -> torch.dtype:
     """The one dtype and device all tensors of a bucket must share (a ValueError otherwise)."""

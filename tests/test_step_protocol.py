@@ -375,3 +375,30 @@ def test_option_combinations_that_do_nothing_useful_warn_with_their_position(tmp
         gc.apply(SmallNet(), str(path), torch.optim.SGD(SmallNet().parameters(), lr=0.1), example_inputs=_inputs())
     texts = [str(w.message) for w in record if expected in str(w.message)]
     assert len(texts) == 1 and texts[0].startswith(f"{path}:") and texts[0].split(":")[1].isdigit(), texts
+
+
+@pytest.mark.parametrize("wrap", ["accelerate", "lightning"])
+def test_framework_optimizer_wrappers_install_on_the_optimizer_they_wrap(wrap):
+    torch.manual_seed(0)
+    model = SmallNet()
+    reference = copy.deepcopy(model)
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    if wrap == "accelerate":
+        from accelerate import Accelerator
+        from accelerate.optimizer import AcceleratedOptimizer
+        Accelerator(cpu=True)
+        wrapped = AcceleratedOptimizer(base, device_placement=False)
+    else:   # what LightningModule.optimizers() returns; its step() needs a Trainer's strategy, which ends
+        from lightning.pytorch.core.optimizer import LightningOptimizer     # in the wrapped optimizer's step
+        wrapped = LightningOptimizer(base)
+        wrapped.step = base.step
+    plan = gc.apply(model, SOBOLEV, wrapped, example_inputs=_inputs())
+    assert any("hooks on the SGD it wraps" in n for n in plan.notes)
+    batch = _data(1)[0]
+    raw = _raw_grads(reference, [batch])
+    before = model.conv1.weight.detach().clone()
+    wrapped.zero_grad()
+    _loss(model, batch).backward()
+    wrapped.step()
+    torch.testing.assert_close(model.conv1.weight.detach(), before - 0.1 * sobolev(raw["conv1.weight"], 0.5),
+                               rtol=1e-5, atol=1e-6)

@@ -237,7 +237,7 @@ def test_fused_parameters_are_hidden_from_the_base_step_and_grads_restored():
         assert p.grad is grads[n], f"{n}: the grad object was not restored"
     for n in ("conv1.weight", "conv2.weight"):                # fused: the kernel only reads the gradient
         assert torch.equal(model.get_parameter(n).grad, raw[n])
-    assert plan.backend._hidden == []
+    assert plan.backend.hidden_grads == 0
     assert opt.state[model.conv1.weight]["momentum_buffer"].dtype == torch.float32
 
 
@@ -283,7 +283,7 @@ def test_lr_scheduler_is_honoured_without_new_tables(geometry, opt_name):
             _step(model, opt, 1)                   # the same gradient values each step, new tensors
             sched.step()
             if backend == "triton":
-                slots.append(len(plan.backend.cache._entries))
+                slots.append(len(plan.backend.cache))
         runs.append((model, opt))
     assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1], f"{geometry}/{opt_name} with LambdaLR")
     assert slots[1:] == slots[1:2] * 4, f"table slots grew with the lr: {slots}"

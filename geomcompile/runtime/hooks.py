@@ -57,6 +57,7 @@ class Installation:
         self._refresh_groups()      # the first step finds the steady state (a compiled step: no recompile)
         self._known_params = self._optimizer_param_ids()
         self._unscaled_keys_warned: set[tuple[str, str]] = set()
+        self._facts_of = {n: f for it in self.items for n, f in zip(it.unit.names, it.unit.facts)}
         ctx.rescale_observed = self._rescale_observed
 
     # -- state -----------------------------------------------------------------------------
@@ -149,7 +150,7 @@ class Installation:
         """Whether anything outside the optimizer's state follows a rescale of this parameter."""
         if self.callbacks:
             return True
-        facts = next((f for it in self.items for n, f in zip(it.unit.names, it.unit.facts) if n == name), None)
+        facts = self._facts_of.get(name)
         return facts is not None and absorb.has_running_stats(facts)
 
     def _post(self, optimizer, args, kwargs):
@@ -184,6 +185,7 @@ class Installation:
             for item in items:
                 self.report += item.geometry.on_install(item.unit, self.state_of(item), self.ctx)
             self.items = sorted(self.items + items, key=lambda it: STAGES.index(it.geometry.stage))
+            self._facts_of.update({n: f for it in items for n, f in zip(it.unit.names, it.unit.facts)})
 
     def _optimizer_param_ids(self) -> frozenset:
         # Cheap: a set of ids per step, compared with the last one.

@@ -149,6 +149,11 @@ class TritonBackend(Backend):
         self._hidden: list[tuple[torch.Tensor, torch.Tensor]] = []   # grads hidden from the base optimizer
         self._retracted: set[str] = set()                            # renormalised inside a fused kernel
 
+    @property
+    def hidden_grads(self) -> int:
+        """Gradients hidden from the base optimizer's step right now (0 outside optimizer.step)."""
+        return len(self._hidden)
+
     # -- what runs where ------------------------------------------------------------------------
     def kernel_problem(self, p: torch.Tensor, grad: torch.Tensor | None = None) -> str | None:
         """Why the kernels cannot take this parameter, or None."""
