@@ -402,3 +402,22 @@ def test_framework_optimizer_wrappers_install_on_the_optimizer_they_wrap(wrap):
     wrapped.step()
     torch.testing.assert_close(model.conv1.weight.detach(), before - 0.1 * sobolev(raw["conv1.weight"], 0.5),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_timm_model_ema_follows_retractions():
+    ModelEmaV3 = _timm_module("utils/model_ema.py").ModelEmaV3
+    torch.manual_seed(0)
+    model = SmallNet()
+    with torch.no_grad():
+        model.conv1.weight.mul_(20.0)
+    ema = ModelEmaV3(model, decay=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    plan = gc.apply(model, _psi(2.0), opt, example_inputs=_inputs())
+    gc.ema.follow(plan, ema)
+    for b in _data(4):
+        opt.zero_grad()
+        _loss(model, b).backward()
+        opt.step()
+        ema.update(model)
+    ratio = ema.module.conv1.weight.flatten(1).norm(dim=1) / model.conv1.weight.flatten(1).norm(dim=1)
+    assert torch.all((ratio - 1).abs() < 0.2), ratio
