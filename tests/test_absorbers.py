@@ -11,7 +11,6 @@ tolerated.
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
@@ -346,10 +345,7 @@ def test_under_torch_compile_fullgraph():
     eager = copy.deepcopy(model)
     factors = torch.tensor([0.2, 1.0, 3.0, 5.0])
     rescale_running_stats(eager, f, factors)
-    start = time.perf_counter()
     compiled = torch.compile(lambda c: rescale_running_stats(model, f, c), fullgraph=True)
     compiled(factors)
-    elapsed = time.perf_counter() - start
     torch.testing.assert_close(model.bn.running_mean, eager.bn.running_mean)
     torch.testing.assert_close(model.bn.running_var, eager.bn.running_var)
-    assert elapsed < 120, f"compiling took {elapsed:.0f} s"

@@ -421,3 +421,39 @@ def test_timm_model_ema_follows_retractions():
         ema.update(model)
     ratio = ema.module.conv1.weight.flatten(1).norm(dim=1) / model.conv1.weight.flatten(1).norm(dim=1)
     assert torch.all((ratio - 1).abs() < 0.2), ratio
+
+
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+def test_clip_grad_norm_clips_after_the_transform(backend):
+    torch.manual_seed(0)
+    model = SmallNet()
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gc.apply(model, SOBOLEV, opt, example_inputs=_inputs(), backend=backend, clip_grad_norm=0.01)
+    batch = _data(1)[0]
+    raw = _raw_grads(reference, [batch])
+    transformed = {n: (sobolev(g, 0.5) if n.startswith("conv") else g) for n, g in raw.items()}
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in transformed.values()]))
+    assert total > 0.01, "the case must clip"
+    scale = 0.01 / (total + 1e-6)                      # torch.nn.utils.clip_grad_norm_'s factor
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    _loss(model, batch).backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        if n in transformed:
+            torch.testing.assert_close(p.detach(), before[n] - 0.1 * scale * transformed[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_clip_grad_norm_with_triton_is_refused():
+    model = SmallNet()
+    with pytest.raises(gc.GeomCompileError, match="clip_grad_norm is not supported with the triton backend"):
+        gc.apply(model, SOBOLEV, torch.optim.SGD(model.parameters(), lr=0.1), backend="triton", clip_grad_norm=1.0)
+
+
+def test_single_parameter_geometries_refuse_coupled_units():
+    from geomcompile.geometries.base import Unit
+    structure = gc.analyze(SmallNet(), example_inputs=_inputs())
+    unit = Unit(("conv1.weight", "conv2.weight"), (structure["conv1.weight"], structure["conv2.weight"]))
+    with pytest.raises(gc.GeomCompileError, match="spectral acts on one parameter per unit"):
+        gc.geometries.get("spectral")().pre_step(unit, [None, None], {}, None)

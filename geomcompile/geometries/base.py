@@ -81,6 +81,13 @@ class Unit:
     def key(self) -> str:
         return "+".join(self.names)
 
+    def single(self, geometry: str) -> ParamFacts:
+        """The one parameter of a unit, for geometries that act on one tensor at a time; a coupled unit
+        is an error (such a geometry's units() never forms one)."""
+        if len(self.facts) != 1:
+            raise GeomCompileError(f"{geometry} acts on one parameter per unit, got the unit {self.key}")
+        return self.facts[0]
+
 
 @dataclass(frozen=True)
 class Rescale:

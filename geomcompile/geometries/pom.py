@@ -361,7 +361,7 @@ class POM(Geometry):
         return geometric_radius(b, b_hat), f"geometric: b={b}, b̂={b_hat}"
 
     def init_state(self, unit: Unit, ctx: StepContext) -> dict:
-        facts = unit.facts[0]
+        facts = unit.single(self.name)
         p = ctx.params[facts.name]
         grid, _, _ = component_grid(tuple(facts.shape), self.opts["component"])
         # One stream per parameter, stable across runs: the seed mixed with the parameter's name.
@@ -378,7 +378,7 @@ class POM(Geometry):
         return state
 
     def on_install(self, unit: Unit, state: dict, ctx: StepContext) -> list[str]:
-        facts, o = unit.facts[0], self.opts
+        facts, o = unit.single(self.name), self.opts
         if o["feature_std"]:
             self._install_std_hook(unit, state, ctx)
         p = ctx.params[facts.name]
@@ -411,7 +411,7 @@ class POM(Geometry):
         return int(off.sum()), float(distance.max())
 
     def _install_std_hook(self, unit: Unit, state: dict, ctx: StepContext) -> None:
-        facts, momentum = unit.facts[0], self.opts["std_momentum"]
+        facts, momentum = unit.single(self.name), self.opts["std_momentum"]
         if ctx.model is None:
             raise GeomCompileError(f"pom feature_std on {facts.name} needs the model to hook its layer; "
                                    f"install the plan through gc.apply / plan.install")
@@ -442,7 +442,7 @@ class POM(Geometry):
             p.copy_(x.reshape(p.shape).to(p.dtype))
 
     def pre_step(self, unit: Unit, grads, state, ctx: StepContext) -> None:
-        facts, grad = unit.facts[0], grads[0]
+        facts, (grad,) = unit.single(self.name), grads
         if grad is None or grad.numel() == 0:
             return
         w = self._components(ctx.params[facts.name])
@@ -454,8 +454,9 @@ class POM(Geometry):
         state["normalised_groups"] = (pom_zeta(R) > 1).sum()
 
     def post_step(self, unit: Unit, state, ctx: StepContext) -> None:
-        p = ctx.params[unit.facts[0].name]
-        if not ctx.has_grad(unit.facts[0].name):   # the optimizer skipped it (frozen, unused): leave it bit-identical
+        name = unit.single(self.name).name
+        p = ctx.params[name]
+        if not ctx.has_grad(name):   # the optimizer skipped it (frozen, unused): leave it bit-identical
             return
         radius = state["base_radius"]
         if self.opts["feature_std"]:

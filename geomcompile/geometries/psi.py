@@ -172,7 +172,7 @@ class PSI(Geometry):
         return out
 
     def init_state(self, unit: Unit, ctx: StepContext) -> dict:
-        device = ctx.params[unit.names[0]].device
+        device = ctx.params[unit.names[0]].device      # the counter counts the whole unit
         return {"renormalised": torch.zeros((), dtype=torch.int64, device=device)}
 
     def on_install(self, unit: Unit, state, ctx: StepContext) -> list[str]:

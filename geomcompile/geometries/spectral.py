@@ -301,21 +301,20 @@ class Spectral(Geometry):
         return super().units(facts, structure)
 
     def init_state(self, unit: Unit, ctx: StepContext) -> dict:
-        weight = ctx.params[unit.names[0]]
+        weight = ctx.params[unit.single(self.name).name]
         seed = zlib.crc32(unit.key.encode())       # reproducible per layer, global RNG untouched
-        block = initial_block(self.spec(unit.facts[0]), _compute_dtype(weight), weight.device, seed)
+        block = initial_block(self.spec(unit.single(self.name)), _compute_dtype(weight), weight.device, seed)
         # calls: optimizer steps this unit took part in (for `every`); steps: penalty evaluations.
         return {"V": block, "theta": torch.zeros(BLOCK, dtype=block.dtype), "steps": 0, "calls": 0}
 
     def pre_step(self, unit: Unit, grads, state, ctx: StepContext) -> None:
-        grad = grads[0]
+        facts, (grad,) = unit.single(self.name), grads
         if grad is None:
             return
         calls = state.get("calls", 0)
         state["calls"] = calls + 1
         if calls % self.opts["every"]:
             return
-        facts = unit.facts[0]
         iters = self.opts["power_iters"] if state["steps"] else max(self.opts["init_iters"], self.opts["power_iters"])
         _, penalty, theta, block = spectral_penalty_step(ctx.params[facts.name].detach(), self.spec(facts),
                                                          self.opts["alpha"], state["V"], iters)
