@@ -264,13 +264,23 @@ def test_lookahead_slow_weights_follow_retractions():
     assert torch.all(rows(slow) < 3.0), rows(slow)
 
 
-def test_averaged_model_follows_retractions():
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+def _ema_of(kind, model):
+    """(the averaged copy, how to update it): torch's AveragedModel or timm's ModelEmaV3."""
+    if kind == "swa_utils":
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+        return ema, ema.update_parameters
+    ema = _timm_module("utils/model_ema.py").ModelEmaV3(model, decay=0.9)
+    return ema, ema.update
+
+
+@pytest.mark.parametrize("kind", ["swa_utils", "timm"])
+def test_averaged_models_follow_retractions(kind):
     torch.manual_seed(0)
     model = SmallNet()
     with torch.no_grad():
         model.conv1.weight.mul_(20.0)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    ema, update = _ema_of(kind, model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     plan = gc.apply(model, _psi(2.0), opt, example_inputs=_inputs())
     gc.ema.follow(plan, ema)
@@ -278,9 +288,9 @@ def test_averaged_model_follows_retractions():
         opt.zero_grad()
         _loss(model, b).backward()
         opt.step()
-        ema.update_parameters(model)
+        update(model)
     ratio = ema.module.conv1.weight.flatten(1).norm(dim=1) / model.conv1.weight.flatten(1).norm(dim=1)
-    assert torch.all((ratio - 1).abs() < 0.2), ratio     # without follow: about 20x
+    assert torch.all((ratio - 1).abs() < 0.2), ratio     # without follow: about 13x (0.9^4 of the 20x start)
 
 
 def test_retraction_events_report_the_factors():
@@ -290,7 +300,6 @@ def test_retraction_events_report_the_factors():
         model.conv1.weight.mul_(20.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     plan = gc.apply(model, _psi(2.0), opt, example_inputs=_inputs())
-    before_norms = None
     events = []
     handle = plan.on_retract(lambda e: events.append((e.name, e.channel_factors.clone())))
     opt.zero_grad()
@@ -402,25 +411,6 @@ def test_framework_optimizer_wrappers_install_on_the_optimizer_they_wrap(wrap):
     wrapped.step()
     torch.testing.assert_close(model.conv1.weight.detach(), before - 0.1 * sobolev(raw["conv1.weight"], 0.5),
                                rtol=1e-5, atol=1e-6)
-
-
-def test_timm_model_ema_follows_retractions():
-    ModelEmaV3 = _timm_module("utils/model_ema.py").ModelEmaV3
-    torch.manual_seed(0)
-    model = SmallNet()
-    with torch.no_grad():
-        model.conv1.weight.mul_(20.0)
-    ema = ModelEmaV3(model, decay=0.9)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    plan = gc.apply(model, _psi(2.0), opt, example_inputs=_inputs())
-    gc.ema.follow(plan, ema)
-    for b in _data(4):
-        opt.zero_grad()
-        _loss(model, b).backward()
-        opt.step()
-        ema.update(model)
-    ratio = ema.module.conv1.weight.flatten(1).norm(dim=1) / model.conv1.weight.flatten(1).norm(dim=1)
-    assert torch.all((ratio - 1).abs() < 0.2), ratio
 
 
 @pytest.mark.parametrize("backend", ["eager", "compile"])
