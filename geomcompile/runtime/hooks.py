@@ -30,7 +30,7 @@ from ..errors import GeomCompileError, GeomCompileWarning
 from ..geometries.base import STAGES, Rescale, StepContext
 from . import absorb
 from .backends import Backend, WorkItem
-from .state import PlanState, extract_entries, pids_by_name, stray_entries
+from .state import ENTRY_KEY, PlanState, extract_entries, pids_by_name, stray_entries
 from .wrappers import WEIGHT_LIKE_STATE
 
 
@@ -110,7 +110,7 @@ class Installation:
         entries = {}
         for p, entry in stray.items():
             entries[entry.get("name")] = entry
-            del self.optimizer.state[p]["geomcompile"]
+            del self.optimizer.state[p][ENTRY_KEY]
             if not self.optimizer.state[p]:
                 del self.optimizer.state[p]
         self.report += self.state.load_entries(entries, self.state_mismatch)
