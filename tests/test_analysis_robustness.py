@@ -1,0 +1,98 @@
+"""Issue 17: the analysis and the shipped policies on patterns of real model code.
+
+Weights read for their attributes, weights handed to functions the analysis does not look inside,
+a conv run at several input sizes (spectral's input size), models in eval mode, and the fgsgd
+policy on a network without normalisation. The toy models are in tests/models.py (the zoo runs
+its generic checks on them as well)."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import geomcompile as gc
+from geomcompile.geometries.spectral import conv_matrix, conv_spec
+from tests.models import (CONV_RELU_BN, PLAIN_VGG, SHARED_HEAD_FPN, WEIGHT_ATTRIBUTE_READS, WRAPPED_ATTENTION,
+                          WeightAttributeReads)
+
+
+# --- 1. attribute reads of a weight are not uses -------------------------------------------------
+class UntraceableAttributeReads(WeightAttributeReads):
+    """The same model, but fx cannot trace it (a Python bool of a tensor): captured by running it."""
+
+    def forward(self, x):
+        if bool(x.abs().sum() >= 0):
+            return super().forward(x)
+        return x
+
+
+@pytest.mark.parametrize("model_cls, path", [(WeightAttributeReads, "fx"), (UntraceableAttributeReads, "run")])
+def test_dtype_and_device_reads_of_a_weight_keep_its_layout(model_cls, path):
+    torch.manual_seed(0)
+    model = model_cls().train()
+    structure = gc.analyze(model, example_inputs=WEIGHT_ATTRIBUTE_READS.example_inputs)
+    assert structure.capture_path == path
+    conv, proj = structure["conv.weight"], structure["proj.weight"]
+    assert (conv.kind, conv.out_dim, conv.uses) == ("conv", 0, 1), conv.notes
+    assert (proj.kind, proj.out_dim, proj.uses) == ("linear", 0, 1), proj.notes
+    assert conv.scale_invariant is not None and conv.scale_invariant.normalizer == "bn", conv.invariance_reason
+    assert proj.scale_invariant is not None and proj.scale_invariant.normalizer == "bn1d", proj.invariance_reason
+
+
+# --- 2. weights consumed inside wrapped functions or unknown leaf modules --------------------------
+def test_weights_inside_a_wrapped_function_or_leaf_module_are_named_in_the_plan():
+    model = WRAPPED_ATTENTION.build().train()
+    inputs = WRAPPED_ATTENTION.example_inputs
+    structure = gc.analyze(model, example_inputs=inputs)
+    assert structure.capture_path == "fx"
+    plan = gc.plan(model, "plain", example_inputs=inputs)
+    notes = "\n".join(plan.notes)
+    for name in ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias"):
+        assert structure[name].kind == "other"
+        line = next((n for n in plan.notes if n.startswith(f"{name}: ")), None)
+        assert line is not None, f"no plan note for {name}:\n{notes}"
+        assert "window_attention" in line and "layout not proven" in line, line
+    for name in ("mha.in_proj_weight", "mha.out_proj.weight"):
+        line = next((n for n in plan.notes if n.startswith(f"{name}: ")), None)
+        assert line is not None and "MultiheadAttention" in line, f"{name}:\n{notes}"
+    assert not any(n.startswith("head.weight") for n in plan.notes), "a proven linear needs no note"
+
+
+# --- 3. a conv run at several input sizes -------------------------------------------------
+def test_layer_run_at_several_sizes_records_every_size():
+    model = SHARED_HEAD_FPN.build()
+    facts = gc.analyze(model, example_inputs=SHARED_HEAD_FPN.example_inputs)["head.weight"]
+    assert facts.input_shape is None                         # no single shape
+    assert facts.input_shapes == ((4, 4, 8, 8), (4, 4, 4, 4))
+
+
+# --- 4. models in eval mode -------------------------------------------------------------------
+def test_eval_mode_model_is_said_to_be_analysed_in_training_mode():
+    model = CONV_RELU_BN.build().eval()
+    structure = gc.analyze(model, example_inputs=CONV_RELU_BN.example_inputs)
+    assert not model.training and not model.bn.training, "analyze must leave the mode as it was"
+    note = next((n for n in structure.notes if "eval mode" in n), None)
+    assert note is not None, structure.notes
+    assert "analysed as in training mode" in note and "bn" in note and "frozen" in note, note
+    assert structure["conv.weight"].scale_invariant is not None       # the training-mode answer
+    plan = gc.plan(model, "resnet", example_inputs=CONV_RELU_BN.example_inputs)
+    assert note in plan.notes
+
+
+def test_frozen_batchnorm_in_a_training_model_absorbs_nothing():
+    model = CONV_RELU_BN.build().train()
+    model.bn.eval()                                     # frozen statistics, as in detection fine-tuning
+    structure = gc.analyze(model, example_inputs=CONV_RELU_BN.example_inputs)
+    facts = structure["conv.weight"]
+    assert facts.scale_invariant is None
+    assert "bn is in eval mode" in facts.invariance_reason, facts.invariance_reason
+    assert any("bn in eval mode while the model is in training mode" in n for n in structure.notes), structure.notes
+    # numerically: with running statistics, scaling a channel changes the output
+    x = CONV_RELU_BN.example_inputs[0]
+    with torch.no_grad():
+        before = model(x)
+        model.conv.weight[0].mul_(3.0)
+        assert not torch.allclose(before, model(x))
