@@ -61,12 +61,51 @@ def test_weights_inside_a_wrapped_function_or_leaf_module_are_named_in_the_plan(
     assert not any(n.startswith("head.weight") for n in plan.notes), "a proven linear needs no note"
 
 
-# --- 3. a conv run at several input sizes -------------------------------------------------
+# --- 3. a conv run at several input sizes (spectral's input size) ---------------------------------
+def _spectral(input_size) -> dict:
+    return {"version": 1, "rules": [{"name": "head", "match": {"param": "head.weight"},
+                                     "use": {"spectral": {"input_size": input_size}}}]}
+
+
 def test_layer_run_at_several_sizes_records_every_size():
     model = SHARED_HEAD_FPN.build()
     facts = gc.analyze(model, example_inputs=SHARED_HEAD_FPN.example_inputs)["head.weight"]
     assert facts.input_shape is None                         # no single shape
     assert facts.input_shapes == ((4, 4, 8, 8), (4, 4, 4, 4))
+
+
+def test_spectral_auto_refuses_several_sizes_and_names_the_choices():
+    model = SHARED_HEAD_FPN.build()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(gc.GeomCompileError) as info:
+        gc.apply(model, _spectral("auto"), opt, example_inputs=SHARED_HEAD_FPN.example_inputs)
+    message = str(info.value)
+    assert "2 input sizes (8x8, 4x4)" in message and "input_size: largest" in message, message
+
+
+@pytest.mark.parametrize("option, size, how", [("largest", (8, 8), "largest of the 2 sizes it runs at: 8x8, 4x4"),
+                                               ([6, 6], (6, 6), "given")])
+def test_spectral_input_size_choice_is_used_and_said_in_the_plan(option, size, how):
+    model = SHARED_HEAD_FPN.build()
+    x = SHARED_HEAD_FPN.example_inputs[0]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    plan = gc.apply(model, _spectral(option), opt, example_inputs=(x,))
+    geometry = plan.assignments["head.weight"]["penalty"]
+    assert geometry.spec(plan.structure["head.weight"]).input_size == size
+    assert f"spectral head.weight: operator on inputs of size {'x'.join(map(str, size))} ({how})" in plan.notes
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_largest_size_bounds_sigma_max_of_the_smaller_ones():
+    """The documented reason for `largest`: with zero padding, M at a smaller size is a block of M
+    at the larger one, so σ_max(M_small) <= σ_max(M_large)."""
+    w = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigma = {n: torch.linalg.matrix_norm(conv_matrix(w, conv_spec(w.shape, [n, n], 1, 1)), ord=2).item()
+             for n in (3, 4, 6)}
+    assert sigma[3] <= sigma[4] + 1e-12 and sigma[4] <= sigma[6] + 1e-12, sigma
 
 
 # --- 4. models in eval mode -------------------------------------------------------------------
