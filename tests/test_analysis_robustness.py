@@ -135,3 +135,58 @@ def test_frozen_batchnorm_in_a_training_model_absorbs_nothing():
         before = model(x)
         model.conv.weight[0].mul_(3.0)
         assert not torch.allclose(before, model(x))
+
+
+# --- 5. fgsgd on a network without normalisation --------------------------------------------------
+def _fit_plain_vgg(make_optimizer, policy="fgsgd", steps=20):
+    torch.manual_seed(0)
+    model = PLAIN_VGG.build()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    opt = make_optimizer(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = gc.apply(model, policy, opt, example_inputs=(x[:2],))
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return plan, losses
+
+
+@pytest.mark.parametrize("make_optimizer", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+                                            lambda p: torch.optim.AdamW(p, lr=1e-3)], ids=["sgd", "adamw"])
+def test_fgsgd_stays_finite_on_a_plain_vgg(make_optimizer):
+    plan, losses = _fit_plain_vgg(make_optimizer)
+    convs = [n for n, f in plan.structure.items() if f.kind == "conv"]
+    assert convs and all("manifold" in plan.assignments[n] for n in convs), "fgsgd must still apply pom"
+    assert all(math.isfinite(v) for v in losses), losses
+    assert losses[0] < 3.0, f"the install-time retraction must keep the init scale (loss {losses[0]:.3g})"
+    assert min(losses) < losses[0], losses
+
+
+def test_fgsgd_radius_init_keeps_each_layers_scale():
+    torch.manual_seed(0)
+    model = PLAIN_VGG.build()
+    rms = {n: p.detach().reshape(p.shape[0] * p.shape[1], -1).norm(dim=1).square().mean().sqrt().item()
+           for n, p in model.named_parameters() if p.dim() == 4}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = gc.apply(model, "fgsgd", opt, example_inputs=(torch.randn(2, 3, 16, 16),))
+    for name, p in model.named_parameters():
+        if name in rms:
+            kernel_norms = p.detach().reshape(p.shape[0] * p.shape[1], -1).norm(dim=1)
+            assert torch.allclose(kernel_norms, torch.full_like(kernel_norms, rms[name]), rtol=1e-5), name
+            assert any(n.startswith(f"pom {name}:") and "init: the RMS component norm" in n for n in plan.notes)
+
+
+def test_pom_unit_radius_on_unnormalised_convs_warns_with_the_reason():
+    model = PLAIN_VGG.build()
+    policy = {"version": 1, "rules": [{"name": "k", "match": {"kind": "conv"}, "use": {"pom": {"radius": "unit"}}}]}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(gc.GeomCompileWarning, match=r"features\.3\.weight: radius unit scales .*`radius: init`"):
+        gc.apply(model, policy, opt, example_inputs=(torch.randn(2, 3, 16, 16),))
