@@ -520,7 +520,12 @@ def _build_policy(data, loc: _Locator) -> Policy:
 
 # ---- loading --------------------------------------------------------------------------------
 def _shipped_dir():
-    """The installed package geomcompile.policies, or the repo's policies/ folder when not installed."""
+    """The repo's policies/ folder when geomcompile is imported from a source checkout (so a checkout
+    never reads the policies of another one that an editable install points at), else the installed
+    package geomcompile.policies."""
+    local = Path(__file__).resolve().parent.parent / "policies"
+    if any(local.glob("*.yaml")):
+        return local
     try:
         root = importlib.resources.files("geomcompile.policies")
         if any(p.name.endswith(".yaml") for p in root.iterdir()):

@@ -903,3 +903,123 @@ ZOO: list[ZooEntry] = [
     GROUPNORM, TRANSFORMER, DECODER, FUNCTIONAL, SHARED_BOTH_BN, SHARED_ONE_OUTPUT, SHARED_NORM, TIED,
     DATA_DEPENDENT, SLICED, LINEAR_GELU_BN, DROPOUT, PASS_THROUGH, BREAKING, INSTANCENORM,
 ]
+
+
+# --- issue 17: analysis robustness on real model code -----------------------------------------
+# Attribute reads of a weight (Hugging Face: `hidden.to(self.proj.weight.dtype)`): no values flow,
+# so the conv / linear keep their layout and invariance.
+class WeightAttributeReads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.proj = nn.Linear(4, 6, bias=False)
+        self.bn1d = nn.BatchNorm1d(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = x.to(self.conv.weight.dtype).to(self.conv.weight.device)
+        h = F.relu(self.bn(self.conv(x)))
+        h = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
+        h = h.to(dtype=self.proj.weight.dtype, device=self.fc.weight.device)
+        return self.fc(F.relu(self.bn1d(self.proj(h))))
+
+
+WEIGHT_ATTRIBUTE_READS = ZooEntry(
+    "weight_attribute_reads", WeightAttributeReads, images(),
+    expand({"conv.weight": conv(row("bn")), "bn": norm(),
+            "proj.weight": linear(row("bn1d")), "bn1d": norm(),
+            "fc.weight": linear(None), "fc.bias": bias()}),
+    negative=("fc.weight",), shape_dependent=("proj.weight",))
+
+
+# Weights handed to a function torch.fx does not trace into (torchvision's Swin attention is a
+# torch.fx.wrap-ped `shifted_window_attention(x, qkv_weight, proj_weight, ...)`), and to a leaf
+# module the analysis does not look inside (nn.MultiheadAttention).
+def window_attention(x: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: torch.Tensor,
+                     qkv_bias: torch.Tensor, proj_bias: torch.Tensor) -> torch.Tensor:
+    q, k, v = F.linear(x, qkv_weight, qkv_bias).chunk(3, dim=-1)
+    attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+    return F.linear(attn @ v, proj_weight, proj_bias)
+
+
+torch.fx.wrap("window_attention")
+
+
+class WrappedAttention(nn.Module):
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mha = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):                       # x: (batch, tokens, dim)
+        x = x + window_attention(x, self.qkv.weight, self.proj.weight, self.qkv.bias, self.proj.bias)
+        x = x + self.mha(x, x, x, need_weights=False)[0]
+        return self.head(x.mean(dim=1))
+
+
+WRAPPED_ATTENTION = ZooEntry(
+    "wrapped_attention", WrappedAttention, lambda: (_randn(2, 4, 8),),
+    expand({"qkv.weight": other(), "qkv.bias": other(), "proj.weight": other(), "proj.bias": other(),
+            "mha.in_proj_weight": other(), "mha.in_proj_bias": other(),
+            "mha.out_proj.weight": other(), "mha.out_proj.bias": other(),
+            "head.weight": linear(None), "head.bias": bias()}),
+    negative=("head.weight",))
+
+
+# A head shared over the levels of a feature pyramid (FPN / RPN / RetinaNet): one conv run at
+# several input sizes.
+class SharedHeadFPN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.down = nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False)
+        self.head = nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        p3 = F.relu(self.bn(self.stem(x)))      # 8x8
+        p4 = self.down(p3)                      # 4x4
+        outs = [self.head(p) for p in (p3, p4)]
+        return torch.cat([o.flatten(1) for o in outs], dim=1)
+
+
+SHARED_HEAD_FPN = ZooEntry(
+    "shared_head_fpn", SharedHeadFPN, images(),
+    expand({"stem.weight": conv(row("bn")), "bn": norm(), "down.weight": conv(None),
+            "head.weight": conv(None), "head.bias": bias()}),
+    negative=("down.weight", "head.weight"))
+
+
+# A plain VGG-style network: no normalisation anywhere (the fgsgd policy's hard case).
+class PlainVGG(nn.Module):
+    def __init__(self, cfg=(32, "M", 64, "M", 64, 64, "M", 128, 128, "M"), classes: int = 10):
+        super().__init__()
+        layers, cin = [], 3
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU(inplace=True)]
+                cin = v
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Linear(cin, 64), nn.ReLU(inplace=True), nn.Linear(64, classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+def _plain_vgg_expected() -> dict[str, dict]:
+    spec = {f"features.{i}.weight": conv(None) for i in (0, 3, 6, 8, 11, 13)}
+    spec.update({f"features.{i}.bias": bias() for i in (0, 3, 6, 8, 11, 13)})
+    spec.update({"classifier.0.weight": linear(None), "classifier.0.bias": bias(),
+                 "classifier.2.weight": linear(None), "classifier.2.bias": bias()})
+    return spec
+
+
+PLAIN_VGG = ZooEntry("plain_vgg", PlainVGG, images(2, 3, 16), _plain_vgg_expected(),
+                     negative=("features.0.weight", "classifier.0.weight"))
+
+ZOO += [WEIGHT_ATTRIBUTE_READS, WRAPPED_ATTENTION, SHARED_HEAD_FPN, PLAIN_VGG]

@@ -476,8 +476,15 @@ def test_digits_pom_trains_about_as_well_as_sgd():
     print(f"\ndigits, 150 steps SGD-momentum: plain loss {plain_loss:.4f} acc {plain_acc:.3f}; "
           + "; ".join(f"pom {k}: loss {l:.4f} acc {a:.3f}" for k, (l, a) in results.items()))
     # Measured: plain 0.047; sphere 0.053, oblique 0.026, stiefel 0.039 (test acc 0.96-0.97 for all).
+    shipped = results.pop("fgsgd.yaml")
     for loss, acc in results.values():
         assert loss <= 1.5 * plain_loss and acc >= plain_acc - 0.03
+    # digits_net has no normalisation, so fgsgd.yaml gives its convs `radius: init` (the scale their
+    # init gave them) instead of radius 1, which makes a deeper plain net diverge
+    # (tests/test_analysis_robustness.py). The price is a larger angular step lr*|grad|/r on these
+    # small kernels: measured loss 0.141, test acc 0.940 in 150 steps (radius 1: 0.053, 0.975).
+    loss, acc = shipped
+    assert loss <= 3.5 * plain_loss and acc >= plain_acc - 0.04
 
 
 def test_shipped_policy_loads_and_describes_pom():

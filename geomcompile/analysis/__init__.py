@@ -5,7 +5,7 @@ from torch import nn
 
 from ..capture import capture
 from ..errors import GeomCompileError
-from ..names import canonical_named_parameters
+from ..names import canonical_named_parameters, unwrap_model
 from .facts import Absorber, ParamFacts, ScaleInvariance, Structure
 from .invariance import analyze_invariance
 from .layout import layout_facts, param_uses
@@ -55,8 +55,28 @@ def analyze(model: nn.Module, example_inputs=None) -> Structure:
         else:
             analyze_invariance(f, uses[name], cap)
         facts[name] = f
-    notes = list(cap.notes)
+    notes = list(cap.notes) + _mode_notes(model)
+    notes += [f"{name}: {note}" for name, f in facts.items() if f.kind == "other" for note in f.notes]
     if not cap.has_shapes:
         notes.append("no example_inputs: shapes unknown (Linear->BatchNorm1d invariance and input sizes "
                      "need them)")
     return Structure(facts, cap.path, notes)
+
+
+def _mode_notes(model: nn.Module) -> list[str]:
+    """What the analysis assumes about training mode, when the model is not simply in training mode."""
+    inner, _ = unwrap_model(model)
+    stats = [n for n, m in inner.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+             and m.track_running_stats and m.running_mean is not None]
+    if inner.training:
+        frozen = [n for n in stats if not inner.get_submodule(n).training]
+        if not frozen:
+            return []
+        return [f"{', '.join(frozen[:5])}{' and more' if len(frozen) > 5 else ''} in eval mode while the model "
+                f"is in training mode (frozen statistics): they normalise with running statistics, which "
+                f"absorb no scaling, so weights they normalise are not claimed scale-invariant"]
+    return [f"the model is in eval mode; it was analysed as in training mode"
+            + (f" (BatchNorm/InstanceNorm with batch statistics: {', '.join(stats[:3])}"
+               f"{' ...' if len(stats) > 3 else ''})" if stats else "")
+            + ". Scale invariance holds for training in training mode; a model trained with frozen "
+              "(eval-mode) normalisation statistics is not scale-invariant, and psi must not be used on it"]

@@ -71,6 +71,8 @@ class ParamFacts:
     layer: dict[str, Any] = field(default_factory=dict)  # stride, padding, dilation, padding_mode, ...
     input_shape: tuple[int, ...] | None = None   # the consuming layer's input shape (needs example_inputs)
     output_shape: tuple[int, ...] | None = None  # the consuming layer's output shape (needs example_inputs)
+    input_shapes: tuple[tuple[int, ...], ...] = ()  # every distinct input shape, in call order (a layer
+                                                    # run at several sizes has input_shape None)
     aliases: tuple[str, ...] = ()       # other names of the same tensor (tied / shared parameters)
     uses: int = 0                       # how many ops consume it in the captured graph
     notes: list[str] = field(default_factory=list)

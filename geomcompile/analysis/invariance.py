@@ -341,6 +341,9 @@ class _Walker:
         kind = info.extra["norm"]
         label = node.target if node.op == "call_module" else node.name
         if kind in ("batch", "instance"):
+            if node.op == "call_module" and _frozen_stats(self.cap, node.target):
+                raise Broken(f"{path}: {label} is in eval mode while the model is in training mode, so it "
+                             f"normalises with its running statistics (frozen), which absorb no scaling")
             c = self._front(sig, node.args[0], path)
             rank = self._rank(node.args[0])
             expected = 1
@@ -385,6 +388,14 @@ class _Walker:
     def _channels(self, node, c):
         shape = node.meta.get("gc_shape")
         return shape[c] if shape is not None else None
+
+
+def _frozen_stats(cap: Captured, name: str) -> bool:
+    """A normalisation kept in eval mode (running statistics) inside a model in training mode.
+    A model wholly in eval mode is analysed as in training mode (the plan's notes say so)."""
+    m, root = cap.modules[name], cap.modules.get("")
+    return (root is not None and root.training and not m.training and bool(getattr(m, "track_running_stats", False))
+            and getattr(m, "running_mean", None) is not None)
 
 
 def _label(node: fx.Node) -> str:

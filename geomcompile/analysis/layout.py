@@ -4,6 +4,12 @@ Facts come from the module type, or, for parameters used functionally (``F.conv2
 from the op that consumes the parameter. A parameter consumed by several ops (a module called
 twice, tied weights) gets its facts merged conservatively: if the uses disagree on the kind the
 parameter becomes "other".
+
+Reads of a weight's attributes (``x.to(self.proj.weight.dtype)``, ``w.shape``, ``w.device``) are not
+uses: no values flow. A weight handed to an op the analysis does not look inside (a function
+wrapped with ``torch.fx.wrap``, such as torchvision's ``shifted_window_attention``, or a leaf
+module it does not know, such as ``nn.MultiheadAttention``) has no provable layout: it is kind
+"other", and a note names the parameter and that op.
 """
 from __future__ import annotations
 
@@ -44,7 +50,8 @@ def param_uses(cap: Captured, param_names: dict[int, str], params: dict[str, tor
             if name is None:
                 continue
             for user in node.users:
-                uses[name].append(_functional_use(user, node, cap))
+                if classify(user, cap.modules).cls != "meta":   # w.dtype, w.shape: not a use of its values
+                    uses[name].append(_functional_use(user, node, cap))
     return uses
 
 
@@ -90,12 +97,16 @@ def layout_facts(name: str, tensor: torch.Tensor, uses: list[Use], cap: Captured
     if not uses:  # not reached in the captured graph (e.g. a branch the run capture did not take)
         return _facts_from_owner(facts, cap)
     kinds = {u.kind for u in uses}
+    opaque = _opaque_uses(uses, cap)
     if len(kinds) != 1:
         facts.kind = "other"
         if len(kinds) > 1:
-            facts.notes.append(f"used as {sorted(kinds)}: facts merged to 'other'")
+            facts.notes.append(f"used as {sorted(kinds)}: facts merged to 'other'"
+                               + (f"; {opaque}" if opaque else ""))
         return facts
     facts.kind = kinds.pop()
+    if facts.kind == "other" and opaque:
+        facts.notes.append(opaque)
     first = uses[0]
     facts.module = first.module or first.node.name   # a functional use: name the op
     if facts.kind in ("conv", "conv_transpose", "linear"):
@@ -103,13 +114,36 @@ def layout_facts(name: str, tensor: torch.Tensor, uses: list[Use], cap: Captured
         facts.groups = _groups(first, cap)
         facts.depthwise = _is_depthwise(facts, tensor)
         facts.layer = _layer_config(first, cap)
-        shapes_in = {_shape(u.node.args[0]) if u.node.args else None for u in uses}
-        shapes_out = {u.node.meta.get("gc_shape") for u in uses}
+        ordered = [_shape(u.node.args[0]) if u.node.args else None for u in uses]
+        shapes_in, shapes_out = set(ordered), {u.node.meta.get("gc_shape") for u in uses}
+        if None not in shapes_in:
+            facts.input_shapes = tuple(dict.fromkeys(ordered))
         if len(shapes_in) == 1 and len(shapes_out) == 1:   # shapes are only facts when all uses agree
             facts.input_shape, facts.output_shape = shapes_in.pop(), shapes_out.pop()
     elif facts.kind == "bias":
         facts.out_dim = 0
     return facts
+
+
+def _opaque_uses(uses: list[Use], cap: Captured) -> str:
+    """Why a weight's layout cannot be proven from ops the analysis does not look inside, or ''."""
+    ops = []
+    for u in uses:
+        if u.kind != "other":
+            continue
+        if u.node.op == "call_module":
+            ops.append(f"module {u.module!r} ({type(cap.modules[u.module]).__name__}, a leaf module the "
+                       f"analysis does not look inside)")
+        elif u.node.op in ("call_function", "call_method"):
+            target = u.node.target
+            fn = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+            what = ("not a conv/linear op; the analysis does not look inside functions such as "
+                    "torch.fx.wrap-ped ones") if u.node.op == "call_function" else "a tensor method"
+            ops.append(f"op {u.node.name!r} ({fn}, {what})")
+    if not ops:
+        return ""
+    return (f"layout not proven: it is consumed by {', '.join(dict.fromkeys(ops))}, so its kind and output "
+            f"dimension are unknown (kind 'other') and no layer geometry applies to it")
 
 
 def _facts_from_owner(facts: ParamFacts, cap: Captured) -> ParamFacts:

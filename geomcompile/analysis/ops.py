@@ -43,7 +43,8 @@ IDENTITY = {"contiguous", "clone", "float", "double", "half", "bfloat16", "to", 
 UPSAMPLE = {"interpolate", "upsample", "upsample_nearest", "upsample_bilinear"}
 RESHAPE = {"view", "reshape"}
 CAT = {"cat", "concat", "concatenate"}
-META = {"size", "dim", "shape", "numel", "ndimension", "device", "dtype", "nelement", "get_device"}
+META = {"size", "dim", "shape", "numel", "ndimension", "device", "dtype", "nelement", "get_device", "ndim",
+        "is_cuda", "layout", "requires_grad", "is_floating_point"}
 REDUCE = {"mean", "sum"}
 SCALE = {"mul", "div", "truediv"}
 LAYER_FUNCS = {"conv1d": ("conv", 1), "conv2d": ("conv", 2), "conv3d": ("conv", 3),
@@ -75,6 +76,8 @@ def op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_function":
         if node.target in _OPERATOR_NAMES:
             return _OPERATOR_NAMES[node.target]
+        if node.target is getattr and len(node.args) > 1 and isinstance(node.args[1], str):
+            return node.args[1]        # fx's spelling of an attribute read (x.dtype, w.shape): name it
         name = getattr(node.target, "__name__", str(node.target))
         if name == "__get__":  # a Tensor property read in the run path (x.shape): name the property
             name = getattr(getattr(node.target, "__self__", None), "__name__", name)

@@ -268,6 +268,11 @@ def pom_membership(grid: tuple[int, ...], grouping: str, group_size: int = 0,
     return (pos_o // size_o).unsqueeze(1) * count_i + (pos_i // size_i).unsqueeze(0), count_o * count_i
 
 
+def _rms_norm(components: torch.Tensor) -> float:
+    """(mean over components of ‖ω_ι‖²)^{1/2}: one radius that keeps the layer's overall scale."""
+    return float(_sq_norm(components).mean().sqrt()) if components.numel() else 0.0
+
+
 def geometric_radius(fan_in: int, out_numel: int) -> float:
     """γ = (b + b̂)^{-1/2} (eq. 2): b = input channels × receptive field of one unit, b̂ = output
     channels × output feature-map size."""
@@ -277,7 +282,8 @@ def geometric_radius(fan_in: int, out_numel: int) -> float:
 # ---- the geometry -----------------------------------------------------------------------------
 def _radius_check(v) -> str | None:
     if isinstance(v, str):
-        return None if v in ("unit", "geometric") else f"expected unit, geometric or a number > 0, got {v!r}"
+        return None if v in ("unit", "geometric", "init") else \
+            f"expected unit, geometric, init or a number > 0, got {v!r}"
     return None if v > 0 else f"a numeric radius must be > 0, got {v}"
 
 
@@ -302,8 +308,9 @@ class POM(Geometry):
         "group_size": Option(int, 0, "split each grouping axis into random groups of this size; "
                                      "0 = the whole axis", check=non_negative),
         "seed": Option(int, 0, "seed of the random group membership (drawn once at install)"),
-        "radius": Option((str, float), "unit", "unit, geometric (eq. 2, needs example_inputs) or a "
-                                               "number > 0", check=_radius_check),
+        "radius": Option((str, float), "unit", "unit, geometric (eq. 2, needs example_inputs), init (the "
+                                               "RMS component norm of the weight at install: keeps the "
+                                               "layer's scale) or a number > 0", check=_radius_check),
         "feature_std": Option(bool, False, "divide the radius by the running std of the layer's input"),
         "std_momentum": Option(float, 0.9, "EMA momentum of the input std in [0, 1)", check=_momentum_check),
         "min_std": Option(float, 1.0, "the input std is floored at this (> 0) before dividing: the paper "
@@ -340,17 +347,40 @@ class POM(Geometry):
     def warnings(self, unit: Unit, ctx: StepContext) -> list[str]:
         out = []
         for facts in unit.facts:
+            scale = self._rescaling(facts, ctx.params.get(facts.name))
+            if scale is not None and facts.scale_invariant is None and not 0.5 <= scale <= 2:
+                out.append(f"pom on {facts.name}: radius {self.opts['radius']} scales its {self.opts['component']} "
+                           f"components by about {scale:.3g}x at install, and no normalisation absorbs that "
+                           f"({facts.invariance_reason or 'not scale-invariant'}); stacked layers multiply such "
+                           f"factors and training can diverge. Fix: `radius: init` keeps the layer's scale")
             wd = ctx.group_of.get(facts.name, {}).get("weight_decay", 0)
             if wd:
                 out.append(f"pom on {facts.name}: weight_decay={wd} only shrinks the weight before the "
                            f"retraction rescales it (a larger effective step); use weight_decay=0 for it")
         return out
 
+    def _rescaling(self, facts: ParamFacts, p: torch.Tensor | None) -> float | None:
+        """radius / RMS component norm of p now: how much the install-time retraction scales the layer."""
+        if p is None or p.numel() == 0 or self.opts["radius"] == "init" or \
+                (self.opts["radius"] == "geometric" and facts.output_shape is None):
+            return None
+        rms = _rms_norm(self._components(p))
+        return self._base_radius(facts)[0] / rms if rms > 0 else None
+
     # -- state ----------------------------------------------------------------------------------
-    def _base_radius(self, facts: ParamFacts) -> tuple[float, str]:
+    def _base_radius(self, facts: ParamFacts, p: torch.Tensor | None = None) -> tuple[float, str]:
         radius = self.opts["radius"]
         if radius == "unit":
             return 1.0, "unit"
+        if radius == "init":
+            if p is None:
+                raise GeomCompileError(f"pom radius=init on {facts.name} needs the weight itself")
+            rms = _rms_norm(self._components(p))
+            if not rms > 0 or not math.isfinite(rms):
+                raise GeomCompileError(f"pom radius=init on {facts.name}: the weight's RMS component norm at "
+                                       f"install is {rms}, not a usable radius. Fix: initialise the weight "
+                                       f"first, or use radius: unit or a number")
+            return rms, "init: the RMS component norm at install"
         if radius != "geometric":
             return float(radius), "given"
         b = math.prod(facts.shape[1:])                 # fan-in of one output unit (C_in/groups · kh · kw)
@@ -367,7 +397,7 @@ class POM(Geometry):
         # One stream per parameter, stable across runs: the seed mixed with the parameter's name.
         gen = torch.Generator().manual_seed((self.opts["seed"] * 1_000_003 + zlib.crc32(facts.name.encode())) % 2**63)
         group_id, n_groups = pom_membership(grid, self.opts["grouping"], self.opts["group_size"], gen)
-        base, _ = self._base_radius(facts)
+        base, _ = self._base_radius(facts, p)
         radius = base / max(1.0, self.opts["min_std"]) if self.opts["feature_std"] else base
         state = {"group_id": group_id.to(p.device), "n_groups": n_groups, "base_radius": base,
                  "radius": radius, "last_max_group_norm": 0.0, "normalised_groups": 0}
@@ -385,7 +415,7 @@ class POM(Geometry):
         if not p.requires_grad:     # frozen: no geometry touches it, the install-time retraction neither
             return [f"pom {facts.name}: frozen (requires_grad=False), not retracted onto the manifold"]
         moved, before = self._retract_off_manifold(p, state["radius"])
-        _, how = self._base_radius(facts)
+        how = self._base_radius(facts, p)[1] if o["radius"] != "init" else "init: the RMS component norm at install"
         grid, n, k = component_grid(tuple(facts.shape), o["component"])
         same = " (one column: the same as a sphere)" if k == 1 and o["manifold"] != "sphere" else ""
         return [f"pom {facts.name}: {'x'.join(map(str, grid))} {o['component']} components {n}x{k} on "

@@ -241,10 +241,16 @@ def spectral_estimates(theta: torch.Tensor, alpha: float) -> dict[str, float]:
 
 # ---- the geometry --------------------------------------------------------------------------------
 def _input_size_check(value) -> str | None:
-    if value == "auto" or (isinstance(value, list) and value and
-                           all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+    if value in ("auto", "largest") or (isinstance(value, list) and value and
+                                        all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
         return None
-    return f"expected 'auto' or a list of positive integers like [32, 32], got {value!r}"
+    return f"expected 'largest', 'auto' or a list of positive integers like [32, 32], got {value!r}"
+
+
+def _sizes(facts: ParamFacts) -> list[tuple[int, ...]]:
+    """The spatial input sizes the layer runs at in the example inputs (several for a shared head)."""
+    shapes = facts.input_shapes or ((facts.input_shape,) if facts.input_shape is not None else ())
+    return list(dict.fromkeys(tuple(s[2:]) for s in shapes))
 
 
 @register
@@ -258,8 +264,10 @@ class Spectral(Geometry):
                                     "of M towards α", check=positive),
         "coef": Option(float, 1.0e-4, "weight of the penalty gradient added to the loss gradient",
                        check=non_negative),
-        "input_size": Option((str, list), "auto", "'auto' (the layer's input size from example_inputs) or "
-                                                  "the spatial size, e.g. [32, 32]", check=_input_size_check),
+        "input_size": Option((str, list), "auto", "'auto' (the layer's input size from example_inputs; a "
+                                                  "layer run at several sizes needs a choice), 'largest' (the "
+                                                  "largest of those sizes) or the spatial size, e.g. [32, 32]",
+                             check=_input_size_check),
         "boundary": Option(str, "module", "module (the conv's own padding) or circular (periodic)",
                            choices=("module", "circular")),
         "power_iters": Option(int, 2, "power iterations per step, warm-started", check=positive),
@@ -278,15 +286,36 @@ class Spectral(Geometry):
                     f"are not known to the analysis. Use an nn.Conv module")
         return None
 
-    def spec(self, facts: ParamFacts) -> ConvSpec:
+    def input_size(self, facts: ParamFacts) -> tuple[tuple[int, ...], str]:
+        """(spatial size of M's input, how it was chosen) from the `input_size` option.
+
+        A layer run at several input sizes (a head shared over FPN levels) has one operator per
+        size. `largest` takes the largest (by number of positions): with zero padding the operator at a
+        smaller size is a block of it (embed the input with zeros, restrict the output), so its σ_max
+        bounds theirs; σ_min has no such bound. `auto` refuses to choose and says so."""
         size = self.opts["input_size"]
+        if isinstance(size, list):
+            return tuple(size), "given"
+        sizes = _sizes(facts)
+        if not sizes:
+            raise GeomCompileError(
+                f"spectral on {facts.name}: input_size is {size!r} but the input size of {facts.module} is "
+                f"unknown. Fix: pass example_inputs=(x,) to gc.plan / gc.apply, or set `input_size: "
+                f"[H, W]` in the policy")
+        if len(sizes) == 1:
+            return sizes[0], "from example_inputs"
+        listed = ", ".join("x".join(map(str, s)) for s in sizes)
         if size == "auto":
-            if facts.input_shape is None:
-                raise GeomCompileError(
-                    f"spectral on {facts.name}: input_size is 'auto' but the input size of {facts.module} is "
-                    f"unknown. Fix: pass example_inputs=(x,) to gc.plan / gc.apply, or set `input_size: "
-                    f"[H, W]` in the policy")
-            size = facts.input_shape[2:]
+            raise GeomCompileError(
+                f"spectral on {facts.name}: {facts.module} runs at {len(sizes)} input sizes ({listed}) in "
+                f"example_inputs, so input_size 'auto' has no single size. Fix: set `input_size: largest` "
+                f"(the operator at the largest size; its sigma_max bounds the others') or `input_size: "
+                f"[H, W]` in the policy")
+        largest = max(sizes, key=lambda s: (math.prod(s), s))
+        return largest, f"largest of the {len(sizes)} sizes it runs at: {listed}"
+
+    def spec(self, facts: ParamFacts) -> ConvSpec:
+        size, _ = self.input_size(facts)
         layer = facts.layer
         try:
             return conv_spec(facts.shape, list(size), layer["stride"], layer["padding"], layer["dilation"],
@@ -299,6 +328,11 @@ class Spectral(Geometry):
         for f in facts:
             self.spec(f)             # fail at install, with the fix, rather than at the first step
         return super().units(facts, structure)
+
+    def on_install(self, unit: Unit, state: dict, ctx: StepContext) -> list[str]:
+        facts = unit.single(self.name)
+        size, how = self.input_size(facts)
+        return [f"spectral {facts.name}: operator on inputs of size {'x'.join(map(str, size))} ({how})"]
 
     def init_state(self, unit: Unit, ctx: StepContext) -> dict:
         weight = ctx.params[unit.single(self.name).name]
