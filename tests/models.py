@@ -740,8 +740,9 @@ class SlicedPermuted(nn.Module):
 
 SLICED = ZooEntry(
     "sliced_permuted", SlicedPermuted, images(),
-    # both are in fact invariant, but slicing and permutes are outside the rules: None (conservative)
-    expand({"conv1.weight": conv(None), "bn1": norm(), "conv2.weight": conv(None), "ln": norm(),
+    # conv1 is in fact invariant, but slicing is outside the rules: None (conservative); a permute
+    # moves the channel dim without mixing it, so the LayerNorm over channels absorbs conv2 per tensor
+    expand({"conv1.weight": conv(None), "bn1": norm(), "conv2.weight": conv(tensor("ln")), "ln": norm(),
             "fc.weight": linear(None), "fc.bias": bias()}),
     negative=("fc.weight",))
 
@@ -903,3 +904,124 @@ ZOO: list[ZooEntry] = [
     GROUPNORM, TRANSFORMER, DECODER, FUNCTIONAL, SHARED_BOTH_BN, SHARED_ONE_OUTPUT, SHARED_NORM, TIED,
     DATA_DEPENDENT, SLICED, LINEAR_GELU_BN, DROPOUT, PASS_THROUGH, BREAKING, INSTANCENORM,
 ]
+
+
+# --- normalisation over flattened tokens (LeViT-style Linear -> flatten(0, 1) -> BatchNorm1d) -----
+class LinearTokenBN(nn.Module):
+    """LeViT's LinearNorm: BN1d over the features of every token of every sample."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool = False):
+        super().__init__()
+        self.c = nn.Linear(n_in, n_out, bias=bias)
+        self.bn = nn.BatchNorm1d(n_out)
+        if bias:
+            nn.init.uniform_(self.c.bias, 0.5, 1.5)   # non-zero: BN must remove it
+
+    def forward(self, x):
+        x = self.c(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class TokenBNNet(nn.Module):
+    """Tokens (B, T=4, 8). Batch and token dims are merged, moved or regrouped around features that
+    stay a dim of their own: every such layer is row-invariant. Two reshapes that do mix features
+    with tokens, or split them, are negative controls."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = LinearTokenBN(8, 12, bias=True)            # flatten(0, 1): bias removed by BN
+        self.proj = LinearTokenBN(12, 8)
+        self.mlp = nn.Linear(8, 8, bias=False)                 # transpose(1, 2) -> BN1d over (B, C, T)
+        self.bn_t = nn.BatchNorm1d(8)
+        self.pw = nn.Conv2d(8, 8, 1, bias=False)               # conv-as-linear on a 2x2 token grid
+        self.bn_pw = nn.BatchNorm1d(8)
+        self.view = nn.Linear(8, 8, bias=False)                # (B*T, 8).view(B, T, 8) -> permute -> BN1d
+        self.bn_view = nn.BatchNorm1d(8)
+        self.split = nn.Linear(8, 8, bias=False)               # (B*T, 8) -> (2*B*T, 4): splits features
+        self.bn_split = nn.BatchNorm1d(4)
+        self.mix = nn.Linear(8, 8, bias=False)                 # (B, T, 8) -> (B, 8, T) by reshape: mixes
+        self.bn_mix = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        h = F.relu(self.proj(F.relu(self.qkv(x))))
+        h = F.relu(self.bn_t(self.mlp(h).transpose(1, 2)).transpose(1, 2))
+        g = self.pw(h.transpose(1, 2).reshape(b, c, 2, 2))             # (B, 8, 2, 2)
+        h = F.relu(self.bn_pw(g.flatten(2).transpose(1, 2).flatten(0, 1))).view(b, t, c)
+        v = self.view(h.reshape(b * t, c)).view(b, t, c).permute(0, 2, 1)
+        h = F.relu(self.bn_view(v)).permute(0, 2, 1)
+        s = F.relu(self.bn_split(self.split(h).reshape(-1, 4))).reshape(b, t, c)
+        m = F.relu(self.bn_mix(self.mix(s).reshape(b, c, t)))
+        return self.head(m.mean(dim=2))
+
+
+TOKEN_BN = ZooEntry(
+    "token_bn", TokenBNNet, lambda: (_randn(3, 4, 8),),
+    expand({
+        "qkv.c.weight": linear(row("qkv.bn")), "qkv.c.bias": bias(), "qkv.bn": norm(),
+        "proj.c.weight": linear(row("proj.bn")), "proj.bn": norm(),
+        "mlp.weight": linear(row("bn_t")), "bn_t": norm(),
+        "pw.weight": conv(row("bn_pw")), "bn_pw": norm(),
+        "view.weight": linear(row("bn_view")), "bn_view": norm(),
+        "split.weight": linear(None), "bn_split": norm(),   # BN channel j sees features j and j + 4
+        "mix.weight": linear(None), "bn_mix": norm(),       # BN channel j sees tokens and features mixed
+        "head.weight": linear(None), "head.bias": bias(),
+    }),
+    negative=("split.weight", "mix.weight", "head.weight"),
+    # a Linear's output rank, and so where its features are, needs shapes (pw's conv output does not)
+    shape_dependent=("qkv.c.weight", "proj.c.weight", "mlp.weight", "view.weight"))
+
+
+# --- transposed-linear layers (Hugging Face Conv1D, x @ W, F.linear(x, W.t())) --------------------
+class HFConv1D(nn.Module):
+    """transformers.pytorch_utils.Conv1D, spelled as it ships: weight (in, out), y = x @ W + b."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.rand(nf) + 0.5)        # random, non-zero
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+class TransposedLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_fc = HFConv1D(12, 8)
+        self.bn1 = nn.BatchNorm1d(12)
+        self.w_mm = nn.Parameter(torch.randn(12, 8) * 0.3)    # h @ W
+        self.bn2 = nn.BatchNorm1d(8)
+        self.w_t = nn.Parameter(torch.randn(8, 6) * 0.3)      # F.linear(h, W.t())
+        self.bn3 = nn.BatchNorm1d(6)
+        self.c_proj = HFConv1D(3, 6)
+
+    def forward(self, x):                                     # x: (B, T, 8)
+        h = self.c_fc(x)
+        h = F.relu(self.bn1(h.flatten(0, 1)).reshape_as(h))
+        h = F.relu(self.bn2((h @ self.w_mm).transpose(1, 2))).transpose(1, 2)
+        h = F.linear(h, self.w_t.t())
+        h = F.relu(self.bn3(h.reshape(-1, 6))).reshape_as(h)
+        return self.c_proj(h).mean(dim=1)
+
+
+def tlinear(invariant=None) -> dict:
+    """A linear layer whose weight is stored (in, out): out_dim 1."""
+    return dict(kind="linear", out_dim=1, groups=1, depthwise=False, invariant=invariant)
+
+
+TRANSPOSED_LINEAR = ZooEntry(
+    "transposed_linear", TransposedLinears, lambda: (_randn(3, 4, 8),),
+    expand({
+        "c_fc.weight": tlinear(row("bn1")), "c_fc.bias": bias(), "bn1": norm(),
+        "w_mm": tlinear(row("bn2")), "bn2": norm(),
+        "w_t": tlinear(row("bn3")), "bn3": norm(),
+        "c_proj.weight": tlinear(None), "c_proj.bias": bias(),
+    }),
+    negative=("c_proj.weight",), shape_dependent=("c_fc.weight", "w_mm", "w_t"))
+
+ZOO.extend([TOKEN_BN, TRANSPOSED_LINEAR])

@@ -22,11 +22,19 @@ _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 @dataclass(frozen=True)
 class Use:
-    """One op consuming a parameter. role: 'weight', 'bias' or 'other'."""
+    """One op consuming a parameter. role: 'weight', 'bias' or 'other'.
+
+    transposed: a linear layer whose weight is stored (in, out), as ``x @ W``, ``torch.addmm(b, x, W)``
+    (Hugging Face ``Conv1D``) or ``F.linear(x, W.t())`` compute it: out_dim 1.
+    standardized: the layer consumes a per-output-filter standardisation of the weight (see
+    ``standardize.py``), the words saying how; the layer's output does not see a row scaling at all.
+    """
     node: fx.Node
     kind: str
     role: str
     module: str | None
+    transposed: bool = False
+    standardized: str = ""
 
 
 def param_uses(cap: Captured, param_names: dict[int, str], params: dict[str, torch.Tensor]) -> dict[str, list[Use]]:
@@ -82,28 +90,68 @@ def _functional_use(user: fx.Node, attr_node: fx.Node, cap: Captured) -> Use:
             return Use(user, info.extra["kind"], "weight", None)
         if args[2] is attr_node or user.kwargs.get("bias") is attr_node:
             return Use(user, "bias", "bias", None)
-    return Use(user, "other", "other", None)
+    return _transposed_linear_use(user, attr_node, cap) or Use(user, "other", "other", None)
+
+
+def _transposed_linear_use(user: fx.Node, attr_node: fx.Node, cap: Captured) -> Use | None:
+    """A linear layer computed from a weight stored (in, out), recognised from how it is consumed:
+    ``torch.addmm(b, x, W)``, ``x @ W`` / ``torch.matmul(x, W)`` / ``torch.mm(x, W)``, and
+    ``F.linear(x, W.t())`` (also ``W.T``-free spellings ``W.transpose(0, 1)``, ``W.permute(1, 0)``)."""
+    value = _get_attr(cap, attr_node.target)
+    if not isinstance(value, torch.Tensor):
+        return None
+    name, args = classify(user, cap.modules).name, user.args
+    if name == "addmm" and len(args) == 3 and not user.kwargs:   # alpha/beta would scale the bias
+        if args[2] is attr_node and value.dim() == 2 and attr_node not in args[:2]:
+            return Use(user, "linear", "weight", None, transposed=True)
+        if args[0] is attr_node and value.dim() == 1 and attr_node not in args[1:]:
+            return Use(user, "bias", "bias", None)
+        return None
+    if name in ("matmul", "mm") and len(args) == 2 and not user.kwargs and args[1] is attr_node \
+            and args[0] is not attr_node and value.dim() == 2:
+        return Use(user, "linear", "weight", None, transposed=True)
+    info = classify(user, cap.modules)
+    if info.cls != "permute" or value.dim() != 2 or len(user.users) != 1:
+        return None
+    swap = info.extra.get("swap", info.extra.get("dims"))
+    if sorted(d % 2 for d in swap) != [0, 1]:   # t(), transpose(0, 1) / (-1, -2), permute(1, 0)
+        return None
+    (layer,) = user.users
+    inner = _functional_use(layer, user, cap)
+    if inner.kind == "linear" and inner.role == "weight" and layer.args and layer.args[0] is not user:
+        return Use(layer, "linear", "weight", None, transposed=True)
+    return None
+
+
+def layer_input(node: fx.Node):
+    """The data input of a layer op (``torch.addmm(b, x, W)`` has it second)."""
+    if node.op == "call_function" and getattr(node.target, "__name__", "") == "addmm":
+        return node.args[1]
+    return node.args[0] if node.args else None
 
 
 def layout_facts(name: str, tensor: torch.Tensor, uses: list[Use], cap: Captured) -> ParamFacts:
     facts = ParamFacts(name=name, shape=tuple(tensor.shape), uses=len(uses))
     if not uses:  # not reached in the captured graph (e.g. a branch the run capture did not take)
         return _facts_from_owner(facts, cap)
-    kinds = {u.kind for u in uses}
+    kinds = {(u.kind, u.transposed) for u in uses}
     if len(kinds) != 1:
         facts.kind = "other"
         if len(kinds) > 1:
-            facts.notes.append(f"used as {sorted(kinds)}: facts merged to 'other'")
+            facts.notes.append(f"used as {sorted(k + ' (transposed)' * t for k, t in kinds)}: facts "
+                               f"merged to 'other'")
         return facts
-    facts.kind = kinds.pop()
+    facts.kind, transposed = kinds.pop()
     first = uses[0]
     facts.module = first.module or first.node.name   # a functional use: name the op
     if facts.kind in ("conv", "conv_transpose", "linear"):
-        facts.out_dim = 1 if facts.kind == "conv_transpose" else 0
+        facts.out_dim = 1 if facts.kind == "conv_transpose" or transposed else 0
+        if transposed:
+            facts.notes.append("transposed linear layer: weight stored (in, out), so out_dim is 1")
         facts.groups = _groups(first, cap)
         facts.depthwise = _is_depthwise(facts, tensor)
         facts.layer = _layer_config(first, cap)
-        shapes_in = {_shape(u.node.args[0]) if u.node.args else None for u in uses}
+        shapes_in = {_shape(layer_input(u.node)) for u in uses}
         shapes_out = {u.node.meta.get("gc_shape") for u in uses}
         if len(shapes_in) == 1 and len(shapes_out) == 1:   # shapes are only facts when all uses agree
             facts.input_shape, facts.output_shape = shapes_in.pop(), shapes_out.pop()
