@@ -1025,3 +1025,108 @@ TRANSPOSED_LINEAR = ZooEntry(
     negative=("c_proj.weight",), shape_dependent=("c_fc.weight", "w_mm", "w_t"))
 
 ZOO.extend([TOKEN_BN, TRANSPOSED_LINEAR])
+
+
+# --- weight standardisation (NFNets' ScaledStdConv2d / StdConv2d, BiT's StdConv2d) ---------------
+class ScaledStdConv2d(nn.Conv2d):
+    """timm's ScaledStdConv2d as it ships (static padding): per-filter batch_norm of the weight,
+    times a learnable gain. eps is an argument: the numerical check passes a tiny one."""
+
+    def __init__(self, in_ch, out_ch, k, padding=0, bias=True, gamma=1.0, eps=1e-6):
+        super().__init__(in_ch, out_ch, k, padding=padding, bias=bias)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)   # random, non-zero
+        self.scale = gamma * self.weight[0].numel() ** -0.5
+        self.eps = eps
+        if bias:
+            nn.init.uniform_(self.bias, 0.5, 1.5)
+
+    def forward(self, x):
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None,
+            weight=(self.gain * self.scale).view(-1), training=True, momentum=0., eps=self.eps
+        ).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class WSConv2d(nn.Conv2d):
+    """The other spellings of a standardised conv; 'wrong_dims' and 'centred' are negative controls."""
+
+    def __init__(self, in_ch, out_ch, k, spelling: str, eps: float = 1e-12):
+        super().__init__(in_ch, out_ch, k, padding=k // 2, bias=True)
+        self.spelling, self.eps = spelling, eps
+        nn.init.uniform_(self.bias, -1.0, 1.0)
+
+    def forward(self, x):
+        w = self.weight
+        if self.spelling == "var_mean":          # BiT's StdConv2d
+            v, m = torch.var_mean(w, dim=[1, 2, 3], keepdim=True, unbiased=False)
+            w = (w - m) / torch.sqrt(v + self.eps)
+        elif self.spelling == "timm_std":        # timm's StdConv2d: batch_norm without a gain
+            w = F.batch_norm(w.reshape(1, self.out_channels, -1), None, None, training=True,
+                             momentum=0., eps=self.eps).reshape_as(w)
+        elif self.spelling == "arithmetic":      # mean / var by hand, rsqrt, then a gain
+            centred = w - w.mean(dim=(1, 2, 3), keepdim=True)
+            w = centred * torch.rsqrt(w.var(dim=(1, 2, 3), keepdim=True) + self.eps) * 0.7
+        elif self.spelling == "layer_norm":      # F.layer_norm over the whole filter
+            w = F.layer_norm(w, w.shape[1:], eps=self.eps)
+        elif self.spelling == "wrong_dims":      # standardised over the filters, not within each
+            w = (w - w.mean(dim=0, keepdim=True)) / w.std(dim=0, keepdim=True)
+        elif self.spelling == "centred":         # mean removed, scale kept
+            w = w - w.mean(dim=(1, 2, 3), keepdim=True)
+        return self._conv_forward(x, w, self.bias)
+
+
+class WSLinear(nn.Linear):
+    def __init__(self, n_in, n_out, eps: float = 1e-12):
+        super().__init__(n_in, n_out)
+        self.eps = eps
+
+    def forward(self, x):
+        s, m = torch.std_mean(self.weight, dim=1, keepdim=True)
+        return F.linear(x, (self.weight - m) / (s + self.eps), self.bias)
+
+
+class NFNet(nn.Module):
+    """No normalisation of activations anywhere: GELU, residual adds, a head. Every standardised
+    layer is row-invariant on its own; the two look-alikes are not."""
+
+    def __init__(self, eps: float = 1e-12):
+        super().__init__()
+        self.stem = ScaledStdConv2d(3, 8, 3, padding=1, eps=eps)
+        self.conv1 = WSConv2d(8, 8, 3, "timm_std")
+        self.conv2 = WSConv2d(8, 8, 3, "var_mean")
+        self.conv3 = WSConv2d(8, 8, 1, "arithmetic")
+        self.conv4 = WSConv2d(8, 8, 3, "layer_norm")
+        self.wrong = WSConv2d(8, 8, 1, "wrong_dims")
+        self.centred = WSConv2d(8, 8, 1, "centred")
+        self.fc = WSLinear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.gelu(self.stem(x))
+        h = h + 0.2 * F.gelu(self.conv2(F.gelu(self.conv1(h))))
+        h = F.silu(self.conv3(h)) + h
+        h = F.gelu(self.centred(F.gelu(self.wrong(self.conv4(h)))))
+        h = F.gelu(self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1)))
+        return self.head(h)
+
+
+def _standardized(kind_facts: dict) -> dict:
+    return {**kind_facts, "uses": 1}
+
+
+NFNET = ZooEntry(
+    "nfnet_weight_standardisation", lambda: NFNet(eps=1e-12), images(),
+    {
+        "stem.weight": conv(row("stem")), "stem.bias": bias(), "stem.gain": other(),
+        **{f"conv{i}.weight": conv(row(f"conv{i}")) for i in range(1, 5)},
+        **{f"conv{i}.bias": bias() for i in range(1, 5)},
+        # not recognised as standardisation: consumed through arithmetic, so kind "other"
+        "wrong.weight": other(), "wrong.bias": bias(),
+        "centred.weight": other(), "centred.bias": bias(),
+        "fc.weight": linear(row("fc")), "fc.bias": bias(),
+        "head.weight": linear(None), "head.bias": bias(),
+    },
+    negative=("wrong.weight", "centred.weight", "head.weight"))
+
+ZOO.extend([NFNET])

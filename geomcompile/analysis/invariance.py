@@ -82,6 +82,10 @@ def analyze_invariance(facts: ParamFacts, uses: list[Use], cap: Captured) -> Non
         for use in uses:
             if use.role != "weight":
                 raise Broken(f"also used by {use.node.name} as {use.role}")
+            if use.standardized:   # the layer normalises its own weight per filter: nothing to follow
+                owner = facts.name.rpartition(".")[0] or use.node.name
+                found.add(Absorbed("row", owner, node=use.node, at=0))
+                continue
             has_bias, bias = _bias(use, cap)
             path = use.module or use.node.name
             sig = Signal(cdim=-1 if facts.kind == "linear" else 1, offset=has_bias, path=path, bias=bias,
@@ -101,6 +105,8 @@ def analyze_invariance(facts: ParamFacts, uses: list[Use], cap: Captured) -> Non
     reason = (f"every path from its output reaches {normalizer} "
               f"({'per channel' if unit == 'row' else 'per group' if unit == 'group' else 'per sample'}"
               f" normalisation) through positively homogeneous per-channel ops")
+    if all(u.standardized for u in uses):
+        reason = uses[0].standardized
     facts.scale_invariant = ScaleInvariance(unit, normalizer, reason, group_size)
     facts.invariance_reason = reason
     facts.absorbers, facts.absorbers_reason = _absorbers(found, _out_channels(facts), cap)

@@ -16,6 +16,7 @@ from torch import nn
 from ..capture import Captured, is_leaf_module
 from .facts import ParamFacts
 from .ops import LAYER_FUNCS, classify
+from .standardize import standardized_uses
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -50,6 +51,10 @@ def param_uses(cap: Captured, param_names: dict[int, str], params: dict[str, tor
         elif node.op == "get_attr":
             name = param_names.get(id(_get_attr(cap, node.target)))
             if name is None:
+                continue
+            standardized = standardized_uses(node, params[name], cap, lambda n, v: _layer_weight_use(n, v, cap))
+            if standardized is not None:   # consumed only through a per-filter standardisation
+                uses[name].extend(standardized)
                 continue
             for user in node.users:
                 uses[name].append(_functional_use(user, node, cap))
@@ -93,11 +98,17 @@ def _functional_use(user: fx.Node, attr_node: fx.Node, cap: Captured) -> Use:
     return _transposed_linear_use(user, attr_node, cap) or Use(user, "other", "other", None)
 
 
+def _layer_weight_use(user: fx.Node, value: fx.Node, cap: Captured) -> Use | None:
+    """The use of `value` by a conv / conv-transpose / linear op at its weight slot, else None."""
+    use = _functional_use(user, value, cap)
+    return use if use.role == "weight" and use.kind in ("conv", "conv_transpose", "linear") else None
+
+
 def _transposed_linear_use(user: fx.Node, attr_node: fx.Node, cap: Captured) -> Use | None:
     """A linear layer computed from a weight stored (in, out), recognised from how it is consumed:
     ``torch.addmm(b, x, W)``, ``x @ W`` / ``torch.matmul(x, W)`` / ``torch.mm(x, W)``, and
     ``F.linear(x, W.t())`` (also ``W.T``-free spellings ``W.transpose(0, 1)``, ``W.permute(1, 0)``)."""
-    value = _get_attr(cap, attr_node.target)
+    value = _get_attr(cap, attr_node.target) if attr_node.op == "get_attr" else None
     if not isinstance(value, torch.Tensor):
         return None
     name, args = classify(user, cap.modules).name, user.args
