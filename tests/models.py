@@ -8,9 +8,11 @@ expectation of every parameter from its name (ResNets: every conv weight is row-
 
 The rules the expectations follow (training mode): scaling output channel i of a layer by c > 0
 travels through ReLU/LeakyReLU/PReLU, pooling, dropout, flatten, upsampling, cat along channels,
-constant scaling and spatial means; BatchNorm/InstanceNorm absorb it per row, GroupNorm per
-group, LayerNorm over the features per tensor; anything else (residual adds, products of
-tensors, ReLU6/GELU/SiLU/..., slicing, permutes, the model output) breaks it. A layer bias is
+constant scaling, spatial means, permutes, and reshapes that keep the channel a dim of its own;
+BatchNorm/InstanceNorm absorb it per row, GroupNorm per group, LayerNorm over the features per
+tensor, and a layer that standardises its own weight per filter absorbs it per row at once;
+anything else (residual adds, products of tensors, ReLU6/GELU/SiLU/..., slicing, reshapes that
+split or mix channels, the model output) breaks it. A layer bias is
 harmless only when nothing but max/avg pooling, flatten, identity, cat or constant scaling stands
 before a BatchNorm/InstanceNorm. Only ``negative`` lists the weights whose per-row scaling truly
 changes the output (a conservative None such as "slice then BN" is not a negative control).

@@ -8,7 +8,13 @@ weight is invariant only if every path absorbs; the unit is the coarsest one ove
 * BatchNorm (batch statistics) / InstanceNorm normalise each channel on its own -> "row";
 * GroupNorm normalises groups of consecutive channels together -> "group" (only when the
   layer's channels reach it unmixed: no cat or flatten in between);
-* LayerNorm normalises a whole sample -> "tensor" (the layer's output must be all of its input).
+* LayerNorm normalises a whole sample -> "tensor" (the layer's output must be all of its input);
+* a layer that standardises its own weight per output filter (``standardize.py``) -> "row", with
+  nothing to follow: its output does not see the scaling.
+
+Permutes move the channel dim; flatten/reshape keep following it while it stays a dim of its own
+(batch and token dims regrouped around it, ``_channel_kept``), and break where channels are split
+or mixed with other dims.
 
 The layer's bias is an unscaled per-channel constant (an *offset*). It survives linear
 per-channel ops that keep per-channel constants constant, and is removed by BN/IN (they subtract
