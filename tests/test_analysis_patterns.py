@@ -97,3 +97,21 @@ def test_wrong_dims_standardisation_is_not_claimed_even_before_a_batchnorm():
     """Before this pass a conv subclass was a leaf, and a BN after it was taken to absorb it."""
     model = nn.Sequential(WSConv2d(3, 4, 1, "wrong_dims"), nn.BatchNorm2d(4))
     assert gc.analyze(model, example_inputs=images()())["0.weight"].scale_invariant is None
+
+
+class AddmmOfData(nn.Module):
+    """torch.addmm(M, x, W) with M a tensor of activations: not a per-channel bias, so a BN after it
+    does not remove it, and W is no linear layer the analysis can vouch for."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8))
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.bn(torch.addmm(x * x, x, self.w))
+
+
+def test_addmm_whose_first_argument_is_data_is_not_a_layer():
+    f = gc.analyze(AddmmOfData(), example_inputs=(torch.randn(6, 8),))["w"]
+    assert f.scale_invariant is None and f.kind == "other", (f.kind, f.scale_invariant)

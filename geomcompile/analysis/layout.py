@@ -113,8 +113,10 @@ def _transposed_linear_use(user: fx.Node, attr_node: fx.Node, cap: Captured) -> 
         return None
     name, args = classify(user, cap.modules).name, user.args
     if name == "addmm" and len(args) == 3 and not user.kwargs:   # alpha/beta would scale the bias
-        if args[2] is attr_node and value.dim() == 2 and attr_node not in args[:2]:
-            return Use(user, "linear", "weight", None, transposed=True)
+        bias = _get_attr(cap, args[0].target) if isinstance(args[0], fx.Node) and args[0].op == "get_attr" else None
+        if args[2] is attr_node and value.dim() == 2 and attr_node not in args[:2] and \
+                isinstance(bias, torch.Tensor) and tuple(bias.shape) == (value.shape[1],):
+            return Use(user, "linear", "weight", None, transposed=True)   # a per-channel bias, not data
         if args[0] is attr_node and value.dim() == 1 and attr_node not in args[1:]:
             return Use(user, "bias", "bias", None)
         return None

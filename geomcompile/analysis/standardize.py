@@ -188,7 +188,7 @@ def _degree(node: fx.Node, degrees: dict, values: dict, cap: Captured):
             p = _arg(node, 1, "exponent")
             if not isinstance(p, (int, float)):
                 raise _NotStandardized()
-            factor = Fraction(p).limit_denominator(1000)
+            factor = Fraction(p)   # exact: exponents that only nearly cancel are not taken to cancel
         return _deg(d.k * factor, d.row, values[node])
     if node.target in (F.batch_norm, F.layer_norm) or name in ("batch_norm", "layer_norm"):
         return _normalised(node, name, first, deps, degrees, values)
