@@ -54,14 +54,24 @@ _KNOWN_LEAF_TYPES = (
 
 def is_leaf_module(m: nn.Module) -> bool:
     """torch.fx's default rule (torch.nn modules except Sequential) plus subclasses of known layers.
-    Wrappers (DDP, DataParallel, ...) are not leaves: what they wrap is analysed."""
+    Wrappers (DDP, DataParallel, ...) are not leaves: what they wrap is analysed. A conv or linear
+    subclass with a forward of its own is traced through, so that what it does to its weight (weight
+    standardisation, ...) is seen."""
     if isinstance(m, _KNOWN_LEAF_TYPES):
-        return True
+        return not _own_layer_forward(m)
     if unwrap_one(m) is not None:
         return False
     mod = type(m).__module__
     return (mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")) and not isinstance(
         m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
+def _own_layer_forward(m: nn.Module) -> bool:
+    """A conv / linear subclass from outside torch.nn that overrides forward (or _conv_forward)."""
+    if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+        return False
+    base = next(c for c in type(m).__mro__ if c.__module__.startswith(("torch.nn", "torch.ao.nn")))
+    return any(getattr(type(m), a, None) is not getattr(base, a, None) for a in ("forward", "_conv_forward"))
 
 
 class _LeafTracer(fx.Tracer):

@@ -8,9 +8,11 @@ expectation of every parameter from its name (ResNets: every conv weight is row-
 
 The rules the expectations follow (training mode): scaling output channel i of a layer by c > 0
 travels through ReLU/LeakyReLU/PReLU, pooling, dropout, flatten, upsampling, cat along channels,
-constant scaling and spatial means; BatchNorm/InstanceNorm absorb it per row, GroupNorm per
-group, LayerNorm over the features per tensor; anything else (residual adds, products of
-tensors, ReLU6/GELU/SiLU/..., slicing, permutes, the model output) breaks it. A layer bias is
+constant scaling, spatial means, permutes, and reshapes that keep the channel a dim of its own;
+BatchNorm/InstanceNorm absorb it per row, GroupNorm per group, LayerNorm over the features per
+tensor, and a layer that standardises its own weight per filter absorbs it per row at once;
+anything else (residual adds, products of tensors, ReLU6/GELU/SiLU/..., slicing, reshapes that
+split or mix channels, the model output) breaks it. A layer bias is
 harmless only when nothing but max/avg pooling, flatten, identity, cat or constant scaling stands
 before a BatchNorm/InstanceNorm. Only ``negative`` lists the weights whose per-row scaling truly
 changes the output (a conservative None such as "slice then BN" is not a negative control).
@@ -740,8 +742,9 @@ class SlicedPermuted(nn.Module):
 
 SLICED = ZooEntry(
     "sliced_permuted", SlicedPermuted, images(),
-    # both are in fact invariant, but slicing and permutes are outside the rules: None (conservative)
-    expand({"conv1.weight": conv(None), "bn1": norm(), "conv2.weight": conv(None), "ln": norm(),
+    # conv1 is in fact invariant, but slicing is outside the rules: None (conservative); a permute
+    # moves the channel dim without mixing it, so the LayerNorm over channels absorbs conv2 per tensor
+    expand({"conv1.weight": conv(None), "bn1": norm(), "conv2.weight": conv(tensor("ln")), "ln": norm(),
             "fc.weight": linear(None), "fc.bias": bias()}),
     negative=("fc.weight",))
 
@@ -1023,3 +1026,229 @@ PLAIN_VGG = ZooEntry("plain_vgg", PlainVGG, images(2, 3, 16), _plain_vgg_expecte
                      negative=("features.0.weight", "classifier.0.weight"))
 
 ZOO += [WEIGHT_ATTRIBUTE_READS, WRAPPED_ATTENTION, SHARED_HEAD_FPN, PLAIN_VGG]
+
+
+# --- normalisation over flattened tokens (LeViT-style Linear -> flatten(0, 1) -> BatchNorm1d) -----
+class LinearTokenBN(nn.Module):
+    """LeViT's LinearNorm: BN1d over the features of every token of every sample."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool = False):
+        super().__init__()
+        self.c = nn.Linear(n_in, n_out, bias=bias)
+        self.bn = nn.BatchNorm1d(n_out)
+        if bias:
+            nn.init.uniform_(self.c.bias, 0.5, 1.5)   # non-zero: BN must remove it
+
+    def forward(self, x):
+        x = self.c(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class TokenBNNet(nn.Module):
+    """Tokens (B, T=4, 8). Batch and token dims are merged, moved or regrouped around features that
+    stay a dim of their own: every such layer is row-invariant. Two reshapes that do mix features
+    with tokens, or split them, are negative controls."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = LinearTokenBN(8, 12, bias=True)            # flatten(0, 1): bias removed by BN
+        self.proj = LinearTokenBN(12, 8)
+        self.mlp = nn.Linear(8, 8, bias=False)                 # transpose(1, 2) -> BN1d over (B, C, T)
+        self.bn_t = nn.BatchNorm1d(8)
+        self.pw = nn.Conv2d(8, 8, 1, bias=False)               # conv-as-linear on a 2x2 token grid
+        self.bn_pw = nn.BatchNorm1d(8)
+        self.view = nn.Linear(8, 8, bias=False)                # (B*T, 8).view(B, T, 8) -> permute -> BN1d
+        self.bn_view = nn.BatchNorm1d(8)
+        self.split = nn.Linear(8, 8, bias=False)               # (B*T, 8) -> (2*B*T, 4): splits features
+        self.bn_split = nn.BatchNorm1d(4)
+        self.mix = nn.Linear(8, 8, bias=False)                 # (B, T, 8) -> (B, 8, T) by reshape: mixes
+        self.bn_mix = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        h = F.relu(self.proj(F.relu(self.qkv(x))))
+        h = F.relu(self.bn_t(self.mlp(h).transpose(1, 2)).transpose(1, 2))
+        g = self.pw(h.transpose(1, 2).reshape(b, c, 2, 2))             # (B, 8, 2, 2)
+        h = F.relu(self.bn_pw(g.flatten(2).transpose(1, 2).flatten(0, 1))).view(b, t, c)
+        v = self.view(h.reshape(b * t, c)).view(b, t, c).permute(0, 2, 1)
+        h = F.relu(self.bn_view(v)).permute(0, 2, 1)
+        s = F.relu(self.bn_split(self.split(h).reshape(-1, 4))).reshape(b, t, c)
+        m = F.relu(self.bn_mix(self.mix(s).reshape(b, c, t)))
+        return self.head(m.mean(dim=2))
+
+
+TOKEN_BN = ZooEntry(
+    "token_bn", TokenBNNet, lambda: (_randn(3, 4, 8),),
+    expand({
+        "qkv.c.weight": linear(row("qkv.bn")), "qkv.c.bias": bias(), "qkv.bn": norm(),
+        "proj.c.weight": linear(row("proj.bn")), "proj.bn": norm(),
+        "mlp.weight": linear(row("bn_t")), "bn_t": norm(),
+        "pw.weight": conv(row("bn_pw")), "bn_pw": norm(),
+        "view.weight": linear(row("bn_view")), "bn_view": norm(),
+        "split.weight": linear(None), "bn_split": norm(),   # BN channel j sees features j and j + 4
+        "mix.weight": linear(None), "bn_mix": norm(),       # BN channel j sees tokens and features mixed
+        "head.weight": linear(None), "head.bias": bias(),
+    }),
+    negative=("split.weight", "mix.weight", "head.weight"),
+    # a Linear's output rank, and so where its features are, needs shapes (pw's conv output does not)
+    shape_dependent=("qkv.c.weight", "proj.c.weight", "mlp.weight", "view.weight"))
+
+
+# --- transposed-linear layers (Hugging Face Conv1D, x @ W, F.linear(x, W.t())) --------------------
+class HFConv1D(nn.Module):
+    """transformers.pytorch_utils.Conv1D, spelled as it ships: weight (in, out), y = x @ W + b."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.rand(nf) + 0.5)        # random, non-zero
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+class TransposedLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_fc = HFConv1D(12, 8)
+        self.bn1 = nn.BatchNorm1d(12)
+        self.w_mm = nn.Parameter(torch.randn(12, 8) * 0.3)    # h @ W
+        self.bn2 = nn.BatchNorm1d(8)
+        self.w_t = nn.Parameter(torch.randn(8, 6) * 0.3)      # F.linear(h, W.t())
+        self.bn3 = nn.BatchNorm1d(6)
+        self.c_proj = HFConv1D(3, 6)
+
+    def forward(self, x):                                     # x: (B, T, 8)
+        h = self.c_fc(x)
+        h = F.relu(self.bn1(h.flatten(0, 1)).reshape_as(h))
+        h = F.relu(self.bn2((h @ self.w_mm).transpose(1, 2))).transpose(1, 2)
+        h = F.linear(h, self.w_t.t())
+        h = F.relu(self.bn3(h.reshape(-1, 6))).reshape_as(h)
+        return self.c_proj(h).mean(dim=1)
+
+
+def tlinear(invariant=None) -> dict:
+    """A linear layer whose weight is stored (in, out): out_dim 1."""
+    return dict(kind="linear", out_dim=1, groups=1, depthwise=False, invariant=invariant)
+
+
+TRANSPOSED_LINEAR = ZooEntry(
+    "transposed_linear", TransposedLinears, lambda: (_randn(3, 4, 8),),
+    expand({
+        "c_fc.weight": tlinear(row("bn1")), "c_fc.bias": bias(), "bn1": norm(),
+        "w_mm": tlinear(row("bn2")), "bn2": norm(),
+        "w_t": tlinear(row("bn3")), "bn3": norm(),
+        "c_proj.weight": tlinear(None), "c_proj.bias": bias(),
+    }),
+    negative=("c_proj.weight",), shape_dependent=("c_fc.weight", "w_mm", "w_t"))
+
+ZOO.extend([TOKEN_BN, TRANSPOSED_LINEAR])
+
+
+# --- weight standardisation (NFNets' ScaledStdConv2d / StdConv2d, BiT's StdConv2d) ---------------
+class ScaledStdConv2d(nn.Conv2d):
+    """timm's ScaledStdConv2d as it ships (static padding): per-filter batch_norm of the weight,
+    times a learnable gain. eps is an argument: the numerical check passes a tiny one."""
+
+    def __init__(self, in_ch, out_ch, k, padding=0, bias=True, gamma=1.0, eps=1e-6):
+        super().__init__(in_ch, out_ch, k, padding=padding, bias=bias)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)   # random, non-zero
+        self.scale = gamma * self.weight[0].numel() ** -0.5
+        self.eps = eps
+        if bias:
+            nn.init.uniform_(self.bias, 0.5, 1.5)
+
+    def forward(self, x):
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None,
+            weight=(self.gain * self.scale).view(-1), training=True, momentum=0., eps=self.eps
+        ).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class WSConv2d(nn.Conv2d):
+    """The other spellings of a standardised conv; 'wrong_dims' and 'centred' are negative controls."""
+
+    def __init__(self, in_ch, out_ch, k, spelling: str, eps: float = 1e-12):
+        super().__init__(in_ch, out_ch, k, padding=k // 2, bias=True)
+        self.spelling, self.eps = spelling, eps
+        nn.init.uniform_(self.bias, -1.0, 1.0)
+
+    def forward(self, x):
+        w = self.weight
+        if self.spelling == "var_mean":          # BiT's StdConv2d
+            v, m = torch.var_mean(w, dim=[1, 2, 3], keepdim=True, unbiased=False)
+            w = (w - m) / torch.sqrt(v + self.eps)
+        elif self.spelling == "timm_std":        # timm's StdConv2d: batch_norm without a gain
+            w = F.batch_norm(w.reshape(1, self.out_channels, -1), None, None, training=True,
+                             momentum=0., eps=self.eps).reshape_as(w)
+        elif self.spelling == "arithmetic":      # mean / var by hand, rsqrt, then a gain
+            centred = w - w.mean(dim=(1, 2, 3), keepdim=True)
+            w = centred * torch.rsqrt(w.var(dim=(1, 2, 3), keepdim=True) + self.eps) * 0.7
+        elif self.spelling == "layer_norm":      # F.layer_norm over the whole filter
+            w = F.layer_norm(w, w.shape[1:], eps=self.eps)
+        elif self.spelling == "wrong_dims":      # standardised over the filters, not within each
+            w = (w - w.mean(dim=0, keepdim=True)) / w.std(dim=0, keepdim=True)
+        elif self.spelling == "centred":         # mean removed, scale kept
+            w = w - w.mean(dim=(1, 2, 3), keepdim=True)
+        return self._conv_forward(x, w, self.bias)
+
+
+class WSLinear(nn.Linear):
+    def __init__(self, n_in, n_out, eps: float = 1e-12):
+        super().__init__(n_in, n_out)
+        self.eps = eps
+
+    def forward(self, x):
+        s, m = torch.std_mean(self.weight, dim=1, keepdim=True)
+        return F.linear(x, (self.weight - m) / (s + self.eps), self.bias)
+
+
+class NFNet(nn.Module):
+    """No normalisation of activations anywhere: GELU, residual adds, a head. Every standardised
+    layer is row-invariant on its own; the two look-alikes are not."""
+
+    def __init__(self, eps: float = 1e-12):
+        super().__init__()
+        self.stem = ScaledStdConv2d(3, 8, 3, padding=1, eps=eps)
+        self.conv1 = WSConv2d(8, 8, 3, "timm_std")
+        self.conv2 = WSConv2d(8, 8, 3, "var_mean")
+        self.conv3 = WSConv2d(8, 8, 1, "arithmetic")
+        self.conv4 = WSConv2d(8, 8, 3, "layer_norm")
+        self.wrong = WSConv2d(8, 8, 1, "wrong_dims")
+        self.centred = WSConv2d(8, 8, 1, "centred")
+        self.fc = WSLinear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.gelu(self.stem(x))
+        h = h + 0.2 * F.gelu(self.conv2(F.gelu(self.conv1(h))))
+        h = F.silu(self.conv3(h)) + h
+        h = F.gelu(self.centred(F.gelu(self.wrong(self.conv4(h)))))
+        h = F.gelu(self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1)))
+        return self.head(h)
+
+
+def _standardized(kind_facts: dict) -> dict:
+    return {**kind_facts, "uses": 1}
+
+
+NFNET = ZooEntry(
+    "nfnet_weight_standardisation", lambda: NFNet(eps=1e-12), images(),
+    {
+        "stem.weight": conv(row("stem")), "stem.bias": bias(), "stem.gain": other(),
+        **{f"conv{i}.weight": conv(row(f"conv{i}")) for i in range(1, 5)},
+        **{f"conv{i}.bias": bias() for i in range(1, 5)},
+        # not recognised as standardisation: consumed through arithmetic, so kind "other"
+        "wrong.weight": other(), "wrong.bias": bias(),
+        "centred.weight": other(), "centred.bias": bias(),
+        "fc.weight": linear(row("fc")), "fc.bias": bias(),
+        "head.weight": linear(None), "head.bias": bias(),
+    },
+    negative=("wrong.weight", "centred.weight", "head.weight"))
+
+ZOO.extend([NFNET])

@@ -8,7 +8,13 @@ weight is invariant only if every path absorbs; the unit is the coarsest one ove
 * BatchNorm (batch statistics) / InstanceNorm normalise each channel on its own -> "row";
 * GroupNorm normalises groups of consecutive channels together -> "group" (only when the
   layer's channels reach it unmixed: no cat or flatten in between);
-* LayerNorm normalises a whole sample -> "tensor" (the layer's output must be all of its input).
+* LayerNorm normalises a whole sample -> "tensor" (the layer's output must be all of its input);
+* a layer that standardises its own weight per output filter (``standardize.py``) -> "row", with
+  nothing to follow: its output does not see the scaling.
+
+Permutes move the channel dim; flatten/reshape keep following it while it stays a dim of its own
+(batch and token dims regrouped around it, ``_channel_kept``), and break where channels are split
+or mixed with other dims.
 
 The layer's bias is an unscaled per-channel constant (an *offset*). It survives linear
 per-channel ops that keep per-channel constants constant, and is removed by BN/IN (they subtract
@@ -27,6 +33,7 @@ claim itself does not depend on it.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, replace
 
@@ -37,7 +44,7 @@ from torch import nn
 from ..capture import Captured
 from .facts import UNITS, Absorber, ParamFacts, ScaleInvariance
 from .layout import Use, _get_attr
-from .ops import _arg, classify
+from .ops import RESHAPE_AS, _arg, classify
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,10 @@ def analyze_invariance(facts: ParamFacts, uses: list[Use], cap: Captured) -> Non
         for use in uses:
             if use.role != "weight":
                 raise Broken(f"also used by {use.node.name} as {use.role}")
+            if use.standardized:   # the layer normalises its own weight per filter: nothing to follow
+                owner = facts.name.rpartition(".")[0] or use.node.name
+                found.add(Absorbed("row", owner, node=use.node, at=0))
+                continue
             has_bias, bias = _bias(use, cap)
             path = use.module or use.node.name
             sig = Signal(cdim=-1 if facts.kind == "linear" else 1, offset=has_bias, path=path, bias=bias,
@@ -100,6 +111,8 @@ def analyze_invariance(facts: ParamFacts, uses: list[Use], cap: Captured) -> Non
     reason = (f"every path from its output reaches {normalizer} "
               f"({'per channel' if unit == 'row' else 'per group' if unit == 'group' else 'per sample'}"
               f" normalisation) through positively homogeneous per-channel ops")
+    if all(u.standardized for u in uses):
+        reason = uses[0].standardized
     facts.scale_invariant = ScaleInvariance(unit, normalizer, reason, group_size)
     facts.invariance_reason = reason
     facts.absorbers, facts.absorbers_reason = _absorbers(found, _out_channels(facts), cap)
@@ -111,7 +124,13 @@ def _bias(use: Use, cap: Captured) -> tuple[bool, str | None]:
         has = getattr(cap.modules[use.module], "bias", None) is not None
         return has, f"{use.module}.bias" if has else None
     args = list(use.node.args) + [None] * 3
-    b = args[2] if args[2] is not None else use.node.kwargs.get("bias")
+    name = classify(use.node, cap.modules).name
+    if name == "addmm":                  # torch.addmm(b, x, W): the bias comes first
+        b = args[0]
+    elif name in ("matmul", "mm"):       # x @ W: no bias
+        b = None
+    else:
+        b = args[2] if args[2] is not None else use.node.kwargs.get("bias")
     if b is None:
         return False, None
     if isinstance(b, fx.Node) and b.op == "get_attr" and isinstance(_get_attr(cap, b.target), nn.Parameter):
@@ -122,7 +141,7 @@ def _bias(use: Use, cap: Captured) -> tuple[bool, str | None]:
 def _out_channels(facts: ParamFacts) -> int:
     if facts.kind == "conv_transpose":   # weight (in, out / groups, *kernel)
         return facts.shape[1] * facts.groups
-    return facts.shape[0]
+    return facts.shape[facts.out_dim]    # linear stored (in, out): out_dim 1
 
 
 def _absorbers(found: set[Absorbed], channels: int, cap: Captured) -> tuple[tuple[Absorber, ...] | None, str]:
@@ -203,6 +222,8 @@ class _Walker:
             raise Broken(f"{path}: {info.name} is not known to keep a per-channel scaling "
                          f"(residual add, product of tensors, non-homogeneous activation, slicing, "
                          f"permute, or an op the analyser does not know)")
+        if info.name in RESHAPE_AS and info.data is not src:
+            return frozenset()  # y.reshape_as(x): only the shape of x is read, no values flow
         if info.data is not src:
             raise Broken(f"{path}: enters {info.name} other than as its input tensor")
         if info.cls == "layer":
@@ -220,6 +241,8 @@ class _Walker:
             nxt = self._flatten(node, nxt, info.extra["start"], info.extra["end"], path)
         elif info.cls == "reshape":
             nxt = self._reshape(src, node, nxt, info, path)
+        elif info.cls == "permute":
+            nxt = self._permute(node, nxt, info, path)
         elif info.cls == "reduce":
             nxt = self._reduce(node, nxt, info, path)
         return self.follow_users(node, _resolve(nxt, node))
@@ -248,9 +271,8 @@ class _Walker:
             end = end + src_rank if (end < 0 and src_rank is not None) else end
         if c < start:
             return replace(sig, cdim=c)
-        if end >= 0 and c > end:
-            raise Broken(f"{path}: flatten of dims after the channel dim is not followed (the analyser "
-                         f"refuses rather than track the shifted channel position)")
+        if end >= 0 and c > end:   # batch / token dims before the channel merge: it stays a dim of its own
+            return replace(sig, cdim=c - (end - start))
         nxt = replace(sig, cdim=start, plain=False)
         shape = node.args[0].meta.get("gc_shape")
         if start != c:
@@ -281,13 +303,37 @@ class _Walker:
                 tail *= s
             if tuple(s_out[:c]) == tuple(s_in[:c]) and len(s_out) == c + 1 and s_out[c] == tail:
                 return self._spread(replace(sig, cdim=c, plain=False), node, s_in[c + 1:])
-            raise Broken(f"{path}: {info.name} {tuple(s_in)} -> {tuple(s_out)} moves the channels")
+            kept = _channel_kept(tuple(s_in), tuple(s_out), c)
+            if kept is not None:
+                return replace(sig, cdim=kept)
+            raise Broken(f"{path}: {info.name} {tuple(s_in)} -> {tuple(s_out)} mixes or splits the channels")
         shape = info.extra["shape"]
         if sig.cdim == 1 and len(shape) == 2 and shape[1] == -1 and _is_batch_size(shape[0], src):
             return _unprove(replace(sig, plain=False),   # x.view(x.size(0), -1): flatten from dim 1
                             f"at {_label(node)} how many features each channel becomes needs shapes; "
                             f"pass example_inputs")
         raise Broken(f"{path}: {info.name} without known shapes; pass example_inputs")
+
+    def _permute(self, node, sig, info, path) -> Signal:
+        """A permute or transpose moves the channel dim and never mixes it with another."""
+        c = self._front(sig, node.args[0], path)
+        rank = self._rank(node.args[0])
+        if "dims" in info.extra:
+            dims = info.extra["dims"]
+            if rank is None:
+                rank = len(dims)
+            if len(dims) != rank:
+                raise Broken(f"{path}: {info.name} {dims} does not name every dim")
+            dims = [d + rank if d < 0 else d for d in dims]
+            return replace(sig, cdim=dims.index(c))
+        if info.extra.get("rank2"):   # x.t(): a transpose of a matrix, a no-op below rank 2
+            if rank is not None and rank < 2:
+                return replace(sig, cdim=c)
+            rank = 2
+        if rank is None and any(d < 0 for d in info.extra["swap"]):
+            raise Broken(f"{path}: {info.name} with negative dims needs tensor ranks; pass example_inputs")
+        a, b = (d + rank if d < 0 else d for d in info.extra["swap"])
+        return replace(sig, cdim=b if c == a else a if c == b else c)
 
     def _reduce(self, node, sig, info, path) -> Signal:
         src = node.args[0]
@@ -396,6 +442,16 @@ def _frozen_stats(cap: Captured, name: str) -> bool:
     m, root = cap.modules[name], cap.modules.get("")
     return (root is not None and root.training and not m.training and bool(getattr(m, "track_running_stats", False))
             and getattr(m, "running_mean", None) is not None)
+
+
+def _channel_kept(s_in: tuple, s_out: tuple, c: int) -> int | None:
+    """Where a reshape s_in -> s_out puts channel dim c when it only regroups the dims before it and
+    the dims after it (batch and token dims: the channel stays a dim of its own, each channel index
+    maps to itself); None when it mixes or splits the channels, or the position is ambiguous."""
+    before, after = math.prod(s_in[:c]), math.prod(s_in[c + 1:])
+    hits = [d for d in range(len(s_out)) if s_out[d] == s_in[c] and math.prod(s_out[:d]) == before
+            and math.prod(s_out[d + 1:]) == after]
+    return hits[0] if len(hits) == 1 else None
 
 
 def _label(node: fx.Node) -> str:

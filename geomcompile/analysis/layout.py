@@ -22,17 +22,26 @@ from torch import nn
 from ..capture import Captured, is_leaf_module
 from .facts import ParamFacts
 from .ops import LAYER_FUNCS, classify
+from .standardize import standardized_uses
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 @dataclass(frozen=True)
 class Use:
-    """One op consuming a parameter. role: 'weight', 'bias' or 'other'."""
+    """One op consuming a parameter. role: 'weight', 'bias' or 'other'.
+
+    transposed: a linear layer whose weight is stored (in, out), as ``x @ W``, ``torch.addmm(b, x, W)``
+    (Hugging Face ``Conv1D``) or ``F.linear(x, W.t())`` compute it: out_dim 1.
+    standardized: the layer consumes a per-output-filter standardisation of the weight (see
+    ``standardize.py``), the words saying how; the layer's output does not see a row scaling at all.
+    """
     node: fx.Node
     kind: str
     role: str
     module: str | None
+    transposed: bool = False
+    standardized: str = ""
 
 
 def param_uses(cap: Captured, param_names: dict[int, str], params: dict[str, torch.Tensor]) -> dict[str, list[Use]]:
@@ -48,6 +57,10 @@ def param_uses(cap: Captured, param_names: dict[int, str], params: dict[str, tor
         elif node.op == "get_attr":
             name = param_names.get(id(_get_attr(cap, node.target)))
             if name is None:
+                continue
+            standardized = standardized_uses(node, params[name], cap, lambda n, v: _layer_weight_use(n, v, cap))
+            if standardized is not None:   # consumed only through a per-filter standardisation
+                uses[name].extend(standardized)
                 continue
             for user in node.users:
                 if classify(user, cap.modules).cls != "meta":   # w.dtype, w.shape: not a use of its values
@@ -89,32 +102,79 @@ def _functional_use(user: fx.Node, attr_node: fx.Node, cap: Captured) -> Use:
             return Use(user, info.extra["kind"], "weight", None)
         if args[2] is attr_node or user.kwargs.get("bias") is attr_node:
             return Use(user, "bias", "bias", None)
-    return Use(user, "other", "other", None)
+    return _transposed_linear_use(user, attr_node, cap) or Use(user, "other", "other", None)
+
+
+def _layer_weight_use(user: fx.Node, value: fx.Node, cap: Captured) -> Use | None:
+    """The use of `value` by a conv / conv-transpose / linear op at its weight slot, else None."""
+    use = _functional_use(user, value, cap)
+    return use if use.role == "weight" and use.kind in ("conv", "conv_transpose", "linear") else None
+
+
+def _transposed_linear_use(user: fx.Node, attr_node: fx.Node, cap: Captured) -> Use | None:
+    """A linear layer computed from a weight stored (in, out), recognised from how it is consumed:
+    ``torch.addmm(b, x, W)``, ``x @ W`` / ``torch.matmul(x, W)`` / ``torch.mm(x, W)``, and
+    ``F.linear(x, W.t())`` (also ``W.T``-free spellings ``W.transpose(0, 1)``, ``W.permute(1, 0)``)."""
+    value = _get_attr(cap, attr_node.target) if attr_node.op == "get_attr" else None
+    if not isinstance(value, torch.Tensor):
+        return None
+    name, args = classify(user, cap.modules).name, user.args
+    if name == "addmm" and len(args) == 3 and not user.kwargs:   # alpha/beta would scale the bias
+        bias = _get_attr(cap, args[0].target) if isinstance(args[0], fx.Node) and args[0].op == "get_attr" else None
+        if args[2] is attr_node and value.dim() == 2 and attr_node not in args[:2] and \
+                isinstance(bias, torch.Tensor) and tuple(bias.shape) == (value.shape[1],):
+            return Use(user, "linear", "weight", None, transposed=True)   # a per-channel bias, not data
+        if args[0] is attr_node and value.dim() == 1 and attr_node not in args[1:]:
+            return Use(user, "bias", "bias", None)
+        return None
+    if name in ("matmul", "mm") and len(args) == 2 and not user.kwargs and args[1] is attr_node \
+            and args[0] is not attr_node and value.dim() == 2:
+        return Use(user, "linear", "weight", None, transposed=True)
+    info = classify(user, cap.modules)
+    if info.cls != "permute" or value.dim() != 2 or len(user.users) != 1:
+        return None
+    swap = info.extra.get("swap", info.extra.get("dims"))
+    if sorted(d % 2 for d in swap) != [0, 1]:   # t(), transpose(0, 1) / (-1, -2), permute(1, 0)
+        return None
+    (layer,) = user.users
+    inner = _functional_use(layer, user, cap)
+    if inner.kind == "linear" and inner.role == "weight" and layer.args and layer.args[0] is not user:
+        return Use(layer, "linear", "weight", None, transposed=True)
+    return None
+
+
+def layer_input(node: fx.Node):
+    """The data input of a layer op (``torch.addmm(b, x, W)`` has it second)."""
+    if node.op == "call_function" and getattr(node.target, "__name__", "") == "addmm":
+        return node.args[1]
+    return node.args[0] if node.args else None
 
 
 def layout_facts(name: str, tensor: torch.Tensor, uses: list[Use], cap: Captured) -> ParamFacts:
     facts = ParamFacts(name=name, shape=tuple(tensor.shape), uses=len(uses))
     if not uses:  # not reached in the captured graph (e.g. a branch the run capture did not take)
         return _facts_from_owner(facts, cap)
-    kinds = {u.kind for u in uses}
+    kinds = {(u.kind, u.transposed) for u in uses}
     opaque = _opaque_uses(uses, cap)
     if len(kinds) != 1:
         facts.kind = "other"
         if len(kinds) > 1:
-            facts.notes.append(f"used as {sorted(kinds)}: facts merged to 'other'"
-                               + (f"; {opaque}" if opaque else ""))
+            facts.notes.append(f"used as {sorted(k + ' (transposed)' * t for k, t in kinds)}: facts "
+                               f"merged to 'other'" + (f"; {opaque}" if opaque else ""))
         return facts
-    facts.kind = kinds.pop()
+    facts.kind, transposed = kinds.pop()
     if facts.kind == "other" and opaque:
         facts.notes.append(opaque)
     first = uses[0]
     facts.module = first.module or first.node.name   # a functional use: name the op
     if facts.kind in ("conv", "conv_transpose", "linear"):
-        facts.out_dim = 1 if facts.kind == "conv_transpose" else 0
+        facts.out_dim = 1 if facts.kind == "conv_transpose" or transposed else 0
+        if transposed:
+            facts.notes.append("transposed linear layer: weight stored (in, out), so out_dim is 1")
         facts.groups = _groups(first, cap)
         facts.depthwise = _is_depthwise(facts, tensor)
         facts.layer = _layer_config(first, cap)
-        ordered = [_shape(u.node.args[0]) if u.node.args else None for u in uses]
+        ordered = [_shape(layer_input(u.node)) for u in uses]
         shapes_in, shapes_out = set(ordered), {u.node.meta.get("gc_shape") for u in uses}
         if None not in shapes_in:
             facts.input_shapes = tuple(dict.fromkeys(ordered))

@@ -17,10 +17,10 @@ Op classes for the scale-invariance dataflow (``OpInfo.cls``):
   identity, contiguous/clone, constant scaling, mean/sum over non-channel dims, dropout).
   ``keeps_offset`` says whether a per-channel constant stays a per-channel constant: not for
   dropout (its random mask multiplies the bias) nor avg pooling with zero padding counted in.
-* ``norm``: normalisations (where a signal may be absorbed); ``flatten``/``reshape``/``cat``:
-  change where the channel lives; ``meta``: size/shape/dim (no data flows); ``unknown``:
+* ``norm``: normalisations (where a signal may be absorbed); ``flatten``/``reshape``/``permute``/
+  ``cat``: change where the channel lives; ``meta``: size/shape/dim (no data flows); ``unknown``:
   everything else, which breaks invariance (adds, products of tensors, non-homogeneous
-  activations such as ReLU6/GELU/SiLU/sigmoid/tanh/hardswish/ELU, slicing, permutes, ...).
+  activations such as ReLU6/GELU/SiLU/sigmoid/tanh/hardswish/ELU, slicing, ...).
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ DROPOUT = {"dropout", "dropout1d", "dropout2d", "dropout3d"}
 IDENTITY = {"contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as", "identity"}
 UPSAMPLE = {"interpolate", "upsample", "upsample_nearest", "upsample_bilinear"}
 RESHAPE = {"view", "reshape"}
+RESHAPE_AS = {"view_as", "reshape_as"}
+PERMUTE = {"permute", "transpose", "swapaxes", "swapdims", "t"}
 CAT = {"cat", "concat", "concatenate"}
 META = {"size", "dim", "shape", "numel", "ndimension", "device", "dtype", "nelement", "get_device", "ndim",
         "is_cuda", "layout", "requires_grad", "is_floating_point"}
@@ -150,11 +152,31 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpInfo:
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
         return OpInfo("reshape", name, keeps_offset=True, data=first, extra={"shape": tuple(shape)})
+    if name in RESHAPE_AS:   # the target shape is the other tensor's: only known with shapes
+        return OpInfo("reshape", name, keeps_offset=True, data=first, extra={"shape": ()})
+    if name in PERMUTE:
+        return _classify_permute(node, name, first)
     if name in CAT:
         return OpInfo("cat", name, keeps_offset=True, data=first, extra={"dim": _arg(node, 1, "dim", 0)})
     if name in NORM_FUNCS:
         return _classify_norm_func(node, name, first)
     return OpInfo("unknown", name)
+
+
+def _classify_permute(node: fx.Node, name: str, first) -> OpInfo:
+    """permute(dims) / transpose(d0, d1) / t(): moves dims, never mixes them (extra: the dims)."""
+    if name == "permute":
+        dims = node.args[1:] if len(node.args) > 1 else (node.kwargs.get("dims"),)
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = tuple(dims[0])
+        extra = {"dims": tuple(dims)}
+    elif name == "t":
+        extra = {"swap": (0, 1), "rank2": True}
+    else:
+        extra = {"swap": (_arg(node, 1, "dim0"), _arg(node, 2, "dim1"))}
+    if not all(isinstance(d, int) for d in extra.get("dims", extra.get("swap"))):
+        return OpInfo("unknown", f"{name} with dims not known at trace time")
+    return OpInfo("permute", name, keeps_offset=True, data=first, extra=extra)
 
 
 def _no_padding(padding) -> bool:
