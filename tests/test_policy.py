@@ -154,11 +154,13 @@ def test_psi_on_a_non_invariant_parameter_quotes_the_reason():
                {"conv1.weight": conv("conv1.weight", invariant=False)}, "fx"))
 
 
-def test_inapplicable_geometry_in_warn_mode_falls_through_to_the_next_rule():
+def test_inapplicable_geometry_that_a_later_rule_covers_falls_through_as_a_note():
     text = policy_text("- name: all-psi\n  match: {kind: conv}\n  use: {psi: {}}\n" + CONVS,
                        "version: 1\nvalidate: warn\n")
     result = load_policy(text).resolve(resnet_like())
-    assert any("layer2.0.extra.weight" in w and "cannot apply" in w for w in result.warnings)
+    assert not any("layer2.0.extra.weight" in w for w in result.warnings)
+    assert any("rule 'all-psi' leaves layer2.0.extra.weight to rule 'convs' for the metric stage" in n
+               for n in result.notes)
     assert result.assignments["layer2.0.extra.weight"]["metric"].name == "channel_directed"
     assert result.rule_of[("layer2.0.extra.weight", "metric")] == "convs"
     assert result.rule_of[("layer1.0.conv1.weight", "metric")] == "all-psi"
