@@ -15,7 +15,6 @@ from torch import nn
 
 import geomcompile as gc
 import importlib
-from geomcompile.findings import Finding, group
 from geomcompile.policy import load_policy, shipped_policies
 from tests.models import (DENSENET, GROUPNORM, MLP_BIAS, MLP_NOBIAS, MOBILENETV2, PLAIN_CNN, PREACT, RESNET20,
                           SMALL_RESNET, VGG11, VGG11_BN, DenseNetStyle, FullyConvNet, ResNet50Style, _randn)
@@ -64,6 +63,7 @@ def test_weight_decay_under_psi_is_one_warning_with_the_count(factory, n_convs):
     # the adaptive-optimizer warning is a second cause; nothing else is emitted
     assert len(emitted) == 2 and any("psi under AdamW" in w for w in emitted)
     # programs still get one entry per parameter, each naming it
+    from geomcompile.findings import Finding
     per_param = [w for w in plan.warnings if "weight_decay=0.01" in w]
     assert len(per_param) == n_convs and all(isinstance(w, Finding) for w in per_param)
     assert {w.name for w in per_param} == {f"{n}.weight" for n in conv_weights(model)}
@@ -86,6 +86,7 @@ def test_pom_weight_decay_is_one_warning_per_rule_and_the_1x1_convs_are_a_note()
 
 
 def test_group_keeps_single_causes_and_plain_strings_whole():
+    from geomcompile.findings import Finding, group
     a = Finding("x on a: bad", name="a", key=("x", "bad"), head="x on ", tail=": bad")
     b = Finding("x on b: bad", name="b", key=("x", "bad"), head="x on ", tail=": bad")
     c = Finding("x on c: worse", name="c", key=("x", "worse"), head="x on ", tail=": worse")
