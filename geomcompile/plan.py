@@ -15,6 +15,7 @@ from torch import nn
 
 from .analysis import Structure, analyze
 from .errors import GeomCompileError, GeomCompileWarning
+from .findings import Finding, group, name_list
 from .geometries.base import STAGES, Geometry, StepContext
 from .policy import Policy, load_policy
 from .version import __version__
@@ -106,7 +107,8 @@ class Plan:
                                    "in your training loop (before the geometry)")
         ctx = StepContext(optimizer=owner, params=self.params, group_of=group_of, model=self.model)
         for item in items:
-            install_warnings += item.geometry.warnings(item.unit, ctx)
+            install_warnings += [self._in_rule(w, item.geometry) for w in item.geometry.warnings(item.unit, ctx)]
+        notes = notes + _slow_eager_notes(chosen.name, items, self.params)
         name_of = {id(p): n for n, p in self.params.items()}
         state = PlanState(make_fingerprint(__version__, self.policy.describe(), self.assignments))
         installation = Installation(owner, wrappers, items, chosen, ctx, state, name_of, state_mismatch,
@@ -118,10 +120,18 @@ class Plan:
         self.backend_name = chosen.name
         self._installation = installation
         already = set(self.policy.config_warnings)        # emitted when the policy was loaded
-        for w in self.warnings:
+        for w in self.warnings_by_cause:                   # one Python warning per cause
             if w not in already:
                 warnings.warn(w, GeomCompileWarning, stacklevel=2)
         return self
+
+    def _in_rule(self, warning: str, geometry: Geometry) -> str:
+        """A geometry's finding about one parameter, keyed and prefixed by the rule that gave it."""
+        if not isinstance(warning, Finding):
+            return warning
+        rule = self.rule_of.get((warning.name, geometry.stage), "?")
+        return Finding(f"rule {rule!r}: {warning}", name=warning.name, key=(rule,) + warning.key,
+                       head=f"rule {rule!r}: {warning.head}", tail=warning.tail)
 
     def _group_of(self, optimizer) -> dict[str, dict]:
         in_optimizer = {id(p): g for g in optimizer.param_groups for p in g["params"]}
@@ -168,9 +178,16 @@ class Plan:
 
     @property
     def warnings(self) -> list[str]:
-        """Problems found when planning, plus those of the current installation."""
+        """Problems found when planning, plus those of the current installation: one entry per
+        parameter and cause (``geomcompile.findings.Finding`` where it is about one parameter)."""
         inst = self._installation
         return self._plan_warnings + (inst.warnings if inst is not None else [])
+
+    @property
+    def warnings_by_cause(self) -> list[str]:
+        """``warnings`` with one line per cause (rule and reason): the count and the first names.
+        These are the lines the summary prints and install() emits as Python warnings."""
+        return group(self.warnings)
 
     @property
     def notes(self) -> list[str]:
@@ -232,7 +249,7 @@ class Plan:
         lines.append(f"backend: {self.backend_name or 'not installed'}")
         for note in self.notes + self.backend_notes():
             lines.append(f"note: {note}")
-        for w in self.warnings:
+        for w in self.warnings_by_cause:
             lines.append(f"warning: {w}")
         return "\n".join(lines)
 
@@ -255,6 +272,24 @@ def _shorten(name: str, width: int) -> str:
 
 def _short_list(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+# A weight this large makes the eager programs slow on CPU (measured: docs/bench.md, "Huge linear
+# layers"); the compile backend runs the same math in one fused pass.
+SLOW_EAGER_NUMEL = 1 << 24
+
+
+def _slow_eager_notes(backend: str, items: list[WorkItem], params: dict) -> list[str]:
+    if backend != "eager":
+        return []
+    huge = defaultdict(list)
+    for item in items:
+        if "compile" in type(item.geometry).fast_paths:
+            huge[item.geometry.name] += [n for n in item.unit.names if params[n].numel() >= SLOW_EAGER_NUMEL]
+    return [f"eager {geometry} on {len(names)} weight(s) of >= {SLOW_EAGER_NUMEL:,} elements "
+            f"({name_list(names)}) is slow on CPU: seconds per step for a 4096x25088 weight, over 100x plain "
+            f"SGD (docs/bench.md, benchmarks/huge_linear.py); backend='compile' runs it in one compiled pass, "
+            f"about 3x faster" for geometry, names in huge.items() if names]
 
 
 def plan(model: nn.Module, policy, example_inputs=None) -> Plan:

@@ -16,6 +16,11 @@ Loading always validates the document strictly (keys, types, geometry and option
 values); every error names ``file:line:column`` and says what to do. ``validate`` only governs the
 problems that depend on the model, found by ``Policy.resolve``: a rule matching no parameter, and
 a geometry that cannot apply to a parameter its rule matched (error in strict, warning in warn).
+Neither is a problem where the policy says it is expected: a rule with ``optional: true`` may match
+nothing (a linear-head rule on a fully convolutional net), and a geometry that cannot apply to a
+parameter which a later rule covers for the same stage (``component: kernel`` on a 1x1 conv, taken
+by a ``component: filter`` rule below) is a note. Problems of one cause are reported once, with the
+count and the first names (``geomcompile.findings``); ``Resolution.warnings`` keeps one per parameter.
 
 Names are canonical (``geomcompile.names``): without torch.compile / DDP / FSDP / checkpoint
 wrapper components. A ``param``/``module`` glob written against a wrapped name (``module.head.weight``,
@@ -39,11 +44,12 @@ import yaml
 from . import geometries  # noqa: F401  (importing the package registers the geometries)
 from .analysis.facts import KINDS, ParamFacts
 from .errors import GeomCompileError, GeomCompileWarning
+from .findings import Finding, group, mask
 from .geometries.base import REGISTRY, STAGES, Geometry
 from .names import canonical_name
 
 TOP_KEYS = ("version", "validate", "rules", "description")
-RULE_KEYS = ("name", "description", "match", "exclude", "use")
+RULE_KEYS = ("name", "description", "optional", "match", "exclude", "use")
 MODES = ("strict", "warn")
 _BARE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -300,6 +306,7 @@ class Rule:
     _exclude_test: Callable | None = field(default=None, repr=False, compare=False)
     config_warnings: list[str] = field(default_factory=list, repr=False)   # "file:line:col: ..." per use entry
     _patterns: list = field(default_factory=list, repr=False, compare=False)
+    optional: bool = False      # matching no parameter of a model is expected (a note, not a problem)
 
     def matches(self, facts: ParamFacts, names: _Names | None = None) -> bool:
         """The match holds and the exclusion does not. `names` (all names of the model) decides
@@ -391,9 +398,15 @@ def _build_rule(raw, index: int, loc: _Locator) -> Rule:
                                       f"Fix: remove it, or give selectors")
     exclude_test = None if exclude is None else _compile_selectors(exclude, path + ("exclude",), loc, "exclude",
                                                                    patterns)
+    optional = raw.get("optional", False)
+    if not isinstance(optional, bool):
+        loc.fail(path + ("optional",), f"rule {name!r}: `optional` must be true or false, got {optional!r}. "
+                                       f"Fix: write `optional: true` for a rule some models have no parameters "
+                                       f"for, or remove the key")
     use, use_where, config_warnings = _build_use(raw["use"], path + ("use",), loc, name)
     return Rule(name, dict(raw["match"]), None if exclude is None else dict(exclude), use, loc.at(path),
-                str(raw.get("description", "")), use_where, match_test, exclude_test, config_warnings, patterns)
+                str(raw.get("description", "")), use_where, match_test, exclude_test, config_warnings, patterns,
+                optional)
 
 
 # ---- policy ---------------------------------------------------------------------------------
@@ -430,30 +443,37 @@ class Policy:
         """Option combinations that work but defeat their purpose, "file:line:col: ..." per use entry."""
         return [w for rule in self.rules for w in rule.config_warnings]
 
-    def _problem(self, message: str, warnings: list[str]) -> None:
-        """A model-dependent problem: an error in strict mode, a warning in warn mode."""
-        if self.validate == "strict":
-            raise GeomCompileError(message)
-        warnings.append(message)
-
-    def _assign(self, facts: ParamFacts, counts: dict, warnings: list,
+    def _assign(self, facts: ParamFacts, counts: dict, problems: list, notes: list,
                 names: _Names) -> dict[str, tuple[Geometry, Rule]]:
         """Per stage, the first matching rule (file order) whose geometry of that stage applies."""
         chosen: dict[str, tuple[Geometry, Rule]] = {}
-        for rule in self.rules:
-            if not rule.matches(facts, names):
-                continue
+        matching = [rule for rule in self.rules if rule.matches(facts, names)]
+        for i, rule in enumerate(matching):
             counts[rule.name] += 1
             for gname, geometry in rule.use.items():
                 if geometry.stage in chosen:
                     continue                    # shadowed by an earlier rule for this stage
                 reason = geometry.check(facts)
-                if reason is not None:
-                    fix = type(geometry).match_hint
-                    self._problem(f"{rule.use_where[gname]}: rule {rule.name!r} uses {gname} on {facts.name}, "
-                                  f"which it cannot apply to: {reason}. Fix: {fix}, or exclude it.", warnings)
+                if reason is None:
+                    chosen[geometry.stage] = (geometry, rule)
                     continue
-                chosen[geometry.stage] = (geometry, rule)
+                where, key = rule.use_where[gname], (rule.name, gname, mask(reason, facts.name, facts.module))
+                later = next((r for r in matching[i + 1:] for g in r.use.values()
+                              if g.stage == geometry.stage and g.check(facts) is None), None)
+                if later is not None:           # the policy handles it further down, as designed
+                    notes.append(Finding(
+                        f"{where}: rule {rule.name!r} leaves {facts.name} to rule {later.name!r} for the "
+                        f"{geometry.stage} stage ({gname} cannot apply to it: {reason})",
+                        name=facts.name, key=key + (later.name,), head=f"{where}: rule {rule.name!r} leaves ",
+                        tail=f" to rule {later.name!r} for the {geometry.stage} stage ({gname} cannot apply "
+                             f"to them; for {facts.name}: {reason})"))
+                    continue
+                fix = type(geometry).match_hint
+                problems.append(Finding(
+                    f"{where}: rule {rule.name!r} uses {gname} on {facts.name}, which it cannot apply to: "
+                    f"{reason}. Fix: {fix}, or exclude it.",
+                    name=facts.name, key=key, head=f"{where}: rule {rule.name!r} uses {gname} on ",
+                    tail=f", which it cannot apply to; for {facts.name}: {reason}. Fix: {fix}, or exclude them."))
         return chosen
 
     @staticmethod
@@ -470,20 +490,29 @@ class Policy:
     def resolve(self, structure: Mapping[str, ParamFacts]) -> Resolution:
         """Assign geometries to the parameters of an analysed model (see the module docstring)."""
         counts = {rule.name: 0 for rule in self.rules}
-        assignments, rule_of, warnings = {}, {}, list(self.config_warnings)
+        assignments, rule_of, problems, later_notes = {}, {}, [], []
         names = _Names(structure)
         notes = [note for rule in self.rules for pattern in rule._patterns for note in pattern.notes(names)]
         for name, facts in structure.items():
-            chosen = self._assign(facts, counts, warnings, names)
+            chosen = self._assign(facts, counts, problems, later_notes, names)
             self._check_compatible(name, chosen)
             if chosen:
                 assignments[name] = {s: chosen[s][0] for s in STAGES if s in chosen}
                 rule_of.update({(name, s): chosen[s][1].name for s in chosen})
+        notes += group(later_notes)
         for rule in self.rules:
-            if counts[rule.name] == 0:
-                self._problem(f"{rule.where}: rule {rule.name!r} matches no parameter of the model. Fix: "
-                              f"correct its selectors, remove the rule, or set `validate: warn`", warnings)
-        return Resolution(assignments, rule_of, counts, warnings, notes)
+            if counts[rule.name] == 0 and rule.optional:
+                notes.append(f"{rule.where}: rule {rule.name!r} (optional) matches no parameter of the model")
+            elif counts[rule.name] == 0:
+                fix = ("correct its selectors, remove the rule, or mark it `optional: true` if models without "
+                       "such parameters are expected")
+                problems.append(f"{rule.where}: rule {rule.name!r} matches no parameter of the model. Fix: "
+                                + fix + (" (or set `validate: warn`)" if self.validate == "strict" else ""))
+        if problems and self.validate == "strict":
+            lines = group(problems)
+            raise GeomCompileError(lines[0] if len(lines) == 1 else
+                                   f"{len(lines)} problems (validate: strict):\n" + "\n".join(lines))
+        return Resolution(assignments, rule_of, counts, list(self.config_warnings) + problems, notes)
 
 
 def _build_policy(data, loc: _Locator) -> Policy:

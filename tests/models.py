@@ -1252,3 +1252,108 @@ NFNET = ZooEntry(
     negative=("wrong.weight", "centred.weight", "head.weight"))
 
 ZOO.extend([NFNET])
+
+
+# --- architecture-sized toys for the shipped policies (issue 18) --------------------------------
+# The layer layout of the real networks (ResNet-50: bottlenecks [3, 4, 6, 3] with 1x1 convs and
+# 1x1 downsamples, 53 conv weights; DenseNet-121: dense layers [6, 12, 24, 16] of BN-ReLU-1x1 and
+# BN-ReLU-3x3 convs, 1x1 transitions, 120 conv weights), with tiny widths so that they analyse in
+# a second. The policy tests count warnings on them.
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_ch: int, width: int, stride: int = 1):
+        super().__init__()
+        out_ch = width * self.expansion
+        self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_ch)
+        self.downsample = None
+        if stride != 1 or in_ch != out_ch:
+            self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(out_ch))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet50Style(nn.Module):
+    def __init__(self, width: int = 4, blocks=(3, 4, 6, 3), classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)    # 64 -> 64 * 4: layer1 downsamples too
+        self.bn1 = nn.BatchNorm2d(width)
+        in_ch, layers = width, []
+        for i, n in enumerate(blocks):
+            w = width * 2 ** i
+            stage = []
+            for j in range(n):
+                stage.append(Bottleneck(in_ch, w, stride=2 if (i > 0 and j == 0) else 1))
+                in_ch = w * Bottleneck.expansion
+            layers.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.fc = nn.Linear(in_ch, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, in_ch: int, growth: int, bn_size: int):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, bn_size * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth)
+        self.conv2 = nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return torch.cat([x, self.conv2(F.relu(self.norm2(self.conv1(F.relu(self.norm1(x))))))], dim=1)
+
+
+class DenseNetStyle(nn.Module):
+    """DenseNet-121's layout: every conv reaches a BatchNorm (directly, or through cat/avg-pool)."""
+
+    def __init__(self, growth: int = 2, bn_size: int = 2, blocks=(6, 12, 24, 16), classes: int = 10):
+        super().__init__()
+        ch = 2 * growth
+        self.conv0 = nn.Conv2d(3, ch, 3, padding=1, bias=False)
+        self.norm0 = nn.BatchNorm2d(ch)
+        stages = []
+        for i, n in enumerate(blocks):
+            layers = []
+            for _ in range(n):
+                layers.append(DenseLayer(ch, growth, bn_size))
+                ch += growth
+            if i < len(blocks) - 1:
+                layers += [nn.BatchNorm2d(ch), nn.ReLU(), nn.Conv2d(ch, ch // 2, 1, bias=False), nn.AvgPool2d(2)]
+                ch //= 2
+            stages.append(nn.Sequential(*layers))
+        self.features = nn.Sequential(*stages)
+        self.norm5 = nn.BatchNorm2d(ch)
+        self.classifier = nn.Linear(ch, classes)
+
+    def forward(self, x):
+        x = self.features(F.relu(self.norm0(self.conv0(x))))
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.norm5(x)), 1), 1))
+
+
+class FullyConvNet(nn.Module):
+    """A fully convolutional BN network (no linear layer): segmentation-style 1x1 conv head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))))

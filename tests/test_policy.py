@@ -154,11 +154,13 @@ def test_psi_on_a_non_invariant_parameter_quotes_the_reason():
                {"conv1.weight": conv("conv1.weight", invariant=False)}, "fx"))
 
 
-def test_inapplicable_geometry_in_warn_mode_falls_through_to_the_next_rule():
+def test_inapplicable_geometry_that_a_later_rule_covers_falls_through_as_a_note():
     text = policy_text("- name: all-psi\n  match: {kind: conv}\n  use: {psi: {}}\n" + CONVS,
                        "version: 1\nvalidate: warn\n")
     result = load_policy(text).resolve(resnet_like())
-    assert any("layer2.0.extra.weight" in w and "cannot apply" in w for w in result.warnings)
+    assert not any("layer2.0.extra.weight" in w for w in result.warnings)
+    assert any("rule 'all-psi' leaves layer2.0.extra.weight to rule 'convs' for the metric stage" in n
+               for n in result.notes)
     assert result.assignments["layer2.0.extra.weight"]["metric"].name == "channel_directed"
     assert result.rule_of[("layer2.0.extra.weight", "metric")] == "convs"
     assert result.rule_of[("layer1.0.conv1.weight", "metric")] == "all-psi"
@@ -357,8 +359,9 @@ def test_shipped_plain_policy():
     assert set(kinds.values()) == {"conv", "linear"}
     assert all(stages["metric"].name == "channel_directed" for stages in result.assignments.values())
     mlp = Structure({"fc.weight": ParamFacts("fc.weight", (10, 5), kind="linear", out_dim=0, module="fc")}, "fx")
-    result = load_policy("plain").resolve(mlp)      # no convs: a warning, not an error
-    assert len(result.warnings) == 1 and "channel-directed-convs" in result.warnings[0]
+    result = load_policy("plain").resolve(mlp)      # no convs: the optional conv rule is a note
+    assert result.warnings == []
+    assert any("channel-directed-convs" in n and "optional" in n for n in result.notes)
 
 
 def test_every_shipped_policy_validates():

@@ -212,7 +212,9 @@ class Geometry:
         return None
 
     def warnings(self, unit: Unit, ctx: StepContext) -> list[str]:
-        """Plan-time warnings (e.g. weight decay that breaks an invariance)."""
+        """Plan-time warnings (e.g. weight decay that breaks an invariance). A warning about one
+        parameter should be a ``geomcompile.findings.Finding``, so that the plan reports one line
+        per cause instead of one per parameter."""
         return []
 
     # ---- runtime (eager reference program) ----------------------------------------------------

@@ -35,6 +35,7 @@ import torch
 
 from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileError
+from ..findings import Finding
 from ..names import get_canonical_submodule
 from .base import Geometry, Option, StepContext, Unit, non_negative, positive, register
 
@@ -355,8 +356,11 @@ class POM(Geometry):
                            f"factors and training can diverge. Fix: `radius: init` keeps the layer's scale")
             wd = ctx.group_of.get(facts.name, {}).get("weight_decay", 0)
             if wd:
-                out.append(f"pom on {facts.name}: weight_decay={wd} only shrinks the weight before the "
-                           f"retraction rescales it (a larger effective step); use weight_decay=0 for it")
+                why = "only shrinks the weight before the retraction rescales it (a larger effective step)"
+                out.append(Finding(f"pom on {facts.name}: weight_decay={wd} {why}; use weight_decay=0 for it",
+                                   name=facts.name, key=("pom", "weight_decay", wd), head="pom on ",
+                                   tail=f" whose param group has weight_decay={wd}, which {why}. Fix: put them "
+                                   f"in their own param group with weight_decay=0 (plan.assignments names them)"))
         return out
 
     def _rescaling(self, facts: ParamFacts, p: torch.Tensor | None) -> float | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..analysis.facts import ParamFacts
+from ..findings import Finding
 from .base import Geometry, Option, Rescale, StepContext, Unit, positive, register
 
 
@@ -167,8 +168,12 @@ class PSI(Geometry):
         for name in unit.names:
             wd = ctx.group_of[name].get("weight_decay", 0) if name in ctx.group_of else 0
             if wd:
-                out.append(f"psi on {name}: its param group has weight_decay={wd}, which breaks the "
-                           f"scale invariance PSI relies on; put it in a group with weight_decay=0")
+                why = "which breaks the scale invariance PSI relies on"
+                out.append(Finding(f"psi on {name}: its param group has weight_decay={wd}, {why}; put it "
+                                   f"in a group with weight_decay=0", name=name, key=("psi", "weight_decay", wd),
+                                   head="psi on ", tail=f" whose param group has weight_decay={wd}, {why}. Fix: "
+                                   f"put them in their own param group with weight_decay=0 (plan.assignments "
+                                   f"names them)"))
         return out
 
     def init_state(self, unit: Unit, ctx: StepContext) -> dict:
