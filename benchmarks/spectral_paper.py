@@ -8,7 +8,7 @@ The paper's K = rand(3,3,g,h) is a kernel with k×k = 3×3 taps, g input and h o
 K.permute(3, 2, 0, 1) of shape (h, g, 3, 3), entries uniform in [0, 1], on a 15×15×g input with
 "same" zero padding (padding 1). Gradient descent K ← K − 0.01·∇R_α(K) on R alone, 20 steps.
 
-R and ∇R come from the library (gc.functional.spectral_penalty, warm-started block power
+R and ∇R come from the library (gc.functional.spectral_penalty, warm-started two-end LOBPCG
 iteration). The paper computes the top singular triplet exactly before the first step (Algorithm
 2.1, step 2) and updates it by the power method afterwards; here the start takes 200 iterations
 and every step --iters (default 50, warm-started) so that the check measures the method, not an
