@@ -24,6 +24,7 @@ from .runtime.hooks import Installation
 from .runtime.state import PlanState, make_fingerprint
 from .runtime.wrappers import unwrap_optimizer
 from .names import canonical_named_parameters, unwrap_model
+from .names import short_list as _short_list
 
 
 class Plan:
@@ -251,10 +252,6 @@ def _shorten(name: str, width: int) -> str:
         return name
     keep = width - 1
     return name[: keep // 2] + "…" + name[-(keep - keep // 2):]
-
-
-def _short_list(names: list[str], n: int = 5) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def plan(model: nn.Module, policy, example_inputs=None) -> Plan:

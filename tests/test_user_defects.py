@@ -53,3 +53,28 @@ def test_the_shape_run_restores_the_cuda_rng_state_too(monkeypatch):
     gc.analyze(model, example_inputs=(x,))
     assert torch.equal(torch.get_rng_state(), cpu)
     assert len(restored) == 1 and torch.equal(restored[0][0], saved[0])
+
+
+def test_dead_code_is_gone_and_duplicated_rules_are_written_once():
+    """Issue 14's list: unused functions removed; the compute-dtype rule, the short name list and the
+    fused kernels' optimizer state keys each written once."""
+    from pathlib import Path
+
+    import importlib
+    plan_module = importlib.import_module("geomcompile.plan")
+    from geomcompile import names
+    from geomcompile.bench.traffic import Traffic
+    from geomcompile.geometries import base, spectral
+    from geomcompile.runtime import compile_backend, triton_backend
+
+    assert not hasattr(spectral, "conv_rmatvec") and not hasattr(Traffic, "gb_per_s")
+    assert not hasattr(compile_backend, "clear_cache")
+    root = Path(__file__).resolve().parents[1]
+    assert "def clear(" not in (root / "kernels" / "tables.py").read_text()
+    sources = {p: p.read_text() for p in (root / "geomcompile").rglob("*.py")}
+    rule = [p.name for p, text in sources.items() if "torch.float64 if" in text]
+    assert rule == ["base.py"], f"the compute-dtype rule is written in {rule}"
+    assert base.compute_dtype(torch.bfloat16) == torch.float32 and base.compute_dtype(torch.float64) == torch.float64
+    assert not hasattr(triton_backend, "_names") and plan_module._short_list is names.short_list
+    assert names.short_list(["a", "b", "c"], 2) == "a, b and 1 more"
+    assert not hasattr(triton_backend, "_STATE_KEYS")

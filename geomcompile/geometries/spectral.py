@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileError
-from .base import Geometry, Option, StepContext, Unit, non_negative, positive, register
+from .base import Geometry, Option, StepContext, Unit, compute_dtype, non_negative, positive, register
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -119,19 +119,12 @@ def conv_matvec(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.
     return conv(F.pad(x, flat, mode=mode), weight, None, spec.stride, 0, spec.dilation, spec.groups)
 
 
-def conv_rmatvec(y: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """Mᵀ y: the vector-Jacobian product of the convolution with respect to its input."""
-    x = torch.zeros((y.shape[0], *spec.input_shape), dtype=y.dtype, device=y.device)
-    return gram_matvec(x, weight, spec, cotangent=y)[1]
-
-
-def gram_matvec(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec,
-                cotangent: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M x, Mᵀ M x) with one convolution and one input-gradient (Mᵀ c instead when `cotangent` is given)."""
+def gram_matvec(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M x, Mᵀ M x) with one convolution and one input-gradient."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         y = conv_matvec(x, weight.detach(), spec)
-        (back,) = torch.autograd.grad(y, x, y.detach() if cotangent is None else cotangent)
+        (back,) = torch.autograd.grad(y, x, y.detach())
     return y.detach(), back
 
 
@@ -175,6 +168,13 @@ def _independent_rows(D: torch.Tensor, GD: torch.Tensor | None, drop: float):
     return T @ D, (None if GD is None else T @ GD)
 
 
+def _fixed_signs(U: torch.Tensor) -> torch.Tensor:
+    """Eigenvector columns with the sign that makes each one's largest coefficient positive: eigh's
+    signs are arbitrary, and a flip under a rounding-size change of the weights would flip the state."""
+    idx = U.abs().argmax(dim=0, keepdim=True)
+    return U * torch.where(U.gather(0, idx) < 0, -1.0, 1.0).to(U.dtype)
+
+
 @dataclass
 class TwoEnds:
     """Result of `two_end_solve`. Ritz pairs of G = MᵀM, largest first: `theta` (k,), `vectors`
@@ -212,7 +212,7 @@ def two_end_solve(apply_G: Callable[[torch.Tensor], torch.Tensor], V: torch.Tens
     while True:
         H = X @ GX.T
         theta, U = torch.linalg.eigh((H + H.T) / 2)
-        theta, U = theta.flip(0), U.flip(1)
+        theta, U = theta.flip(0), _fixed_signs(U.flip(1))
         X, GX = U.T @ X, U.T @ GX
         W = GX - theta[:, None] * X
         residual = W.norm(dim=1)
@@ -245,7 +245,7 @@ def two_end_solve(apply_G: Callable[[torch.Tensor], torch.Tensor], V: torch.Tens
         theta_all, U = torch.linalg.eigh((H + H.T) / 2)
         n = B.shape[0]
         pick = list(range(n - 1, n - 1 - half, -1)) + list(range(half - 1, -1, -1))
-        C = U[:, pick].T                                         # (k, n): coefficients in the basis
+        C = _fixed_signs(U[:, pick]).T                           # (k, n): coefficients in the basis
         X_new, GX_new = C @ B, C @ GB
         P, GP = C[:, k:] @ B[k:], C[:, k:] @ GB[k:]               # the step taken outside the old X
         X, GX = X_new, GX_new
@@ -260,11 +260,6 @@ def penalty_grad(weight: torch.Tensor, v: torch.Tensor, sign: float, spec: ConvS
         y = conv_matvec(v.unsqueeze(0), w, spec)
         (grad,) = torch.autograd.grad(y, w, (2.0 * sign) * y.detach())
     return grad
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the penalty is computed in: float64 stays, everything else runs in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass
