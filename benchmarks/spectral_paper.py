@@ -8,7 +8,7 @@ The paper's K = rand(3,3,g,h) is a kernel with k×k = 3×3 taps, g input and h o
 K.permute(3, 2, 0, 1) of shape (h, g, 3, 3), entries uniform in [0, 1], on a 15×15×g input with
 "same" zero padding (padding 1). Gradient descent K ← K − 0.01·∇R_α(K) on R alone, 20 steps.
 
-R and ∇R come from the library (gc.functional.spectral_penalty, warm-started block power
+R and ∇R come from the library (gc.functional.spectral_penalty, warm-started two-end LOBPCG
 iteration). The paper computes the top singular triplet exactly before the first step (Algorithm
 2.1, step 2) and updates it by the power method afterwards; here the start takes 200 iterations
 and every step --iters (default 50, warm-started) so that the check measures the method, not an
@@ -114,7 +114,7 @@ def examples(out: Path, iters: int) -> None:
     torch.set_num_threads(1)     # tiny operators: OpenMP start-up costs more than it saves (13x on 2 busy cores)
     ex1 = {f"3x3x{g}x{h}": descend(paper_kernel(g, h), ALPHA, iters) for g, h in EXAMPLE1}
     print_table(f"Example 1 (Figure 3.1): α = 1, input 15x15xg, zero padding 1, step {LR}, "
-                f"{iters} warm-started power iterations per step", ex1)
+                f"{iters} warm-started solver iterations per step", ex1)
     ex2 = {f"3x3x3x1 α={a:g}": descend(paper_kernel(3, 1), a, iters) for a in EXAMPLE2}
     print()
     print_table("Example 2 (Figure 3.2): 3x3x3x1 kernel, different α", ex2)
@@ -207,7 +207,7 @@ def cost(batch: int, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--iters", type=int, default=50, help="power iterations per GD step (warm-started)")
+    parser.add_argument("--iters", type=int, default=50, help="solver iterations per GD step (warm-started)")
     parser.add_argument("--cost", action="store_true", help="time the penalty in ResNet-20/56 instead")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)

@@ -212,10 +212,13 @@ def _module_where_tracing_stopped(model: nn.Module, exc: BaseException, canon: d
 # ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def preserved_state(model: nn.Module, train: bool = True):
-    """Run the model in training mode, then restore its mode, buffers and the RNG state."""
+    """Run the model in training mode, then restore its mode, buffers and the RNG states (CPU and CUDA)."""
     modes = {m: m.training for m in model.modules()}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     rng = torch.get_rng_state()
+    # CUDA's generators too (dropout on CUDA inputs draws from them); only when CUDA is already
+    # initialised, so that capturing a CPU model never creates a CUDA context
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     try:
         model.train(train)
         with torch.no_grad():
@@ -228,6 +231,8 @@ def preserved_state(model: nn.Module, train: bool = True):
                 if name in buffers:
                     b.copy_(buffers[name])
         torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def _shape_of(value: Any):
@@ -356,18 +361,18 @@ def _eager_compiled_submodules(model: nn.Module):
 def _record_run(model: nn.Module, inputs: ExampleInputs, canon: dict[str, str]) -> fx.Graph:
     rec = _Recorder(model, canon)
     handles = []
+    call_args: dict[int, tuple] = {}     # per module call; nothing is stored on the user's modules
 
     # Hooks run with the recording mode active: bookkeeping (x.shape, ...) happens at depth > 0
     # so that it is not recorded as part of the model.
     def pre(mod, args, kwargs):
         rec.depth += 1
         if rec.depth == 1:
-            mod._gc_call_args = (rec.lookup(tuple(args)), rec.lookup(dict(kwargs)))
+            call_args[id(mod)] = (rec.lookup(tuple(args)), rec.lookup(dict(kwargs)))
 
     def post(mod, args, kwargs, out):
         if rec.depth == 1:
-            a, kw = mod._gc_call_args
-            del mod._gc_call_args
+            a, kw = call_args.pop(id(mod))
             node = rec.graph.call_module(rec.qualname[id(mod)], a, kw)
             rec._bind_output(out, node)
         rec.depth -= 1

@@ -1,4 +1,4 @@
-"""Command line: `geomcompile plan|validate|demo` (also `python -m geomcompile`)."""
+"""Command line: `geomcompile plan|validate|demo|bench` (also `python -m geomcompile`)."""
 from __future__ import annotations
 
 import argparse
@@ -40,7 +40,14 @@ def cmd_plan(args) -> int:
     import torch
     from .plan import plan
     factory = _load_factory(args.model)
-    model = factory()
+    try:
+        model = factory()
+    except TypeError as exc:
+        raise GeomCompileError(f"calling {args.model}() failed: {exc}. MODEL must name a callable that takes no "
+                               f"arguments and returns an nn.Module, e.g. tests.models:resnet20; wrap a class "
+                               f"that needs arguments in a function") from None
+    if not isinstance(model, torch.nn.Module):
+        raise GeomCompileError(f"{args.model}() returned a {type(model).__name__}, not an nn.Module")
     inputs = (torch.randn(*_parse_shape(args.input_shape)),) if args.input_shape else None
     print(plan(model, args.policy, example_inputs=inputs).summary())
     return 0
@@ -95,11 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", help="shape of one example input batch, e.g. 1,3,32,32 (enables shapes)")
     p.set_defaults(func=cmd_plan)
     v = sub.add_parser("validate", help="check a policy file without a model")
-    v.add_argument("policy")
+    v.add_argument("policy", help="policy file, shipped policy name (resnet, plain, ...) or YAML text")
     v.set_defaults(func=cmd_validate)
     d = sub.add_parser("demo", help="train a small BN ResNet on 8x8 digits with and without a policy")
-    d.add_argument("--policy", default="resnet")
-    d.add_argument("--epochs", type=int, default=12)
+    d.add_argument("--policy", default="resnet",
+                   help="policy for the second run: file, shipped name or YAML text (default: resnet)")
+    d.add_argument("--epochs", type=int, default=12, help="passes over the training set per run, >= 1 (default: 12)")
     d.add_argument("--out", default="demo_out", help="folder for the loss-curve PNG")
     d.set_defaults(func=cmd_demo)
     b = sub.add_parser("bench", help="time optimizer and training steps: plain torch, geometry eager/compile/triton, "
@@ -113,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backends", default="eager,compile,triton",
                    help="comma list; one that cannot run here is skipped with the reason")
     b.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    b.add_argument("--optimizer", default="sgd_momentum", choices=["sgd_momentum", "sgd", "adam", "adamw"])
+    b.add_argument("--optimizer", default="sgd_momentum", choices=["sgd_momentum", "sgd", "adam", "adamw"],
+                   help="base optimizer of every run (default: sgd_momentum)")
     b.add_argument("--steps", type=int, help="timed optimizer steps (default: 100 on CPU, 200 on CUDA)")
     b.add_argument("--warmup", type=int, help="untimed optimizer steps first (default: 10 CPU, 20 CUDA)")
     b.add_argument("--train-steps", type=int, help="timed full training steps, 0 to skip (default: 20 CPU, 100 CUDA)")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import plan as make_plan
+from .errors import GeomCompileError
 from .models import small_resnet
 
 
@@ -107,20 +108,26 @@ def plot(results: list[RunResult], path: str) -> None:
 def run_demo(policy: str = "resnet", epochs: int = 12, batch_size: int = 64, lr: float = 0.05,
              out_dir: str = "demo_out", seed: int = 0) -> list[RunResult]:
     from tqdm import tqdm
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise GeomCompileError(f"epochs must be an integer >= 1, got {epochs!r}")
     torch.manual_seed(seed)
     data = load_digits_tensors(seed)
     base_model = small_resnet(num_classes=10, in_channels=1)
     n = len(data[1])
     steps = sum(1 for _ in batches(n, batch_size, epochs, seed))
+    if steps < 1:
+        raise GeomCompileError(f"batch_size {batch_size} is larger than the {n} training images")
+    # the policy is loaded and matched before anything trains: a bad one fails in a second, not after the baseline
+    geo = copy.deepcopy(base_model)
+    the_plan = make_plan(geo, policy, example_inputs=(data[0][:batch_size],))
     results = []
     with tqdm(total=2 * steps, desc="training", unit="step") as progress:
         plain = copy.deepcopy(base_model)
         opt = torch.optim.SGD(plain.parameters(), lr=lr, momentum=0.9)
         results.append(train(plain, opt, data, batches(n, batch_size, epochs, seed), "plain SGD-momentum", progress))
 
-        geo = copy.deepcopy(base_model)
         opt = torch.optim.SGD(geo.parameters(), lr=lr, momentum=0.9)
-        the_plan = make_plan(geo, policy, example_inputs=(data[0][:batch_size],)).install(opt)
+        the_plan.install(opt)
         results.append(train(geo, opt, data, batches(n, batch_size, epochs, seed),
                              f"SGD-momentum + '{policy}' policy", progress))
     print()

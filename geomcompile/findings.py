@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+from .names import short_list
+
 
 class Finding(str):
     """One parameter's instance of a cause. ``str(finding)`` is the full sentence about ``name``;
@@ -45,7 +47,7 @@ def mask(text: str, *names: str | None) -> str:
 
 def name_list(names: list[str], n: int = 3) -> str:
     """'a, b, c and 50 more'."""
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+    return short_list(names, n)
 
 
 def group(messages: list[str]) -> list[str]:

@@ -162,3 +162,8 @@ def get_canonical_submodule(model: nn.Module, canonical: str) -> nn.Module:
     if found is None:
         raise AttributeError(f"the model has no submodule {canonical!r}")
     return found
+
+
+def short_list(names: list[str], n: int = 5) -> str:
+    """The first n names, comma-separated, and how many more there are: for messages and notes."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

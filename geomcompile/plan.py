@@ -25,6 +25,7 @@ from .runtime.hooks import Installation
 from .runtime.state import PlanState, make_fingerprint
 from .runtime.wrappers import unwrap_optimizer
 from .names import canonical_named_parameters, unwrap_model
+from .names import short_list as _short_list
 
 
 class Plan:
@@ -268,10 +269,6 @@ def _shorten(name: str, width: int) -> str:
         return name
     keep = width - 1
     return name[: keep // 2] + "…" + name[-(keep - keep // 2):]
-
-
-def _short_list(names: list[str], n: int = 5) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 # A weight this large makes the eager programs slow on CPU (measured: docs/bench.md, "Huge linear

@@ -151,9 +151,6 @@ class TableCache:
         self._entries[slot] = (sig, value)
         return value
 
-    def clear(self) -> None:
-        self._entries.clear()
-
     def __len__(self) -> int:
         """Slots with a cached table."""
         return len(self._entries)

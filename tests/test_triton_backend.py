@@ -351,6 +351,23 @@ def test_auto_picks_triton_for_cuda_when_the_self_test_passes(monkeypatch):
     assert isinstance(backend, EagerBackend) and "self-test failed on cuda:0: RuntimeError" in notes[0]
 
 
-def test_self_test_passes_on_cpu_under_the_interpreter():
-    triton_backend.self_test.cache_clear()
+def test_self_test_passes_on_cpu_under_the_interpreter(monkeypatch):
+    monkeypatch.setattr(triton_backend, "_SELF_TEST_PASSED", set())
     assert triton_backend.self_test("cpu") is None
+
+
+def test_a_failed_self_test_is_tried_again_and_a_pass_is_remembered(monkeypatch):
+    """A transient failure (a CUDA error at the first install) must not make `auto` pick eager for
+    the rest of the process."""
+    monkeypatch.setattr(triton_backend, "_SELF_TEST_PASSED", set(), raising=False)
+    real, calls = triton_backend._kernels, []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: launch failed (transient)")
+        return real()
+    monkeypatch.setattr(triton_backend, "_kernels", flaky)
+    assert "transient" in triton_backend.self_test("cpu")
+    assert triton_backend.self_test("cpu") is None
+    assert triton_backend.self_test("cpu") is None and len(calls) == 2

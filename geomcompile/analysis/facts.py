@@ -118,6 +118,12 @@ class Structure(Mapping[str, ParamFacts]):
                 f"no parameter named {name!r} in the analysed model; known names start with "
                 f"{list(self._facts)[:5]}") from None
 
+    def __contains__(self, name: object) -> bool:     # a Mapping: `in` and .get() never raise for unknown names
+        return isinstance(name, str) and (name in self._facts or any(name in f.aliases for f in self._facts.values()))
+
+    def get(self, name: str, default=None):
+        return self[name] if name in self else default
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._facts)
 

@@ -43,9 +43,6 @@ class Traffic:
     bytes: int
     modelled: bool = True            # False when a geometry's extra traffic is not modelled
 
-    def gb_per_s(self, ms: float) -> float:
-        return self.bytes / (ms * 1e-3) / 1e9
-
 
 def step_bytes(params: Iterable[torch.Tensor], optimizer: str,
                geometry_params: dict[str, Iterable[torch.Tensor]] | None = None) -> Traffic:

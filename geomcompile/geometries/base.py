@@ -243,6 +243,11 @@ class Geometry:
         return {}
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype geometry math runs in: float32 for float16/bfloat16/float32, float64 stays float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 REGISTRY: dict[str, type[Geometry]] = {}
 
 

@@ -22,17 +22,12 @@ from __future__ import annotations
 import torch
 
 from ..analysis.facts import ParamFacts
-from .base import Geometry, Option, Unit, StepContext, non_negative, positive, register
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """fp32 math for fp16/bf16/fp32 inputs; fp64 stays fp64."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from .base import Geometry, Option, Unit, StepContext, compute_dtype, non_negative, positive, register
 
 
 def _as_rows(grad: torch.Tensor, dim: int) -> torch.Tensor:
     """View the gradient as (O, R) in the compute dtype, output-channel dim first."""
-    f = grad.movedim(dim, 0).to(_compute_dtype(grad))
+    f = grad.movedim(dim, 0).to(compute_dtype(grad.dtype))
     return f.reshape(f.shape[0], -1)
 
 

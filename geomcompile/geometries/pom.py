@@ -37,7 +37,7 @@ from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileError
 from ..findings import Finding
 from ..names import get_canonical_submodule
-from .base import Geometry, Option, StepContext, Unit, non_negative, positive, register
+from .base import Geometry, Option, StepContext, Unit, compute_dtype, non_negative, positive, register
 
 def _r(r, like: torch.Tensor) -> torch.Tensor | float:
     """A radius as a float, or as a tensor shaped to broadcast over (…, n, k) components."""
@@ -221,8 +221,7 @@ def component_grid(shape: tuple[int, ...], component: str) -> tuple[tuple[int, .
 def as_components(t: torch.Tensor, component: str) -> torch.Tensor:
     """The (N, n, k) components of a weight (or its gradient) in fp32 (fp64 stays fp64)."""
     _, n, k = component_grid(tuple(t.shape), component)
-    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-    return t.detach().to(dtype).reshape(-1, n, k)
+    return t.detach().to(compute_dtype(t.dtype)).reshape(-1, n, k)
 
 
 def pom_membership(grid: tuple[int, ...], grouping: str, group_size: int = 0,

@@ -17,14 +17,13 @@ import torch
 
 from ..analysis.facts import ParamFacts
 from ..findings import Finding
-from .base import Geometry, Option, Rescale, StepContext, Unit, positive, register
+from .base import Geometry, Option, Rescale, StepContext, Unit, compute_dtype, positive, register
 
 
 def _unit_view(t: torch.Tensor, unit: str, dim: int, group_size: int | None) -> torch.Tensor:
     """Reshape to (n_units, -1) in the compute dtype, units taken along `dim`."""
     t = t.movedim(dim, 0)
-    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-    t = t.to(dtype)
+    t = t.to(compute_dtype(t.dtype))
     if unit == "row":
         return t.reshape(t.shape[0], -1)
     if unit == "group":
@@ -60,8 +59,7 @@ def psi_grad(weight: torch.Tensor, grad: torch.Tensor, unit: str = "row", dim: i
         raise ValueError(f"weight {tuple(weight.shape)} and grad {tuple(grad.shape)} differ in shape")
     norm_sq = _unit_norm_sq(weight, unit, dim, group_size)
     scale = _expand_per_unit(norm_sq, grad, unit, dim, group_size)
-    dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    return (grad.to(dtype) * scale).to(grad.dtype)
+    return (grad.to(compute_dtype(grad.dtype)) * scale).to(grad.dtype)
 
 
 def psi_renorm_factors(weight: torch.Tensor, max_norm: float, unit: str = "row", dim: int = 0,

@@ -10,10 +10,14 @@ and R_α(K) < tα bounds both ends of the spectrum: √((1−t)α) < σ_min(M) �
 and s = sign(λ), Lemma 2.2 / Theorem 2.3 give ∇_K R = s·∇_K ‖M(K)v‖².
 
 M is never formed: M x is the convolution of x (no bias, the layer's stride, padding, dilation,
-groups and padding mode), Mᵀ y its vector-Jacobian product. λ and v come from power iteration on
-S = MᵀM − αI with a block of two vectors and a Rayleigh–Ritz step, warm-started from the previous
-optimizer step: the paper's remedy (Algorithm 2.1, steps 6-7) for the top value being overtaken
-by the second. The block is the geometry's state, so it lives in the optimizer's state_dict().
+groups and padding mode), Mᵀ y its vector-Jacobian product. λ can sit at either end: λ_max(MᵀM) − α
+or λ_min(MᵀM) − α. Both ends are estimated at once by block LOBPCG on G = MᵀM (`block` Ritz
+vectors per end), warm-started from the previous optimizer step, with the residual ‖Gx − θx‖ of
+each Ritz pair kept as a convergence measure; when the two ends' |λ| are within their error of
+each other the step is counted as ambiguous. The vectors are the geometry's state, so they live
+in the optimizer's state_dict(). (The paper's Algorithm 2.1 keeps two vectors of power iteration
+on MᵀM − αI, which follows only the end of largest |λ| and resolves the clustered bottom of a
+convolution's spectrum slowly.)
 """
 from __future__ import annotations
 
@@ -27,11 +31,11 @@ import torch.nn.functional as F
 
 from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileError
-from .base import Geometry, Option, StepContext, Unit, non_negative, positive, register
+from .base import Geometry, Option, StepContext, Unit, compute_dtype, non_negative, positive, register
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-BLOCK = 2   # vectors kept by the power iteration (the paper keeps the two largest)
+BLOCK = 2   # Ritz vectors kept at each end of the spectrum (the paper keeps the two largest)
 
 
 # ---- the operator M ----------------------------------------------------------------------------
@@ -115,19 +119,12 @@ def conv_matvec(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.
     return conv(F.pad(x, flat, mode=mode), weight, None, spec.stride, 0, spec.dilation, spec.groups)
 
 
-def conv_rmatvec(y: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """Mᵀ y: the vector-Jacobian product of the convolution with respect to its input."""
-    x = torch.zeros((y.shape[0], *spec.input_shape), dtype=y.dtype, device=y.device)
-    return gram_matvec(x, weight, spec, cotangent=y)[1]
-
-
-def gram_matvec(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec,
-                cotangent: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M x, Mᵀ M x) with one convolution and one input-gradient (Mᵀ c instead when `cotangent` is given)."""
+def gram_matvec(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M x, Mᵀ M x) with one convolution and one input-gradient."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         y = conv_matvec(x, weight.detach(), spec)
-        (back,) = torch.autograd.grad(y, x, y.detach() if cotangent is None else cotangent)
+        (back,) = torch.autograd.grad(y, x, y.detach())
     return y.detach(), back
 
 
@@ -139,17 +136,19 @@ def conv_matrix(weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
     return conv_matvec(basis, weight, spec).reshape(n, -1).T
 
 
-# ---- power iteration with Rayleigh–Ritz ----------------------------------------------------------
-def initial_block(spec: ConvSpec, dtype: torch.dtype, device=None, seed: int = 0) -> torch.Tensor:
-    """A random start block (BLOCK, C_in, *input_size) from a private generator (global RNG untouched)."""
+# ---- both ends of the spectrum: block LOBPCG on G = MᵀM -----------------------------------------
+def initial_block(spec: ConvSpec, dtype: torch.dtype, device=None, seed: int = 0, block: int = BLOCK) -> torch.Tensor:
+    """A random start block (2·block, C_in, *input_size) from a private generator (global RNG untouched):
+    `block` vectors for each end of the spectrum (fewer when the input has fewer than 2·block entries)."""
+    k = 2 * max(1, min(block, math.prod(spec.input_shape) // 2))
     gen = torch.Generator().manual_seed(seed)
-    block = torch.randn((BLOCK, *spec.input_shape), generator=gen, dtype=torch.float64)
-    return (block / block.flatten(1).norm(dim=1).reshape(-1, *[1] * len(spec.input_shape))).to(dtype).to(device)
+    V = torch.randn((k, *spec.input_shape), generator=gen, dtype=torch.float64)
+    return (V / V.flatten(1).norm(dim=1).reshape(-1, *[1] * len(spec.input_shape))).to(dtype).to(device)
 
 
 def _orthonormal_rows(V: torch.Tensor) -> torch.Tensor:
-    """Orthonormal rows spanning those of V (b, n). A block that collapsed (S v = 0 or S v₁ ∥ S v₂,
-    non-generic) is first nudged by a fixed random perturbation, so it keeps b independent vectors."""
+    """Orthonormal rows spanning those of V (b, n). A block that collapsed (non-generic) is first
+    nudged by a fixed random perturbation, so it keeps b independent vectors."""
     Q, Rf = torch.linalg.qr(V.T)
     d = Rf.diagonal().abs()
     if bool((d <= 1e3 * torch.finfo(V.dtype).eps * d.max().clamp_min(torch.finfo(V.dtype).tiny)).any()):
@@ -159,28 +158,98 @@ def _orthonormal_rows(V: torch.Tensor) -> torch.Tensor:
     return Q.T
 
 
-def ritz_iteration(apply_S: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor, iters: int):
-    """Block power iteration on a symmetric S with a Rayleigh–Ritz step per iteration.
+def _independent_rows(D: torch.Tensor, GD: torch.Tensor | None, drop: float):
+    """Orthonormalise the rows of D (and map G·D along), dropping directions whose Gram eigenvalue is
+    below `drop` (relative): rows of D are unit vectors, so the kept map is well conditioned."""
+    C = D @ D.T
+    d, U = torch.linalg.eigh((C + C.T) / 2)
+    keep = d > drop * d.max().clamp_min(torch.finfo(D.dtype).tiny)
+    T = (U[:, keep] / d[keep].sqrt()).T
+    return T @ D, (None if GD is None else T @ GD)
 
-    V: (b, *shape), a start block (any scaling). Each iteration applies S once to the block:
-    Q = orth(V), H = Qᵀ S Q = U Θ Uᵀ, Ritz vectors Uᵀ Q ordered by |θ| (largest first), and the next
-    block is S applied to them. Returns (θ, Ritz vectors (b, *shape), next block (b, *shape), rows
-    normalised) — θ[0] is the Rayleigh quotient of ritz[0], so |θ[0]| ≤ σ_max(S) always."""
+
+def _fixed_signs(U: torch.Tensor) -> torch.Tensor:
+    """Eigenvector columns with the sign that makes each one's largest coefficient positive: eigh's
+    signs are arbitrary, and a flip under a rounding-size change of the weights would flip the state."""
+    idx = U.abs().argmax(dim=0, keepdim=True)
+    return U * torch.where(U.gather(0, idx) < 0, -1.0, 1.0).to(U.dtype)
+
+
+@dataclass
+class TwoEnds:
+    """Result of `two_end_solve`. Ritz pairs of G = MᵀM, largest first: `theta` (k,), `vectors`
+    (k, *shape) orthonormal, `residual` (k,) = ‖G x − θ x‖. The first half approximates the top of the
+    spectrum, the second half its bottom. Ritz values lie inside the spectrum: θ[0] ≤ λ_max(G) and
+    θ[-1] ≥ λ_min(G), and there is an eigenvalue of G within residual[i] of theta[i]."""
+
+    theta: torch.Tensor
+    vectors: torch.Tensor
+    residual: torch.Tensor
+    iters: int
+
+
+def two_end_solve(apply_G: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor, iters: int,
+                  tol: float = 0.0) -> TwoEnds:
+    """Block LOBPCG for the largest and the smallest eigenvalues of a symmetric G at once.
+
+    V: (k, *shape), k even: a start block (warm start: the previous call's vectors). Each iteration
+    applies G once to a block of k residual directions (the first also once to V itself): the
+    Rayleigh–Ritz step on span{X, W, P} (Ritz vectors, residuals orthogonalised against them, the
+    previous step's direction) keeps the k/2 largest and the k/2 smallest Ritz pairs. Unlike power
+    iteration on G − αI, which follows only the end of largest |λ − α| and converges at the bottom
+    of a clustered spectrum at the rate of the ratio of the clustered values, this converges at both
+    ends with the square root of the relative gap. Stops early once every residual is ≤ tol·θ_max."""
     if iters < 1:
-        raise GeomCompileError(f"power iterations must be >= 1, got {iters}")
-    shape = V.shape
-    block = V.reshape(shape[0], -1)
-    for _ in range(iters):
-        Q = _orthonormal_rows(block)
-        SQ = apply_S(Q.reshape(shape)).reshape(shape[0], -1)
-        H = Q @ SQ.T
+        raise GeomCompileError(f"solver iterations must be >= 1, got {iters}")
+    shape, k = V.shape, V.shape[0]
+    half = k // 2
+    drop = 1e3 * torch.finfo(V.dtype).eps
+    G = lambda X: apply_G(X.reshape(-1, *shape[1:])).reshape(X.shape[0], -1)
+    X = _orthonormal_rows(V.reshape(k, -1))
+    GX = G(X)
+    P = GP = None
+    done = 0
+    while True:
+        H = X @ GX.T
         theta, U = torch.linalg.eigh((H + H.T) / 2)
-        order = theta.abs().argsort(descending=True)
-        theta, U = theta[order], U[:, order]
-        ritz = U.T @ Q
-        block = U.T @ SQ
-    norms = block.norm(dim=1, keepdim=True).clamp_min(torch.finfo(block.dtype).tiny)
-    return theta, ritz.reshape(shape), (block / norms).reshape(shape)
+        theta, U = theta.flip(0), _fixed_signs(U.flip(1))
+        X, GX = U.T @ X, U.T @ GX
+        W = GX - theta[:, None] * X
+        residual = W.norm(dim=1)
+        if done == iters or (tol > 0 and float(residual.max()) <= tol * float(theta[0].abs())):
+            break
+        done += 1
+        # directions: residuals and the previous step, orthogonal to X and to each other, rows unit
+        for _ in range(2):          # twice: a converged residual is tiny, one pass leaves rounding along X
+            W = W - (W @ X.T) @ X
+            W = W / W.norm(dim=1, keepdim=True).clamp_min(torch.finfo(W.dtype).tiny)
+        W, _ = _independent_rows(W, None, drop)
+        GW = G(W)
+        basis, images = [X, W], [GX, GW]
+        if P is not None:
+            # G·P is carried by recombination, not recomputed: a step shorter than ~√eps would turn its
+            # rounding error into a wrong direction once normalised, so such rows are dropped
+            keep = P.norm(dim=1) > 10 * math.sqrt(torch.finfo(P.dtype).eps)
+            P, GP = (P[keep], GP[keep]) if bool(keep.any()) else (None, None)
+        if P is not None:
+            for _ in range(2):
+                cx, cw = P @ X.T, P @ W.T
+                P, GP = P - cx @ X - cw @ W, GP - cx @ GX - cw @ GW
+                norms = P.norm(dim=1, keepdim=True).clamp_min(torch.finfo(P.dtype).tiny)
+                P, GP = P / norms, GP / norms
+            P, GP = _independent_rows(P, GP, 1e-2)
+            basis.append(P)
+            images.append(GP)
+        B, GB = torch.cat(basis), torch.cat(images)       # orthonormal rows (up to rounding)
+        H = B @ GB.T
+        theta_all, U = torch.linalg.eigh((H + H.T) / 2)
+        n = B.shape[0]
+        pick = list(range(n - 1, n - 1 - half, -1)) + list(range(half - 1, -1, -1))
+        C = _fixed_signs(U[:, pick]).T                           # (k, n): coefficients in the basis
+        X_new, GX_new = C @ B, C @ GB
+        P, GP = C[:, k:] @ B[k:], C[:, k:] @ GB[k:]               # the step taken outside the old X
+        X, GX = X_new, GX_new
+    return TwoEnds(theta, X.reshape(shape), residual, done)
 
 
 # ---- the penalty and its gradient ----------------------------------------------------------------
@@ -193,49 +262,83 @@ def penalty_grad(weight: torch.Tensor, v: torch.Tensor, sign: float, spec: ConvS
     return grad
 
 
-def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+@dataclass
+class PenaltyStep:
+    """One penalty evaluation. `value` = R = |lam|, `lam` the chosen eigenvalue of MᵀM − αI (its sign
+    says which end: + the top, − the bottom), `grad` ∇_K R in the weight's dtype, `solve` the two-end
+    Ritz pairs of MᵀM, `ambiguous` True when the two ends' |λ − α| are within their error of each
+    other (then the end with the larger certified |λ| is used and the step is counted)."""
+
+    value: torch.Tensor
+    lam: torch.Tensor
+    residual: torch.Tensor
+    grad: torch.Tensor
+    solve: TwoEnds
+    ambiguous: bool
+
+
+def choose_end(theta: torch.Tensor, residual: torch.Tensor, alpha: float, tie_tol: float) -> tuple[int, bool]:
+    """Which Ritz pair gives R = max |λ(MᵀM) − α|: index 0 (top of the spectrum) or −1 (bottom), and
+    whether the choice is ambiguous. Ritz values lie inside the spectrum, so α − θ_min and θ_max − α
+    are certified lower bounds of α − λ_min and λ_max − α when positive; each is within its residual
+    of an eigenvalue. Ambiguous: |a_top − a_bottom| ≤ r_top + r_bottom + tie_tol·max(a_top, a_bottom)."""
+    top, bottom = float(theta[0]) - alpha, float(theta[-1]) - alpha
+    a_top, a_bottom = abs(top), abs(bottom)
+    err = float(residual[0]) + float(residual[-1]) + tie_tol * max(a_top, a_bottom)
+    return (0 if a_top >= a_bottom else -1), abs(a_top - a_bottom) <= err
 
 
 def spectral_penalty_step(weight: torch.Tensor, spec: ConvSpec, alpha: float, block: torch.Tensor,
-                          iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One penalty evaluation: (R estimate, ∇_K R in weight's dtype, Ritz values θ, next block)."""
-    dtype = _compute_dtype(weight)
+                          iters: int, tol: float = 1e-6, tie_tol: float = 1e-3) -> PenaltyStep:
+    """One penalty evaluation from the start block `block` (warm start)."""
+    dtype = compute_dtype(weight.dtype)
     w = weight.detach().to(dtype)
-    theta, ritz, block = ritz_iteration(lambda X: gram_matvec(X, w, spec)[1] - alpha * X,
-                                        block.to(device=w.device, dtype=dtype), iters)
-    sign = 1.0 if float(theta[0]) >= 0 else -1.0
-    return theta[0].abs(), penalty_grad(w, ritz[0], sign, spec).to(weight.dtype), theta, block
+    solve = two_end_solve(lambda X: gram_matvec(X, w, spec)[1], block.to(device=w.device, dtype=dtype), iters, tol)
+    end, ambiguous = choose_end(solve.theta, solve.residual, alpha, tie_tol)
+    lam = solve.theta[end] - alpha
+    sign = 1.0 if float(lam) >= 0 else -1.0
+    grad = penalty_grad(w, solve.vectors[end], sign, spec).to(weight.dtype)
+    return PenaltyStep(lam.abs(), lam, solve.residual[end], grad, solve, ambiguous)
 
 
 def spectral_penalty(weight: torch.Tensor, input_size, alpha: float = 1.0, stride=1, padding=0, dilation=1,
-                     groups: int = 1, state: dict | None = None, iters: int = 2, *, padding_mode: str = "zeros",
-                     boundary: str = "module") -> tuple[torch.Tensor, torch.Tensor, dict]:
+                     groups: int = 1, state: dict | None = None, iters: int = 100, *, padding_mode: str = "zeros",
+                     boundary: str = "module", block: int = BLOCK, tol: float = 1e-6,
+                     tie_tol: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """R_α(K) = σ_max(MᵀM − αI) of the convolution with kernel `weight` on one input of `input_size`
     (nn.ConvNd arguments), matrix-free. Returns (R, ∇_K R, state); pass the state back to warm-start
-    the next call. R is the Rayleigh quotient of the current Ritz vector: a lower bound that is exact
-    once the iteration has converged. Pure: `state` is not modified."""
+    the next call. state: V (the Ritz vectors, `block` per end), theta (Ritz values of MᵀM, largest
+    first), residual (‖MᵀM x − θ x‖ of each), lam (the chosen λ of MᵀM − αI), ambiguous (bool).
+    R is a certified lower bound (a Rayleigh quotient), exact at convergence. Pure: `state` is not modified."""
     if alpha <= 0:
         raise GeomCompileError(f"alpha must be > 0, got {alpha}")
     spec = conv_spec(weight.shape, input_size, stride, padding, dilation, groups, padding_mode, boundary)
-    block = state["V"] if state else initial_block(spec, _compute_dtype(weight), weight.device)
-    if tuple(block.shape[1:]) != spec.input_shape:
-        raise GeomCompileError(f"the state's vectors have shape {tuple(block.shape[1:])}, but this convolution "
+    V = state["V"] if state else initial_block(spec, compute_dtype(weight.dtype), weight.device, block=block)
+    if tuple(V.shape[1:]) != spec.input_shape:
+        raise GeomCompileError(f"the state's vectors have shape {tuple(V.shape[1:])}, but this convolution "
                                f"acts on inputs of shape {spec.input_shape}; start again with state=None")
-    value, grad, theta, block = spectral_penalty_step(weight, spec, alpha, block, iters)
-    return value, grad, {"V": block, "theta": theta}
+    step = spectral_penalty_step(weight, spec, alpha, V, iters, tol, tie_tol)
+    return step.value, step.grad, {"V": step.solve.vectors, "theta": step.solve.theta,
+                                   "residual": step.solve.residual, "lam": step.lam, "ambiguous": step.ambiguous}
 
 
-def spectral_estimates(theta: torch.Tensor, alpha: float) -> dict[str, float]:
-    """What the Ritz values θ of MᵀM − αI say about M. Ritz values lie inside the spectrum, so
-    sigma_max = √(α + max θ) ≤ σ_max(M) and sigma_min = √(α + min θ) ≥ σ_min(M), each exact at
-    convergence for the end of the spectrum that gives R (the sign of lambda_top says which).
-    sigma_*_bound are Theorem 2.1's bounds √(α ± R), valid when R is exact. σ_min(M) here is
+def spectral_estimates(theta: torch.Tensor, residual: torch.Tensor, alpha: float) -> dict[str, float]:
+    """What the two-end Ritz pairs (θ of MᵀM, largest first, and their residuals r) say about M.
+
+    sigma_max = √θ_max ≤ σ_max(M) and sigma_min = √θ_min ≥ σ_min(M) are estimates (Rayleigh
+    quotients, exact at convergence); sigma_*_residual = r/(2σ) is the first-order error in σ of a
+    residual r in σ² (an eigenvalue of MᵀM lies within r of θ). R, lambda_top: the end of larger
+    |λ − α| and its residual. sigma_*_bound are Theorem 2.1's bounds √(α ± R). σ_min(M) here is
     √λ_min(MᵀM): 0 when M has fewer rows than columns (stride > 1, fewer output channels)."""
-    t = [float(x) for x in theta]
-    R = abs(t[0])
-    return {"R": R, "lambda_top": t[0],
-            "sigma_max": math.sqrt(max(alpha + max(t), 0.0)), "sigma_min": math.sqrt(max(alpha + min(t), 0.0)),
+    t, r = [float(x) for x in theta], [float(x) for x in residual]
+    top, bottom = t[0] - alpha, t[-1] - alpha
+    end = 0 if abs(top) >= abs(bottom) else -1
+    R = abs(t[end] - alpha)
+    s_max, s_min = math.sqrt(max(t[0], 0.0)), math.sqrt(max(t[-1], 0.0))
+    tiny = 1e-300
+    return {"R": R, "R_residual": r[end], "lambda_top": t[end] - alpha,
+            "sigma_max": s_max, "sigma_max_residual": r[0] / max(2 * s_max, tiny),
+            "sigma_min": s_min, "sigma_min_residual": r[-1] / max(2 * s_min, tiny) if s_min > 0 else math.sqrt(r[-1]),
             "sigma_max_bound": math.sqrt(alpha + R), "sigma_min_bound": math.sqrt(max(alpha - R, 0.0))}
 
 
@@ -270,9 +373,15 @@ class Spectral(Geometry):
                              check=_input_size_check),
         "boundary": Option(str, "module", "module (the conv's own padding) or circular (periodic)",
                            choices=("module", "circular")),
-        "power_iters": Option(int, 2, "power iterations per step, warm-started", check=positive),
-        "init_iters": Option(int, 10, "power iterations at the first step (nothing to warm-start from)",
+        "power_iters": Option(int, 1, "solver iterations per step, warm-started (each applies MᵀM once to "
+                                      "2·block vectors; the first of a step twice)", check=positive),
+        "init_iters": Option(int, 100, "solver iterations at most at the first step (nothing to warm-start from)",
                              check=positive),
+        "block": Option(int, BLOCK, "Ritz vectors kept at each end of the spectrum", check=positive),
+        "tol": Option(float, 1.0e-6, "stop a step's iterations once every residual is <= tol·σ_max² (0: never)",
+                      check=non_negative),
+        "tie_tol": Option(float, 1.0e-3, "the ends' |λ − α| closer than their residuals plus tie_tol·R count "
+                                         "as an ambiguous step", check=non_negative),
         "every": Option(int, 1, "apply the penalty every k optimizer steps", check=positive),
     }
 
@@ -335,11 +444,14 @@ class Spectral(Geometry):
         return [f"spectral {facts.name}: operator on inputs of size {'x'.join(map(str, size))} ({how})"]
 
     def init_state(self, unit: Unit, ctx: StepContext) -> dict:
-        weight = ctx.params[unit.single(self.name).name]
+        facts = unit.single(self.name)
+        weight = ctx.params[facts.name]
         seed = zlib.crc32(unit.key.encode())       # reproducible per layer, global RNG untouched
-        block = initial_block(self.spec(unit.single(self.name)), _compute_dtype(weight), weight.device, seed)
-        # calls: optimizer steps this unit took part in (for `every`); steps: penalty evaluations.
-        return {"V": block, "theta": torch.zeros(BLOCK, dtype=block.dtype), "steps": 0, "calls": 0}
+        block = initial_block(self.spec(facts), compute_dtype(weight.dtype), weight.device, seed, self.opts["block"])
+        zeros = torch.zeros(block.shape[0], dtype=block.dtype)
+        # calls: optimizer steps this unit took part in (for `every`); steps: penalty evaluations;
+        # ambiguous: steps whose two ends were within their error of each other.
+        return {"V": block, "theta": zeros, "residual": zeros.clone(), "steps": 0, "calls": 0, "ambiguous": 0}
 
     def pre_step(self, unit: Unit, grads, state, ctx: StepContext) -> None:
         facts, (grad,) = unit.single(self.name), grads
@@ -350,13 +462,15 @@ class Spectral(Geometry):
         if calls % self.opts["every"]:
             return
         iters = self.opts["power_iters"] if state["steps"] else max(self.opts["init_iters"], self.opts["power_iters"])
-        _, penalty, theta, block = spectral_penalty_step(ctx.params[facts.name].detach(), self.spec(facts),
-                                                         self.opts["alpha"], state["V"], iters)
-        state.update(V=block, theta=theta, steps=state["steps"] + 1)
+        step = spectral_penalty_step(ctx.params[facts.name].detach(), self.spec(facts), self.opts["alpha"],
+                                     state["V"], iters, self.opts["tol"], self.opts["tie_tol"])
+        state.update(V=step.solve.vectors, theta=step.solve.theta, residual=step.solve.residual,
+                     steps=state["steps"] + 1, ambiguous=state.get("ambiguous", 0) + int(step.ambiguous))
         if self.opts["coef"]:
-            grad.add_(penalty.to(grad.dtype), alpha=self.opts["coef"])
+            grad.add_(step.grad.to(grad.dtype), alpha=self.opts["coef"])
 
     def diagnostics(self, unit: Unit, state) -> dict[str, float]:
         if not state.get("steps"):
             return {}
-        return {**spectral_estimates(state["theta"], self.opts["alpha"]), "steps": float(state["steps"])}
+        return {**spectral_estimates(state["theta"], state["residual"], self.opts["alpha"]),
+                "steps": float(state["steps"]), "ambiguous_steps": float(state.get("ambiguous", 0))}

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..analysis.facts import Absorber, ParamFacts
 from ..errors import GeomCompileError
+from ..geometries.base import compute_dtype
 
 
 def rescale_problem(facts: ParamFacts) -> str | None:
@@ -47,7 +48,7 @@ def rescaled_running_stats(mean: torch.Tensor, var: torch.Tensor, factors: torch
     mean' = mean + (c − 1)·(mean − b), var' = c²·var, exact where c == 1. Computed in float32
     (float64 for float64 buffers); returned in the buffers' dtypes.
     """
-    dtype = torch.float64 if mean.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(mean.dtype)
     c = factors.to(device=mean.device, dtype=dtype)
     m = mean.to(dtype)
     centred = m if bias is None else m - bias.detach().to(device=mean.device, dtype=dtype)

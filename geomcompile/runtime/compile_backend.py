@@ -112,11 +112,6 @@ def _check_function(program: Program, geometry: Geometry, layouts: tuple) -> Cal
     return _fresh_code(needs_retraction)
 
 
-def clear_cache() -> None:
-    """Forget every compiled function (torch's own caches are left as they are)."""
-    _CACHE.clear()
-
-
 # ---- the backend ---------------------------------------------------------------------------------
 @dataclass
 class _Slot:

@@ -24,13 +24,13 @@ At each step, per stage (penalty → metric → manifold):
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections import Counter, defaultdict
 from typing import Callable
 
 import torch
 
 from ..errors import GeomCompileError
+from ..names import short_list
 from ..geometries.base import STAGES, StepContext
 from .fastpath import Backend, WorkItem, eager_post_step, fast_path, stage_items, stage_items_with_grads
 from .buckets import KERNEL_DTYPES, BucketKey, Entry, bucketize, fused_kind, update_of
@@ -73,10 +73,15 @@ def triton_problem(params: list[torch.Tensor]) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+_SELF_TEST_PASSED: set[str] = set()
+
+
 def self_test(device: str) -> str | None:
     """Run the psi kernel once on `device` against the eager reference; None when it works.
-    Deterministic inputs: the global RNG is not touched."""
+    Deterministic inputs: the global RNG is not touched. Only a pass is remembered for the process:
+    a failure (e.g. a transient CUDA error) is tried again at the next install."""
+    if device in _SELF_TEST_PASSED:
+        return None
     from ..geometries.psi import psi_grad
     try:
         w = torch.linspace(-1.0, 1.0, 15, device=device).reshape(3, 5)
@@ -87,6 +92,7 @@ def self_test(device: str) -> str | None:
             return "its result differs from the eager reference"
     except Exception as e:
         return f"{type(e).__name__}: {e}"
+    _SELF_TEST_PASSED.add(device)
     return None
 
 
@@ -133,7 +139,11 @@ def _scalar_dtype() -> torch.dtype:
         return torch.float32
 
 
-_STATE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq")}
+def _state_keys(kind: str) -> tuple[str, ...]:
+    """The optimizer state a fused kernel of `kind` ("sgd" with momentum, "adam") reads and writes,
+    as the update classes of kernels/optim_updates define it."""
+    from ..kernels.optim_updates import AdamUpdate, SGDUpdate
+    return (SGDUpdate(lr=0.0, momentum=1.0) if kind == "sgd" else AdamUpdate(lr=0.0)).state_keys
 
 
 class TritonBackend(Backend):
@@ -186,7 +196,7 @@ class TritonBackend(Backend):
         if kind is None:
             return None, why
         state = ctx.optimizer.state.get(p, {})
-        for key in _STATE_KEYS[kind]:
+        for key in _state_keys(kind):
             buf = state.get(key)
             if buf is not None and not (isinstance(buf, torch.Tensor) and buf.shape == p.shape
                                         and buf.dtype == p.dtype and buf.device == p.device):
@@ -218,10 +228,10 @@ class TritonBackend(Backend):
         lines = [f"backend triton: {n} parameter(s) fused: geometry, {opt} update and retraction in one "
                  f"kernel launch per bucket" for opt, n in fused.items()]
         lines += [f"backend triton: gradient-transform kernels only, then the base optimizer's own step, for "
-                  f"{_names(names)}: {why}" for why, names in transform.items()]
+                  f"{short_list(names, 4)}: {why}" for why, names in transform.items()]
         lines += [f"backend triton: {g} has no Triton kernel; its eager program runs for {n} unit(s)"
                   for g, n in no_kernel.items()]
-        lines += [f"backend triton: eager program for {_names(names)}: {why}" for why, names in eager.items()]
+        lines += [f"backend triton: eager program for {short_list(names, 4)}: {why}" for why, names in eager.items()]
         return lines
 
     # -- pre-step: gradient transforms and fused updates -----------------------------------------
@@ -255,7 +265,7 @@ class TritonBackend(Backend):
         state = ctx.optimizer.state.get(p, {})
         if kind:
             return not [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == p.shape
-                        and k not in _STATE_KEYS[kind]]
+                        and k not in _state_keys(kind)]
         found = _retract_state(state, p)
         return found is not None and all(k in geometry.state_powers for k in found[0])
 
@@ -360,6 +370,3 @@ def _retract_state(state: dict, p: torch.Tensor):
     return keys, [state[k] for k in keys]
 
 
-def _names(names: list[str], n: int = 4) -> str:
-    shown = ", ".join(names[:n])
-    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
