@@ -38,6 +38,18 @@ def _raw_grads(model, batches):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_one_sobolev_step(model, reference, opt, name, lr):
+    """One step through `opt` moves `name` by exactly -lr * sobolev(raw gradient, 0.5)."""
+    batch = _data(1)[0]
+    raw = _raw_grads(reference, [batch])
+    before = model.get_parameter(name).detach().clone()
+    opt.zero_grad()
+    _loss(model, batch).backward()
+    opt.step()
+    torch.testing.assert_close(model.get_parameter(name).detach(), before - lr * sobolev(raw[name], 0.5),
+                               rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["compile"])
 def test_closure_step_transforms_the_closures_gradients_once(backend):
     torch.manual_seed(0)
@@ -138,14 +150,7 @@ def test_add_param_group_after_install_gets_the_policy():
     with pytest.warns(gc.GeomCompileWarning, match="add_param_group later gives them"):
         plan = gc.apply(model, SOBOLEV, opt, example_inputs=_inputs())
     opt.add_param_group({"params": [model.conv2.weight], "lr": 0.05})
-    batch = _data(1)[0]
-    raw = _raw_grads(reference, [batch])
-    before = model.conv2.weight.detach().clone()
-    opt.zero_grad()
-    _loss(model, batch).backward()
-    opt.step()
-    torch.testing.assert_close(model.conv2.weight.detach(), before - 0.05 * sobolev(raw["conv2.weight"], 0.5),
-                               rtol=1e-5, atol=1e-6)
+    _assert_one_sobolev_step(model, reference, opt, "conv2.weight", lr=0.05)
     assert any("add_param_group: 1 new parameter(s) got their geometries: conv2.weight" in n for n in plan.notes)
 
 
@@ -403,14 +408,7 @@ def test_framework_optimizer_wrappers_install_on_the_optimizer_they_wrap(wrap):
         wrapped.step = base.step
     plan = gc.apply(model, SOBOLEV, wrapped, example_inputs=_inputs())
     assert any("hooks on the SGD it wraps" in n for n in plan.notes)
-    batch = _data(1)[0]
-    raw = _raw_grads(reference, [batch])
-    before = model.conv1.weight.detach().clone()
-    wrapped.zero_grad()
-    _loss(model, batch).backward()
-    wrapped.step()
-    torch.testing.assert_close(model.conv1.weight.detach(), before - 0.1 * sobolev(raw["conv1.weight"], 0.5),
-                               rtol=1e-5, atol=1e-6)
+    _assert_one_sobolev_step(model, reference, wrapped, "conv1.weight", lr=0.1)
 
 
 @pytest.mark.parametrize("backend", ["eager", "compile"])
