@@ -21,7 +21,7 @@ from .policy import Policy, load_policy
 from .version import __version__
 from .runtime.backends import select_backend
 from .runtime.fastpath import WorkItem
-from .runtime.hooks import Installation
+from .runtime.hooks import Installation, groups_by_name
 from .runtime.state import PlanState, make_fingerprint
 from .runtime.wrappers import unwrap_optimizer
 from .names import canonical_named_parameters, unwrap_model
@@ -90,7 +90,7 @@ class Plan:
         if state_mismatch not in ("error", "reset", "load"):
             raise GeomCompileError(f"state_mismatch must be 'error', 'reset' or 'load', got {state_mismatch!r}")
         owner, wrappers = unwrap_optimizer(optimizer)
-        group_of = self._group_of(owner)
+        group_of = groups_by_name(owner, self.params)
         missing = [n for n in self.params if n not in group_of]
         install_warnings = []
         if missing:
@@ -111,12 +111,13 @@ class Plan:
             install_warnings += [self._in_rule(w, item.geometry) for w in item.geometry.warnings(item.unit, ctx)]
         notes = notes + _slow_eager_notes(chosen.name, items, self.params)
         name_of = {id(p): n for n, p in self.params.items()}
-        state = PlanState(make_fingerprint(__version__, self.policy.describe(), self.assignments))
+        state = PlanState(make_fingerprint(__version__, self.assignments))
         installation = Installation(owner, wrappers, items, chosen, ctx, state, name_of, state_mismatch,
                                     on_new_params=self._items_for_new_params, clip_grad_norm=clip_grad_norm)
         installation.install()
-        installation.report[:0] = notes + [f"optimizer {type(optimizer).__name__}: hooks on the "
-                                           f"{type(owner).__name__} it wraps" for _ in wrappers[:1]]
+        if wrappers:
+            notes = notes + [f"optimizer {type(optimizer).__name__}: hooks on the {type(owner).__name__} it wraps"]
+        installation.report[:0] = notes
         installation.warnings = list(dict.fromkeys(install_warnings))     # one line per cause
         self.backend_name = chosen.name
         self._installation = installation
@@ -133,10 +134,6 @@ class Plan:
         rule = self.rule_of.get((warning.name, geometry.stage), "?")
         return Finding(f"rule {rule!r}: {warning}", name=warning.name, key=(rule,) + warning.key,
                        head=f"rule {rule!r}: {warning.head}", tail=warning.tail)
-
-    def _group_of(self, optimizer) -> dict[str, dict]:
-        in_optimizer = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        return {name: in_optimizer[id(p)] for name, p in self.params.items() if id(p) in in_optimizer}
 
     def _items_for_new_params(self, new_ids: set[int]) -> list[WorkItem]:
         """Work items for parameters that add_param_group brought in after install (policy re-applied)."""

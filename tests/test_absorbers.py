@@ -261,8 +261,9 @@ def _with_running_stats(structure, names) -> bool:
     return any(a.running_stats for n in names for a in structure[n].absorbers)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_eval_output_unchanged_after_rescale(case):
+def _eval_change(case, rescale: bool):
+    """Warm the case's model up, scale its weights' units (matching the running statistics or not),
+    and return (structure, the weights scaled, the relative change of the eval-mode output)."""
     entry, options = CASES[case]
     model = _warmed_up(entry, **options)
     structure = gc.analyze(model, example_inputs=entry.example_inputs)
@@ -270,10 +271,15 @@ def test_eval_output_unchanged_after_rescale(case):
     model.eval()
     with torch.no_grad():
         ref = model(*eval_inputs)
-        scaled = _rescale_weights(model, structure, rescale=True)
+        scaled = _rescale_weights(model, structure, rescale=rescale)
         out = model(*eval_inputs)
+    return structure, scaled, _relative_change(ref, out)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_eval_output_unchanged_after_rescale(case):
+    _, scaled, change = _eval_change(case, rescale=True)
     assert scaled, f"{case}: no weight with known absorbers"
-    change = _relative_change(ref, out)
     assert change <= RTOL, f"{case}: eval output moved by {change:.3g} (relative) after rescaling {scaled}"
 
 
@@ -285,17 +291,8 @@ NEGATIVE = ["small_resnet", "densenet_block", "conv_bias_bn", "conv_bias_maxpool
 @pytest.mark.parametrize("case", NEGATIVE)
 def test_without_the_rescale_the_eval_output_moves(case):
     """Negative control: the same scaling without matching the running statistics changes the output."""
-    entry, options = CASES[case]
-    model = _warmed_up(entry, **options)
-    structure = gc.analyze(model, example_inputs=entry.example_inputs)
-    eval_inputs = _inputs(entry, seed=99)
-    model.eval()
-    with torch.no_grad():
-        ref = model(*eval_inputs)
-        scaled = _rescale_weights(model, structure, rescale=False)
-        out = model(*eval_inputs)
+    structure, scaled, change = _eval_change(case, rescale=False)
     assert _with_running_stats(structure, scaled), case
-    change = _relative_change(ref, out)
     assert change > 1e-2, f"{case}: eval output moved by only {change:.3g} without the rescale"
 
 

@@ -143,8 +143,7 @@ class Installation:
                 a is b for a, b in zip(self._group_dicts, groups)) and len(self._group_dicts) == len(groups):
             return
         self._groups_seen, self._group_dicts = groups, list(groups)
-        in_optimizer = {id(p): g for g in groups for p in g["params"]}
-        self.ctx.group_of = {n: in_optimizer[id(p)] for n, p in self.ctx.params.items() if id(p) in in_optimizer}
+        self.ctx.group_of = groups_by_name(self.optimizer, self.ctx.params)
 
     def _rescale_observed(self, name: str) -> bool:
         """Whether anything outside the optimizer's state follows a rescale of this parameter."""
@@ -230,6 +229,12 @@ class Installation:
             h.remove()
         self.handles, self.ctx.handles = [], []
         self.callbacks.clear()
+
+
+def groups_by_name(optimizer: torch.optim.Optimizer, params: dict) -> dict[str, dict]:
+    """Parameter name -> the param group (dict) that holds it now; names not in the optimizer are left out."""
+    in_optimizer = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    return {name: in_optimizer[id(p)] for name, p in params.items() if id(p) in in_optimizer}
 
 
 class _CachedClosure:

@@ -27,7 +27,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -41,7 +41,6 @@ class Fingerprint:
     """What made the state: geomcompile's version, the resolved policy, the per-parameter assignments."""
 
     version: str
-    policy_digest: str
     assignments: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]   # (canonical name, ((stage, label), ...))
 
     @property
@@ -54,10 +53,10 @@ class Fingerprint:
         return dict(dict(self.assignments).get(name, ()))
 
 
-def make_fingerprint(version: str, policy_text: str, assignments: dict[str, dict[str, Any]]) -> Fingerprint:
+def make_fingerprint(version: str, assignments: dict[str, dict[str, Any]]) -> Fingerprint:
     rows = tuple(sorted((name, tuple(sorted((stage, g.label()) for stage, g in stages.items())))
                         for name, stages in assignments.items() if stages))
-    return Fingerprint(version, hashlib.sha256(policy_text.encode()).hexdigest()[:16], rows)
+    return Fingerprint(version, rows)
 
 
 class PlanState:
@@ -67,7 +66,6 @@ class PlanState:
         self.fingerprint = fingerprint
         self.units: dict[str, dict[str, dict]] = {}
         self.anchor: dict[str, str] = {}           # unit key -> canonical name of the parameter carrying it
-        self.loaded_from_checkpoint = False
         # Optimizer steps the geometries took (skipped ones not counted). A tensor, so that a compiled
         # optimizer.step adds to it in place instead of guarding on (and recompiling for) a Python int.
         self.steps = torch.zeros((), dtype=torch.int64)
@@ -139,7 +137,6 @@ class PlanState:
                     live = self.units.get(key, {}).get(geometry_name)
                     if live is not None:
                         _copy_into(live, saved)
-        self.loaded_from_checkpoint = True
         return report
 
 
@@ -216,7 +213,3 @@ def stray_entries(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, dict]:
     """Our entries that reached optimizer.state directly (a load before install, or a wrapper such as
     ZeroRedundancyOptimizer that writes the inner optimizer's state itself)."""
     return {p: s[ENTRY_KEY] for p, s in optimizer.state.items() if isinstance(s, dict) and ENTRY_KEY in s}
-
-
-def names_in(entries: Iterable[dict]) -> list[str]:
-    return [e.get("name", "?") for e in entries]
