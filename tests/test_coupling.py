@@ -199,3 +199,36 @@ def test_rescaling_across_a_refused_link_changes_the_output(entry):
     with torch.no_grad():
         _scale_link(dict(model.named_parameters()), w, nxt, s[w].g_bias, None, torch.Generator().manual_seed(0))
     assert _rel_change(before, _output(model, inputs)) > 1e-3
+
+
+# ---- the report: plan.summary() and `geomcompile plan --chains` ------------------------------
+def test_summary_lists_chains_and_groups_the_reasons():
+    entry = ENTRIES["residual_toy"]
+    plan = gc.plan(entry.build(), "plain", example_inputs=entry.make_inputs())
+    assert "G-chains" not in plan.summary()                 # no rule uses gspace: not shown unless asked
+    text = plan.summary(chains=True)
+    assert "G-chains: 1 (" in text
+    assert "\n  conv1 → conv2 (taps 9, 9); ends: `conv2` → `add`: residual add; the chain ends here\n" in text
+    assert "  stem.weight: `stem` → `relu`: output used by 2 ops (`conv1`, `add`); the chain ends here" in text
+    assert "  fc.weight: `fc` → output: model output" in text
+    plan = gc.plan(ResNet50Style(), "resnet", example_inputs=images(2, 3, 16)())
+    lines = plan.summary(chains=True).splitlines()
+    assert "G-chains: none (analysis/coupling.py; gspace trains each as one unit)" in lines
+    assert "not coupled: 54 conv/linear weight(s)" in lines
+    grouped = [line for line in lines if "a normalisation absorbs" in line]
+    assert grouped == ["  53 parameters (conv1.weight, layer1.0.conv1.weight, layer1.0.conv2.weight and 50 more): "
+                       "a normalisation absorbs the unit's incoming scale, so in×c/out×1/c is not a symmetry; "
+                       "psi applies to this weight"]
+
+
+def test_cli_plan_chains(capsys):
+    from geomcompile.cli import main
+    assert main(["plan", "tests.models:GTinyCNN", "plain", "--input-shape", "2,1,6,6", "--chains"]) == 0
+    out = capsys.readouterr().out
+    assert "  conv1 → conv2 → fc (taps 9, 9, 4; flatten block (4, 4))" in out.splitlines()
+    assert "not coupled" not in out                          # every conv / linear weight is in the chain
+    assert main(["plan", "tests.models:GTinyCNN", "plain", "--chains"]) == 0   # no shapes: the flatten refuses
+    out = capsys.readouterr().out
+    assert "  conv1 → conv2 (taps 9, 9); ends: `conv2` → `flatten`: flatten needs example_inputs (the block " \
+           "of features per channel comes from shapes)" in out.splitlines()
+    assert "fc.weight: `fc` → output: model output" in out
