@@ -31,7 +31,7 @@ def chains(structure) -> list[list[str]]:
 
 def analyse(entry: GEntry):
     model = entry.build()
-    return model, analyze(model, entry.make_inputs() if entry.make_inputs else None)
+    return model, analyze(model, entry.analysis_inputs())
 
 
 # ---- facts on the design's nets -------------------------------------------------------------
@@ -157,18 +157,23 @@ def _scale_link(params, w: str, nxt: str, bias: str | None, block, gen) -> None:
 
 
 def _precision_cases():
-    cases = [(e.name, e.build, e.make_inputs) for e in ZOO]
-    cases += [(e.name, e.build, e.make_inputs or g_tiny_cnn_inputs) for e in G_ENTRIES]
-    cases += [(f.__name__, f, images(2, 3, 16)) for f in (ResNet50Style, DenseNetStyle, FullyConvNet)]
+    """(name, factory, inputs, analysed with the inputs) for every model of tests/models.py."""
+    cases = [(e.name, e.build, e.make_inputs, True) for e in ZOO]
+    cases += [(e.name, e.build, e.make_inputs, e.shapes) for e in G_ENTRIES]
+    cases += [(f.__name__, f, images(2, 3, 16), True) for f in (ResNet50Style, DenseNetStyle, FullyConvNet)]
     return cases
 
 
-@pytest.mark.parametrize("name, build, make_inputs", _precision_cases(), ids=lambda c: c if isinstance(c, str) else "")
-def test_claimed_links_survive_random_rescaling(name, build, make_inputs):
+def _case_id(value):
+    return value if isinstance(value, str) else "-"
+
+
+@pytest.mark.parametrize("name, build, make_inputs, shapes", _precision_cases(), ids=_case_id)
+def test_claimed_links_survive_random_rescaling(name, build, make_inputs, shapes):
     torch.manual_seed(0)
     model = build().double().train()
     inputs = _double(make_inputs())
-    s = analyze(model, inputs)
+    s = analyze(model, inputs if shapes else None)
     links = [(n, f.g_next, f.g_bias, s[f.g_next].g_block) for n, f in s.items() if f.g_next is not None]
     for n, f in s.items():           # no link across a normalisation
         if f.g_next is not None or f.g_prev is not None:
@@ -232,3 +237,29 @@ def test_cli_plan_chains(capsys):
     assert "  conv1 → conv2 (taps 9, 9); ends: `conv2` → `flatten`: flatten needs example_inputs (the block " \
            "of features per channel comes from shapes)" in out.splitlines()
     assert "fc.weight: `fc` → output: model output" in out
+
+
+@pytest.mark.parametrize("name, build, make_inputs, shapes", _precision_cases(), ids=_case_id)
+def test_facts_are_consistent(name, build, make_inputs, shapes):
+    """On every model: links are mutual, a weight with no next layer says why (and only then), the
+    edge tensor W.reshape(out, in, T) exists with the widths of the link, biases point back."""
+    s = analyze(build(), make_inputs() if shapes else None)
+    if name == "data_dependent_mlp":
+        assert s.capture_path == "run"
+    for n, f in s.items():
+        if f.kind in ("conv", "linear", "conv_transpose", "embedding", "other"):
+            assert (f.g_next is None) == bool(f.g_reason), (n, f.g_reason)
+        if f.kind == "conv_transpose":
+            assert f.g_reason.startswith("conv_transpose")
+        if f.g_next is not None:
+            nxt = s[f.g_next]
+            assert nxt.g_prev == n
+            c, taps = (nxt.g_block[0], nxt.g_taps) if nxt.g_block else (nxt.shape[1], nxt.g_taps)
+            assert c == f.shape[0] and c * taps * nxt.shape[0] == nxt.numel, (n, f.g_next)
+        if f.g_taps is not None:
+            assert 0 <= f.g_centre < f.g_taps
+        if f.g_weight is not None:
+            w = s[f.g_weight]
+            assert w.g_bias == n and (w.g_next or w.g_prev)
+        elif f.kind == "bias":
+            assert not any(w.g_bias == n and (w.g_next or w.g_prev) for w in s.values())
