@@ -263,3 +263,13 @@ def test_facts_are_consistent(name, build, make_inputs, shapes):
             assert w.g_bias == n and (w.g_next or w.g_prev)
         elif f.kind == "bias":
             assert not any(w.g_bias == n and (w.g_next or w.g_prev) for w in s.values())
+
+
+def test_summary_shows_chains_by_default_when_a_rule_uses_gspace():
+    from geomcompile.geometries import REGISTRY
+    if "gspace" not in REGISTRY:
+        pytest.skip("the gspace geometry (issue 10, part B) is not in this build")
+    yaml = "version: 1\nrules:\n  - name: gsgd\n    match: {g_coupled: true}\n    use: {gspace: {skeleton_init: keep}}\n"
+    plan = gc.plan(GTinyCNN(), yaml, example_inputs=g_tiny_cnn_inputs())
+    assert "  conv1 → conv2 → fc (taps 9, 9, 4; flatten block (4, 4))" in plan.summary().splitlines()
+    assert "G-chains" not in plan.summary(chains=False)
