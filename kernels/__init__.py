@@ -5,7 +5,9 @@ One file per kernel family, each with a small Python launcher. Kernels know noth
 * ``channel_directed``: re-weighted H0 and Sobolev metrics, alone or fused with SGD / Adam
 * ``psi``: PSI gradient, alone or fused with SGD / Adam and the renormalisation; renormalisation alone
 * ``optim_updates``: torch.optim's SGD and Adam element updates as @triton.jit helpers
-* ``tables``: the device tables (pointers, shapes, strides) that let one launch serve a bucket
+* ``tables``: the device tables (pointers, shapes, strides) that let one launch serve a bucket's size class
+* ``report``: ``python -m geomcompile.kernels.report --target sm_90``: registers, spills, wide loads and
+  64-bit divisions of every kernel configuration, compiled without a GPU
 
 Importing a kernel module runs @triton.jit, which picks the Triton interpreter if TRITON_INTERPRET=1
 is set *at that moment*; this package imports nothing, so set the variable before the first import.

@@ -35,6 +35,7 @@ the base optimizer reads and writes everything again.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Hashable, Sequence
 
 import torch
@@ -42,8 +43,8 @@ import triton
 import triton.language as tl
 
 from .optim_updates import NONE, base_update, kernel_args, tl_dtype
-from .tables import (FIXED_FIELDS, Operand, Staged, TableCache, bucket_dtype, device_guard, next_power_of_2,
-                     prepare)
+from .tables import (FIXED_FIELDS, Operand, Staged, TableCache, bucket_dtype, device_guard, launches,
+                     vector_width, warps_for)
 
 METRICS = ("h0", "sobolev")
 
@@ -67,11 +68,18 @@ def _metric_rows(f, o, S0, S1, S2, C0, C1, Of, lam, sob_c, sob_den, mix,
 
 
 @triton.jit
-def _role_columns(row, ROLE: tl.constexpr, DT: tl.constexpr, a, b):
-    """Pointers to row 0 of the columns (a, b) of role ROLE, and the role's row stride."""
+def _role_columns(row, ROLE: tl.constexpr, DT: tl.constexpr, cols, a, b, B, DENSE: tl.constexpr):
+    """Pointers to row 0 of this program's columns of role ROLE, and the role's row stride.
+    DENSE: row o is the contiguous block [o·B, (o+1)·B) of the memory, columns are offsets in it."""
     field = row + FIXED_FIELDS + 4 * ROLE
     ptr = tl.load(field).to(tl.pointer_type(DT))
-    return ptr + a * tl.load(field + 1) + b * tl.load(field + 3), tl.load(field + 2)
+    if DENSE:
+        col = tl.multiple_of(ptr, 16) + cols
+        so = B
+    else:
+        col = ptr + a * tl.load(field + 1) + b * tl.load(field + 3)
+        so = tl.load(field + 2)
+    return col, so
 
 
 @triton.jit
@@ -110,36 +118,44 @@ def _channel_directed_kernel(
         NF: tl.constexpr, DT: tl.constexpr, SOBOLEV: tl.constexpr, HAS_MIX: tl.constexpr,
         UPDATE: tl.constexpr, N_STATE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
         DECOUPLED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-        ONE_TILE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
+        DENSE: tl.constexpr, VEC: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_O: tl.constexpr,
+        BLOCK_R: tl.constexpr):
     """One program: BLOCK_R columns of one tensor of the bucket, all of its O rows.
-    Roles: 0 grad, 1 weight, 2 and 3 optimizer state."""
+    Roles: 0 grad, 1 weight, 2 and 3 optimizer state. Indices are int32 (the launcher takes
+    tensors of fewer than 2^31 elements); the only divisions are one per column, strided path only."""
     pid = tl.program_id(0)
-    t = tl.load(prog + 2 * pid).to(tl.int64)
-    tile = tl.load(prog + 2 * pid + 1).to(tl.int64)
-    row = tab + t * NF
-    A = tl.load(row)
-    O = tl.load(row + 1)
-    B = tl.load(row + 2)
+    t = tl.load(prog + 2 * pid)
+    tile = tl.load(prog + 2 * pid + 1)
+    row = tab + t.to(tl.int64) * NF
+    A = tl.load(row).to(tl.int32)
+    O = tl.load(row + 1).to(tl.int32)
+    B = tl.load(row + 2).to(tl.int32)
+    if DENSE:
+        B = tl.multiple_of(B, VEC)            # rows start on 16-byte boundaries (checked by the launcher)
     first = tl.load(row + 4) != 0
-    cols = tile * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    cols = tile * BLOCK_R + tl.arange(0, BLOCK_R)
     cmask = cols < A * B
-    a = (cols // B)[None, :]
-    b = (cols - (cols // B) * B)[None, :]
-    g_col, g_so = _role_columns(row, 0, DT, a, b)
+    a = cols // B                             # strided path only (A = 1 when dense)
+    b = cols - a * B
+    g_col, g_so = _role_columns(row, 0, DT, cols, a, b, B, DENSE)
     w_col, w_so = g_col, g_so                     # placeholders for absent roles, never used
     s1_col, s1_so = g_col, g_so
     s2_col, s2_so = g_col, g_so
     if UPDATE != 0:
-        w_col, w_so = _role_columns(row, 1, DT, a, b)
+        w_col, w_so = _role_columns(row, 1, DT, cols, a, b, B, DENSE)
     if N_STATE >= 1:
-        s1_col, s1_so = _role_columns(row, 2, DT, a, b)
+        s1_col, s1_so = _role_columns(row, 2, DT, cols, a, b, B, DENSE)
     if N_STATE >= 2:
-        s2_col, s2_so = _role_columns(row, 3, DT, a, b)
+        s2_col, s2_so = _role_columns(row, 3, DT, cols, a, b, B, DENSE)
+    g_col = g_col[None, :]
+    w_col = w_col[None, :]
+    s1_col = s1_col[None, :]
+    s2_col = s2_col[None, :]
     Of = O.to(tl.float32)
     Od = O.to(tl.float64)
     sob_c = ((1.0 - 1.0 / (Od * Od)) / 6.0).to(tl.float32)   # eager: Python double, then fp32
     sob_den = (2.0 * Od * lam).to(tl.float32)                # fp64 product, as eager
-    rows = tl.arange(0, BLOCK_O).to(tl.int64)
+    rows = tl.arange(0, BLOCK_O)
     if ONE_TILE:
         r = rows[:, None]
         mask = (r < O) & cmask[None, :]
@@ -188,14 +204,45 @@ def _channel_directed_kernel(
                         DT, UPDATE, N_STATE, MAXIMIZE, HAS_WD, DECOUPLED, HAS_MOMENTUM, NESTEROV)
 
 
-def _blocks(max_o: int, n_roles: int, block_o: int | None, block_r: int | None) -> tuple[bool, int, int]:
-    """(ONE_TILE, BLOCK_O, BLOCK_R): whole columns in one tile when O ≤ 64, else 32-row chunks."""
+# ---- schedule: size classes ---------------------------------------------------------------------
+# A tensor's class depends on its own O and layout only. One tile holds all O rows when O <= 64
+# (BLOCK_O the next class size, BLOCK_R = TILE / BLOCK_O columns); larger O runs two passes over
+# chunks of TWO_PASS_ROWS rows by TWO_PASS_COLUMNS columns (the two passes also carry five column
+# statistics, hence the smaller tile). Warps: ``tables.warps_for`` (two 128-bit vectors per thread
+# and array on the aligned path), four elements per thread in two-pass mode. kernels/report.py checks every class:
+# <= 128 registers, no spills.
+O_CLASSES = (4, 16, 32, 64)
+TILE = 2048
+TWO_PASS_ROWS = 16
+TWO_PASS_COLUMNS = 64
+
+
+@dataclass(frozen=True)
+class Schedule:
+    dense: bool          # the contiguous, 16-byte aligned path
+    one_tile: bool
+    block_o: int
+    block_r: int
+    num_warps: int
+
+    @property
+    def words(self) -> str:
+        return (f"{'aligned' if self.dense else 'strided'}, "
+                f"{f'one tile O<={self.block_o}' if self.one_tile else f'two passes of {self.block_o} rows'}")
+
+
+def schedule_of(o: int, dense: bool, vec: int, block_o: int | None = None, block_r: int | None = None) -> Schedule:
+    """The size class of a tensor with O rows (block sizes forced by tests only)."""
     if block_o is None:
-        block_o = next_power_of_2(max_o) if max_o <= 64 else 32
+        block_o = next((c for c in O_CLASSES if o <= c), TWO_PASS_ROWS)
+    one_tile = o <= block_o
     if block_r is None:
-        budget = 8192 if n_roles <= 2 else 4096      # fp32 elements per tile and tensor
-        block_r = max(16, min(256, budget // block_o))
-    return max_o <= block_o, block_o, block_r
+        block_r = TILE // block_o if one_tile else TWO_PASS_COLUMNS
+    tile = block_o * block_r
+    # two passes: 4 elements per thread and array (a 128-bit vector for fp32, 64 bits for 16-bit
+    # dtypes: 8 bf16 elements per thread with the five column statistics exceed 128 registers)
+    warps = warps_for(tile, dense, vec) if one_tile else max(4, min(16, tile // (32 * 4)))
+    return Schedule(dense, one_tile, block_o, block_r, warps)
 
 
 def channel_directed(grads: Sequence[torch.Tensor], dims: Sequence[int], metric: str, lam: float,
@@ -203,13 +250,14 @@ def channel_directed(grads: Sequence[torch.Tensor], dims: Sequence[int], metric:
                      states: Sequence[Sequence[torch.Tensor]] | None = None, first: Sequence[bool] | None = None,
                      update=None, cache: TableCache | None = None, slot: Hashable = None,
                      block_o: int | None = None, block_r: int | None = None) -> None:
-    """Apply the channel-directed metric to a bucket of gradients in one launch.
+    """Apply the channel-directed metric to a bucket of gradients, one launch per size class.
 
     update None: ``grads[i]`` is overwritten with ``sobolev`` / ``reweighted_h0`` of itself along
     ``dims[i]``. update an ``SGDUpdate`` / ``AdamUpdate``: the metric's result feeds the base update,
     ``weights[i]`` and ``states[i]`` (momentum_buffer, or exp_avg and exp_avg_sq) are updated in
     place and ``grads`` are left as they are; ``first[i]`` marks a momentum buffer to initialise.
-    All tensors share one dtype (fp32, fp16 or bf16; math in fp32) and one device."""
+    All tensors share one dtype (fp32, fp16 or bf16; math in fp32) and one device, and have fewer
+    than 2^31 elements."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     scalars, flags = kernel_args(update)
@@ -231,21 +279,49 @@ def channel_directed(grads: Sequence[torch.Tensor], dims: Sequence[int], metric:
         operands.append(Operand(tensors, dim, flag=int(bool(first[i])) if first is not None else 0))
     if not operands:
         return
-    dt = tl_dtype(bucket_dtype(operands))
+    dtype = bucket_dtype(operands)
+    dt = tl_dtype(dtype)
     n_roles = 2 + n_state if fused else 1
-    max_o = max(op.shape[1] for op in operands)
-    one_tile, bo, br = _blocks(max_o, n_roles, block_o, block_r)
     staged = Staged(operands, written_roles=range(1, n_roles) if fused else (0,))
-    kept, table, pmap, n = prepare(staged.operands, lambda op: triton.cdiv(op.shape[0] * op.shape[2], br),
-                                   n_roles, cache, (slot, "channel_directed", n_roles, br))
-    if n == 0:
-        return
-    with device_guard(table.device):
-        _channel_directed_kernel[(n,)](
-            table, pmap, float(lam), float(mix), **scalars,
-            NF=table.shape[1], DT=dt, SOBOLEV=metric == "sobolev", HAS_MIX=mix != 0, **flags,
-            ONE_TILE=one_tile, BLOCK_O=bo, BLOCK_R=br)
+    for op in staged.operands:
+        op.set_layout()
+
+    def schedule(op):
+        return schedule_of(op.shape[1], op.dense, vector_width(dtype), block_o, block_r)
+
+    def programs(op, s):
+        return triton.cdiv(op.shape[0] * op.shape[2], s.block_r)
+
+    for s, table, pmap, n in launches(staged.operands, schedule, programs, n_roles, cache,
+                                      (slot, "channel_directed", n_roles)):
+        with device_guard(table.device):
+            _channel_directed_kernel[(n,)](
+                table, pmap, float(lam), float(mix), **scalars,
+                NF=table.shape[1], DT=dt, SOBOLEV=metric == "sobolev", HAS_MIX=mix != 0, **flags,
+                DENSE=s.dense, VEC=vector_width(dtype), ONE_TILE=s.one_tile, BLOCK_O=s.block_o,
+                BLOCK_R=s.block_r, num_warps=s.num_warps)
     staged.finish()
+
+
+def configurations():
+    """Every (schedule, update kind, dtype) the launcher can pick, for kernels/report.py."""
+    from .report import KernelConfig, update_kinds
+    out = []
+    for dense in (True, False):
+        for o in (*O_CLASSES, O_CLASSES[-1] + 1):
+            for kind, flags in update_kinds().items():
+                n_roles = 2 + flags["N_STATE"] if flags["UPDATE"] != NONE else 1
+                for dtype in (torch.float32, torch.bfloat16):
+                    s = schedule_of(o, dense, vector_width(dtype))
+                    for sobolev in (True, False):
+                        out.append(KernelConfig(
+                            "channel_directed", _channel_directed_kernel,
+                            dict(NF=6 + 4 * n_roles, DT=tl_dtype(dtype), SOBOLEV=sobolev, HAS_MIX=True, **flags,
+                                 DENSE=s.dense, VEC=vector_width(dtype), ONE_TILE=s.one_tile,
+                                 BLOCK_O=s.block_o, BLOCK_R=s.block_r),
+                            s.num_warps, s.words, {"tab": "*i64", "prog": "*i32"},
+                            weight=n_roles * 2 + sobolev))
+    return out
 
 
 # ---- the fast path the geometry declares ------------------------------------------------------

@@ -30,6 +30,7 @@ Bytes moved per element (e = element size; k = state tensors, 1 for SGD with mom
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Hashable, Sequence
 
 import torch
@@ -37,8 +38,8 @@ import triton
 import triton.language as tl
 
 from .optim_updates import NONE, base_update, kernel_args, tl_dtype
-from .tables import (Operand, Staged, TableCache, bucket_dtype, device_guard, load_states, next_power_of_2, prepare,
-                     role_ptrs, store_states)
+from .tables import (Operand, Staged, TableCache, bucket_dtype, device_guard, launches, load_states,
+                     role_ptrs, store_states, vector_width, warps_for)
 
 UNITS = ("row", "group", "tensor")
 _TINY = tl.constexpr(1.1754943508222875e-38)   # torch.finfo(torch.float32).tiny, as psi_renorm_factors
@@ -46,7 +47,7 @@ _TINY = tl.constexpr(1.1754943508222875e-38)   # torch.finfo(torch.float32).tiny
 
 @triton.jit
 def _unit_elements(idx, u, GS, B):
-    """Element idx of unit u (rows u·GS .. u·GS+GS−1) -> its (a, o, b) indices."""
+    """Element idx of unit u (rows u·GS .. u·GS+GS−1) -> its (a, o, b) indices (strided path; int32)."""
     per_a = GS * B
     a = idx // per_a
     rest = idx - a * per_a
@@ -62,9 +63,8 @@ def _renorm_scale(sum_sq, max_norm):
 
 
 @triton.jit
-def _rescale(row, ROLE: tl.constexpr, POWER: tl.constexpr, a, o, b, mask, scale, DT: tl.constexpr):
-    """x <- x·scale^POWER for one role of the unit's elements."""
-    p = role_ptrs(row, ROLE, DT, a, o, b)
+def _rescale(p, POWER: tl.constexpr, mask, scale, DT: tl.constexpr):
+    """x <- x·scale^POWER at pointers p."""
     x = tl.load(p, mask=mask, other=0.0).to(tl.float32)
     if POWER == 2:
         x = x * (scale * scale)
@@ -74,38 +74,45 @@ def _rescale(row, ROLE: tl.constexpr, POWER: tl.constexpr, a, o, b, mask, scale,
 
 
 @triton.jit
-def _program_units(tab, prog, NF: tl.constexpr, BLOCK_U: tl.constexpr):
-    """This program's table row and first unit: (row, u0, O, B, GS, U elements per unit, counter)."""
+def _program_units(tab, prog, NF: tl.constexpr, BLOCK_U: tl.constexpr, DENSE: tl.constexpr, VEC: tl.constexpr):
+    """This program's table row and units: (row, u0, units, B, GS, U elements per unit, start,
+    counter). start = u0·U, the int64 offset of unit u0 in a dense tensor's memory."""
     pid = tl.program_id(0)
-    t = tl.load(prog + 2 * pid).to(tl.int64)
-    u0 = tl.load(prog + 2 * pid + 1).to(tl.int64) * BLOCK_U
-    row = tab + t * NF
-    A = tl.load(row)
-    O = tl.load(row + 1)
-    B = tl.load(row + 2)
-    GS = tl.load(row + 3)
+    t = tl.load(prog + 2 * pid)
+    u0 = tl.load(prog + 2 * pid + 1) * BLOCK_U
+    row = tab + t.to(tl.int64) * NF
+    A = tl.load(row).to(tl.int32)
+    O = tl.load(row + 1).to(tl.int32)
+    B = tl.load(row + 2).to(tl.int32)
+    GS = tl.load(row + 3).to(tl.int32)
+    U = A * GS * B
+    if DENSE:
+        U = tl.multiple_of(U, VEC)           # units start on 16-byte boundaries (checked by the launcher)
     counter = tl.load(row + 5).to(tl.pointer_type(tl.int64))
-    return row, u0, O, B, GS, A * GS * B, counter
+    return row, u0, O // GS, B, GS, U, u0.to(tl.int64) * U, counter
 
 
 @triton.jit
-def _unit_tile(u0, O, B, GS, U, e, BLOCK_U: tl.constexpr):
-    """BLOCK_U whole units from u0 in one tile: (live units, element mask, index grids a, o, b)."""
-    units = u0 + tl.arange(0, BLOCK_U).to(tl.int64)
-    live = units < O // GS
+def _unit_tile(u0, n_units, B, GS, U, e, BLOCK_U: tl.constexpr):
+    """BLOCK_U whole units from u0 in one tile: (live units, element mask, offsets from unit u0 in a
+    dense tensor, index grids a, o, b of the strided path)."""
+    i = tl.arange(0, BLOCK_U)
+    live = u0 + i < n_units
     mask = live[:, None] & (e[None, :] < U)
-    a, o, b = _unit_elements(e[None, :], units[:, None], GS, B)
-    return live, mask, a, o, b
+    offs = i[:, None] * U + e[None, :]
+    a, o, b = _unit_elements(e[None, :], (u0 + i)[:, None], GS, B)
+    return live, mask, offs, a, o, b
 
 
 @triton.jit
-def _chunked_norm_sq(row, ROLE: tl.constexpr, u0, B, GS, U, e, DT: tl.constexpr, BLOCK: tl.constexpr):
+def _chunked_norm_sq(row, ROLE: tl.constexpr, u0, B, GS, U, start, e, DT: tl.constexpr, BLOCK: tl.constexpr,
+                     DENSE: tl.constexpr):
     """‖x_u‖² of one unit that does not fit a tile, read in chunks of BLOCK elements."""
     acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, U, BLOCK):
-        idx = start + e
+    for c in range(0, U, BLOCK):
+        idx = c + e
         a, o, b = _unit_elements(idx, u0, GS, B)
-        x = tl.load(role_ptrs(row, ROLE, DT, a, o, b), mask=idx < U, other=0.0).to(tl.float32)
+        x = tl.load(role_ptrs(row, ROLE, DT, start, idx, a, o, b, DENSE), mask=idx < U, other=0.0).to(tl.float32)
         acc += x * x
     return tl.sum(acc, axis=0)
 
@@ -117,22 +124,23 @@ def _psi_kernel(tab, prog, max_norm,
                 NF: tl.constexpr, DT: tl.constexpr, UPDATE: tl.constexpr, N_STATE: tl.constexpr,
                 MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr,
                 HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                ONE_TILE: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK: tl.constexpr):
+                DENSE: tl.constexpr, VEC: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_U: tl.constexpr,
+                BLOCK: tl.constexpr):
     """One program: BLOCK_U whole units (ONE_TILE) or one unit in chunks. Roles: 0 grad, 1 weight,
-    2 and 3 optimizer state."""
-    row, u0, O, B, GS, U, counter = _program_units(tab, prog, NF, BLOCK_U)
+    2 and 3 optimizer state. DENSE: units are contiguous blocks of memory (no index division)."""
+    row, u0, n_units, B, GS, U, start, counter = _program_units(tab, prog, NF, BLOCK_U, DENSE, VEC)
     first = tl.load(row + 4) != 0
-    e = tl.arange(0, BLOCK).to(tl.int64)
+    e = tl.arange(0, BLOCK)
     if ONE_TILE:
-        live, mask, a, o, b = _unit_tile(u0, O, B, GS, U, e, BLOCK_U)
-        w_p = role_ptrs(row, 1, DT, a, o, b)
-        g_p = role_ptrs(row, 0, DT, a, o, b)
+        live, mask, offs, a, o, b = _unit_tile(u0, n_units, B, GS, U, e, BLOCK_U)
+        w_p = role_ptrs(row, 1, DT, start, offs, a, o, b, DENSE)
+        g_p = role_ptrs(row, 0, DT, start, offs, a, o, b, DENSE)
         w = tl.load(w_p, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_p, mask=mask, other=0.0).to(tl.float32) * tl.sum(w * w, axis=1)[:, None]
         if UPDATE == 0:
             tl.store(g_p, g.to(DT), mask=mask)
         else:
-            s1, s2, s1_p, s2_p = load_states(row, a, o, b, mask, w, w_p, DT, N_STATE)
+            s1, s2, s1_p, s2_p = load_states(row, start, offs, a, o, b, mask, w, w_p, DT, N_STATE, DENSE)
             w, s1, s2 = base_update(g, w, s1, s2, first, lr, momentum, one_minus_dampening, weight_decay, lerp_w,
                                     beta2, one_minus_beta2, eps, neg_step_size, bc2_sqrt, decay,
                                     UPDATE, MAXIMIZE, HAS_WD, DECOUPLED, HAS_MOMENTUM, NESTEROV)
@@ -146,20 +154,20 @@ def _psi_kernel(tab, prog, max_norm,
             store_states(s1 * scale, s2 * (scale * scale), s1_p, s2_p, mask, DT, N_STATE)
             tl.atomic_add(counter, tl.sum((renorm & live).to(tl.int64), axis=0))
     else:
-        norm_sq = _chunked_norm_sq(row, 1, u0, B, GS, U, e, DT, BLOCK)
+        norm_sq = _chunked_norm_sq(row, 1, u0, B, GS, U, start, e, DT, BLOCK, DENSE)
         acc = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, U, BLOCK):
-            idx = start + e
+        for c in range(0, U, BLOCK):
+            idx = c + e
             mask = idx < U
             a, o, b = _unit_elements(idx, u0, GS, B)
-            g_p = role_ptrs(row, 0, DT, a, o, b)
+            g_p = role_ptrs(row, 0, DT, start, idx, a, o, b, DENSE)
             g = tl.load(g_p, mask=mask, other=0.0).to(tl.float32) * norm_sq
             if UPDATE == 0:
                 tl.store(g_p, g.to(DT), mask=mask)
             else:
-                w_p = role_ptrs(row, 1, DT, a, o, b)
+                w_p = role_ptrs(row, 1, DT, start, idx, a, o, b, DENSE)
                 w = tl.load(w_p, mask=mask, other=0.0).to(tl.float32)
-                s1, s2, s1_p, s2_p = load_states(row, a, o, b, mask, w, w_p, DT, N_STATE)
+                s1, s2, s1_p, s2_p = load_states(row, start, idx, a, o, b, mask, w, w_p, DT, N_STATE, DENSE)
                 w, s1, s2 = base_update(g, w, s1, s2, first, lr, momentum, one_minus_dampening, weight_decay,
                                         lerp_w, beta2, one_minus_beta2, eps, neg_step_size, bc2_sqrt, decay,
                                         UPDATE, MAXIMIZE, HAS_WD, DECOUPLED, HAS_MOMENTUM, NESTEROV)
@@ -171,29 +179,30 @@ def _psi_kernel(tab, prog, max_norm,
         if UPDATE != 0:
             renorm, scale = _renorm_scale(tl.sum(acc, axis=0), max_norm)
             if renorm:
-                for start in range(0, U, BLOCK):
-                    idx = start + e
+                for c in range(0, U, BLOCK):
+                    idx = c + e
                     mask = idx < U
                     a, o, b = _unit_elements(idx, u0, GS, B)
-                    _rescale(row, 1, 1, a, o, b, mask, scale, DT)
+                    _rescale(role_ptrs(row, 1, DT, start, idx, a, o, b, DENSE), 1, mask, scale, DT)
                     if N_STATE >= 1:
-                        _rescale(row, 2, 1, a, o, b, mask, scale, DT)
+                        _rescale(role_ptrs(row, 2, DT, start, idx, a, o, b, DENSE), 1, mask, scale, DT)
                     if N_STATE >= 2:
-                        _rescale(row, 3, 2, a, o, b, mask, scale, DT)
+                        _rescale(role_ptrs(row, 3, DT, start, idx, a, o, b, DENSE), 2, mask, scale, DT)
                 tl.atomic_add(counter, 1)
 
 
 @triton.jit
 def _psi_renorm_kernel(tab, prog, max_norm, NF: tl.constexpr, DT: tl.constexpr, N_STATE: tl.constexpr,
                        POW1: tl.constexpr, POW2: tl.constexpr, POW3: tl.constexpr,
-                       ONE_TILE: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK: tl.constexpr):
+                       DENSE: tl.constexpr, VEC: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_U: tl.constexpr,
+                       BLOCK: tl.constexpr):
     """One program: BLOCK_U whole units (ONE_TILE) or one unit in chunks. Roles: 0 weight,
     1..N_STATE optimizer state scaled by the factor to the powers POW1..POW3."""
-    row, u0, O, B, GS, U, counter = _program_units(tab, prog, NF, BLOCK_U)
-    e = tl.arange(0, BLOCK).to(tl.int64)
+    row, u0, n_units, B, GS, U, start, counter = _program_units(tab, prog, NF, BLOCK_U, DENSE, VEC)
+    e = tl.arange(0, BLOCK)
     if ONE_TILE:
-        live, mask, a, o, b = _unit_tile(u0, O, B, GS, U, e, BLOCK_U)
-        w_p = role_ptrs(row, 0, DT, a, o, b)
+        live, mask, offs, a, o, b = _unit_tile(u0, n_units, B, GS, U, e, BLOCK_U)
+        w_p = role_ptrs(row, 0, DT, start, offs, a, o, b, DENSE)
         w = tl.load(w_p, mask=mask, other=0.0).to(tl.float32)
         renorm, scale = _renorm_scale(tl.sum(w * w, axis=1), max_norm)
         renorm = renorm & live
@@ -201,27 +210,67 @@ def _psi_renorm_kernel(tab, prog, max_norm, NF: tl.constexpr, DT: tl.constexpr, 
         scale = scale[:, None]
         tl.store(w_p, (w * scale).to(DT), mask=mask)
         if N_STATE >= 1:
-            _rescale(row, 1, POW1, a, o, b, mask, scale, DT)
+            _rescale(role_ptrs(row, 1, DT, start, offs, a, o, b, DENSE), POW1, mask, scale, DT)
         if N_STATE >= 2:
-            _rescale(row, 2, POW2, a, o, b, mask, scale, DT)
+            _rescale(role_ptrs(row, 2, DT, start, offs, a, o, b, DENSE), POW2, mask, scale, DT)
         if N_STATE >= 3:
-            _rescale(row, 3, POW3, a, o, b, mask, scale, DT)
+            _rescale(role_ptrs(row, 3, DT, start, offs, a, o, b, DENSE), POW3, mask, scale, DT)
         tl.atomic_add(counter, tl.sum(renorm.to(tl.int64), axis=0))
     else:
-        renorm, scale = _renorm_scale(_chunked_norm_sq(row, 0, u0, B, GS, U, e, DT, BLOCK), max_norm)
+        renorm, scale = _renorm_scale(_chunked_norm_sq(row, 0, u0, B, GS, U, start, e, DT, BLOCK, DENSE), max_norm)
         if renorm:
-            for start in range(0, U, BLOCK):
-                idx = start + e
+            for c in range(0, U, BLOCK):
+                idx = c + e
                 mask = idx < U
                 a, o, b = _unit_elements(idx, u0, GS, B)
-                _rescale(row, 0, 1, a, o, b, mask, scale, DT)
+                _rescale(role_ptrs(row, 0, DT, start, idx, a, o, b, DENSE), 1, mask, scale, DT)
                 if N_STATE >= 1:
-                    _rescale(row, 1, POW1, a, o, b, mask, scale, DT)
+                    _rescale(role_ptrs(row, 1, DT, start, idx, a, o, b, DENSE), POW1, mask, scale, DT)
                 if N_STATE >= 2:
-                    _rescale(row, 2, POW2, a, o, b, mask, scale, DT)
+                    _rescale(role_ptrs(row, 2, DT, start, idx, a, o, b, DENSE), POW2, mask, scale, DT)
                 if N_STATE >= 3:
-                    _rescale(row, 3, POW3, a, o, b, mask, scale, DT)
+                    _rescale(role_ptrs(row, 3, DT, start, idx, a, o, b, DENSE), POW3, mask, scale, DT)
             tl.atomic_add(counter, 1)
+
+
+# ---- schedule: size classes ---------------------------------------------------------------------
+# A tensor's class depends on its own unit size U and layout only. Units of up to the largest
+# class are whole in one tile (BLOCK the next class size, BLOCK_U units per program so that a tile
+# holds TILE elements, STRIDED_TILE on the strided path); larger units get one program each, in
+# chunks of TILE (STRIDED_TILE) elements. Warps: ``tables.warps_for`` (two 128-bit vectors per
+# thread and array on the aligned path, one for the smallest class). kernels/report.py checks every class: <= 128 registers,
+# no spills.
+UNIT_CLASSES = (32, 128, 512, 2048)
+TILE = 2048
+STRIDED_TILE = 1024
+
+
+@dataclass(frozen=True)
+class Schedule:
+    dense: bool
+    one_tile: bool
+    block_u: int
+    block: int
+    num_warps: int
+
+    @property
+    def words(self) -> str:
+        return (f"{'aligned' if self.dense else 'strided'}, "
+                f"{f'units<={self.block} x{self.block_u}' if self.one_tile else f'one unit in chunks of {self.block}'}")
+
+
+def schedule_of(unit: int, dense: bool, vec: int, block: int | None = None, block_u: int | None = None) -> Schedule:
+    """The size class of a tensor whose units have `unit` elements (block sizes forced by tests only)."""
+    tile = TILE if dense else STRIDED_TILE
+    if block is None:
+        block = next((c for c in UNIT_CLASSES if unit <= c), tile)
+    one_tile = unit <= block
+    if block_u is None or not one_tile:
+        block_u = max(1, tile // block) if one_tile else 1
+    # units <= 32: one 128-bit vector per thread and array (with two, ptxas spills 4 bytes in the
+    # bf16 SGD-momentum configuration, 40 registers; kernels/report.py)
+    vectors = 1 if one_tile and block <= UNIT_CLASSES[0] else 2
+    return Schedule(dense, one_tile, block_u, block, warps_for(block_u * block, dense, vec, vectors))
 
 
 # ---- launchers ----------------------------------------------------------------------------------
@@ -250,22 +299,7 @@ def _operands(weights, layouts, extra, counters, first=None, grads=None):
             raise ValueError(f"tensor {i}: shapes differ: {[tuple(t.shape) for t in tensors]}")
         ops.append(Operand(tensors, dim, unit_rows(w.shape, unit, dim, gs),
                            int(bool(first[i])) if first is not None else 0, counters[i]))
-    return ops, tl_dtype(bucket_dtype(ops))
-
-
-def _blocks(ops, block: int | None, block_u: int | None) -> tuple[bool, int, int]:
-    """(ONE_TILE, BLOCK_U, BLOCK): whole units of up to 4096 elements, several per program (a tile
-    of at most 4096 elements), else one unit per program in chunks of 2048."""
-    max_unit = max(op.shape[0] * op.gs * op.shape[2] for op in ops)
-    max_units = max(op.shape[1] // op.gs for op in ops)
-    if block is None:
-        block = max(16, next_power_of_2(max_unit)) if max_unit <= 4096 else 2048
-    one_tile = max_unit <= block
-    if not one_tile:
-        return False, 1, block
-    if block_u is None:
-        block_u = max(1, min(next_power_of_2(max_units), 4096 // block))
-    return True, block_u, block
+    return ops, bucket_dtype(ops)
 
 
 def _counters(counters, weights, needed: bool):
@@ -277,12 +311,26 @@ def _counters(counters, weights, needed: bool):
     return list(torch.zeros(len(weights), dtype=torch.int64, device=weights[0].device).unbind())
 
 
+def _launches(staged, n_roles, cache, slot, family, block, block_u, vec):
+    for op in staged.operands:
+        op.set_layout()
+
+    def schedule(op):
+        a, o, b = op.shape
+        return schedule_of(a * op.gs * b, op.dense, vec, block, block_u)
+
+    def programs(op, s):
+        return triton.cdiv(op.shape[1] // op.gs, s.block_u)
+
+    return launches(staged.operands, schedule, programs, n_roles, cache, (slot, family, n_roles))
+
+
 def psi(weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], layouts: Sequence[tuple], *,
         update=None, states: Sequence[Sequence[torch.Tensor]] | None = None, first: Sequence[bool] | None = None,
         max_norm: float = float("inf"), counters: Sequence[torch.Tensor] | None = None,
         cache: TableCache | None = None, slot: Hashable = None, block: int | None = None,
         block_u: int | None = None) -> None:
-    """PSI on a bucket in one launch. layouts[i] = (unit, dim, group_size) as ``psi_grad``.
+    """PSI on a bucket, one launch per size class. layouts[i] = (unit, dim, group_size) as ``psi_grad``.
 
     update None: ``grads[i] <- psi_grad(weights[i], grads[i])`` in place. update ``SGDUpdate`` /
     ``AdamUpdate``: weights and states updated in place, then units whose norm exceeds ``max_norm``
@@ -296,16 +344,14 @@ def psi(weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], layouts:
         else [[] for _ in weights]
     if fused and any(len(x) < n_state for x in extra):
         raise ValueError(f"the update needs {n_state} state tensor(s) per weight")
-    ops, dt = _operands(weights, layouts, extra, _counters(counters, weights, fused), first, grads)
+    ops, dtype = _operands(weights, layouts, extra, _counters(counters, weights, fused), first, grads)
     n_roles = 2 + (n_state if fused else 0)
-    one_tile, bu, blk = _blocks(ops, block, block_u)
     staged = Staged(ops, written_roles=range(1, n_roles) if fused else (0,))
-    kept, table, pmap, n = prepare(staged.operands, lambda op: triton.cdiv(op.shape[1] // op.gs, bu), n_roles,
-                                   cache, (slot, "psi", n_roles, bu))
-    if n:
+    for s, table, pmap, n in _launches(staged, n_roles, cache, slot, "psi", block, block_u, vector_width(dtype)):
         with device_guard(table.device):
-            _psi_kernel[(n,)](table, pmap, float(max_norm), **scalars, NF=table.shape[1], DT=dt, **flags,
-                              ONE_TILE=one_tile, BLOCK_U=bu, BLOCK=blk)
+            _psi_kernel[(n,)](table, pmap, float(max_norm), **scalars, NF=table.shape[1], DT=tl_dtype(dtype),
+                              **flags, DENSE=s.dense, VEC=vector_width(dtype), ONE_TILE=s.one_tile,
+                              BLOCK_U=s.block_u, BLOCK=s.block, num_warps=s.num_warps)
     staged.finish()
 
 
@@ -314,7 +360,7 @@ def psi_renorm(weights: Sequence[torch.Tensor], layouts: Sequence[tuple], max_no
                counters: Sequence[torch.Tensor] | None = None, cache: TableCache | None = None,
                slot: Hashable = None, block: int | None = None, block_u: int | None = None) -> None:
     """Renormalise every unit whose norm exceeds ``max_norm`` to norm 1, scaling ``states[i][k]`` by
-    the factor to the power ``powers[k]`` (1 or 2), in one launch."""
+    the factor to the power ``powers[k]`` (1 or 2), one launch per size class."""
     if not weights:
         return
     if len(powers) > 3 or any(p not in (1, 2) for p in powers):
@@ -322,18 +368,40 @@ def psi_renorm(weights: Sequence[torch.Tensor], layouts: Sequence[tuple], max_no
     extra = [list(s) for s in states] if states is not None else [[] for _ in weights]
     if any(len(x) != len(powers) for x in extra):
         raise ValueError("every weight needs one state tensor per power")
-    ops, dt = _operands(weights, layouts, extra, _counters(counters, weights, True))
+    ops, dtype = _operands(weights, layouts, extra, _counters(counters, weights, True))
     n_roles = 1 + len(powers)
-    one_tile, bu, blk = _blocks(ops, block, block_u)
     staged = Staged(ops, written_roles=range(n_roles))
-    kept, table, pmap, n = prepare(staged.operands, lambda op: triton.cdiv(op.shape[1] // op.gs, bu), n_roles,
-                                   cache, (slot, "psi_renorm", n_roles, bu))
-    if n:
-        pw = list(powers) + [1] * (3 - len(powers))
+    pw = list(powers) + [1] * (3 - len(powers))
+    for s, table, pmap, n in _launches(staged, n_roles, cache, slot, "psi_renorm", block, block_u,
+                                              vector_width(dtype)):
         with device_guard(table.device):
-            _psi_renorm_kernel[(n,)](table, pmap, float(max_norm), NF=table.shape[1], DT=dt, N_STATE=len(powers),
-                                     POW1=pw[0], POW2=pw[1], POW3=pw[2], ONE_TILE=one_tile, BLOCK_U=bu, BLOCK=blk)
+            _psi_renorm_kernel[(n,)](table, pmap, float(max_norm), NF=table.shape[1], DT=tl_dtype(dtype),
+                                     N_STATE=len(powers), POW1=pw[0], POW2=pw[1], POW3=pw[2], DENSE=s.dense,
+                                     VEC=vector_width(dtype), ONE_TILE=s.one_tile, BLOCK_U=s.block_u,
+                                     BLOCK=s.block, num_warps=s.num_warps)
     staged.finish()
+
+
+def configurations():
+    """Every (schedule, update kind, dtype) the launchers can pick, for kernels/report.py."""
+    from .report import KernelConfig, update_kinds
+    types = {"tab": "*i64", "prog": "*i32"}
+    out = []
+    for dense in (True, False):
+        for unit in (*UNIT_CLASSES, UNIT_CLASSES[-1] + 1):
+            for dtype in (torch.float32, torch.bfloat16):
+                s = schedule_of(unit, dense, vector_width(dtype))
+                common = dict(DT=tl_dtype(dtype), DENSE=s.dense, VEC=vector_width(dtype), ONE_TILE=s.one_tile,
+                              BLOCK_U=s.block_u, BLOCK=s.block)
+                for kind, flags in update_kinds().items():
+                    n_roles = 2 + (flags["N_STATE"] if flags["UPDATE"] != NONE else 0)
+                    out.append(KernelConfig("psi", _psi_kernel, dict(NF=6 + 4 * n_roles, **flags, **common),
+                                            s.num_warps, s.words, types, weight=n_roles))
+                for n_state in range(4):
+                    out.append(KernelConfig("psi", _psi_renorm_kernel,
+                                            dict(NF=10 + 4 * n_state, N_STATE=n_state, POW1=1, POW2=2, POW3=1,
+                                                 **common), s.num_warps, s.words, types, weight=1 + n_state))
+    return out
 
 
 # ---- the fast path the geometry declares ------------------------------------------------------

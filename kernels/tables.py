@@ -74,6 +74,15 @@ class Operand:
     gs: int = 1
     flag: int = 0
     counter: torch.Tensor | None = None
+    dense: bool = False              # set_layout: read through the kernels' contiguous, aligned path
+    rows_dense: bool = False         # set_layout: described as (1, O, numel/O) (``dense_rows``)
+
+    def set_layout(self) -> None:
+        """Choose how the kernels read this operand (``dense_rows``, ``aligned``)."""
+        tensors = [t for t in self.tensors if t is not None]
+        a, o, b = self.shape
+        self.rows_dense = dense_rows(tensors, self.dim)
+        self.dense = self.rows_dense and aligned(tensors, a * b)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -82,15 +91,19 @@ class Operand:
 
 
 class Staged:
-    """Operands with non-viewable layouts replaced by contiguous copies, copied back by `finish`."""
+    """Operands with non-viewable layouts replaced by contiguous copies, copied back by `finish`.
+
+    Only a tensor that is neither in dense rows shared by all its roles (``dense_rows``) nor
+    viewable as (A, O, B) is copied, e.g. a channels_last gradient next to a contiguous weight."""
 
     def __init__(self, operands: Sequence[Operand], written_roles: Sequence[int]):
         self.operands: list[Operand] = []
         self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         for op in operands:
             tensors = []
+            present = [t for t in op.tensors if t is not None]
             for role, t in enumerate(op.tensors):
-                if t is not None and rows_strides(t, op.dim) is None:
+                if t is not None and not dense_rows(present, op.dim) and rows_strides(t, op.dim) is None:
                     tmp = t.contiguous()
                     if role in written_roles:
                         self._copies.append((t, tmp))
@@ -103,10 +116,53 @@ class Staged:
             original.copy_(tmp)
 
 
+INDEX_LIMIT = 2 ** 31   # tensors the kernels take have fewer elements: every in-tensor index is int32
+
+
+def dense_rows(tensors: Sequence[torch.Tensor], dim: int) -> bool:
+    """True when all `tensors` share one memory layout that is dense, non-overlapping, with `dim` the
+    outermost dimension: row o of every tensor is then the contiguous block [o·R, (o+1)·R) of its
+    memory (R = numel / O), with the same element order in every role. Contiguous tensors read
+    along dim 0 are, and so are channels_last weights (whose rows are permuted, identically in all
+    roles): the kernels read them in place, without a staging copy."""
+    ref = tensors[0]
+    if any(tuple(t.stride()) != tuple(ref.stride()) or t.shape != ref.shape for t in tensors[1:]):
+        return False
+    if ref.dim() == 0:
+        return ref.numel() == 1
+    dims = sorted((d for d in range(ref.dim()) if ref.shape[d] > 1), key=lambda d: ref.stride(d))
+    expected = 1
+    for d in dims:
+        if ref.stride(d) != expected:
+            return False
+        expected *= ref.shape[d]
+    return ref.shape[dim] <= 1 or dims[-1] == dim
+
+
+def aligned(tensors: Sequence[torch.Tensor], row: int) -> bool:
+    """Every tensor's address is 16-byte aligned and `row` elements are a multiple of 16 bytes: a
+    row (or unit) of `row` elements then starts on a 16-byte boundary, for 128-bit loads."""
+    vec = 16 // tensors[0].element_size()
+    return row % vec == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def vector_width(dtype: torch.dtype) -> int:
+    """Elements per 128-bit access."""
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+def warps_for(tile: int, dense: bool, vec: int, vectors: int = 2) -> int:
+    """Warps for a tile of `tile` elements: on the aligned path each thread holds `vectors` 128-bit
+    vectors (vectors·vec elements) of every live array, on the strided path (one 64-bit pointer per
+    element and role) 2·vectors elements; 4 to 16 warps."""
+    per_thread = vectors * vec if dense else 2 * vectors
+    return max(4, min(16, tile // (32 * per_thread)))
+
+
 def signature(operands: Sequence[Operand], programs: Sequence[int]) -> tuple:
     sig = []
     for op, n in zip(operands, programs):
-        sig.append((op.dim, op.gs, op.flag, n, None if op.counter is None else op.counter.data_ptr()))
+        sig.append((op.dim, op.gs, op.flag, n, op.dense, op.rows_dense, None if op.counter is None else op.counter.data_ptr()))
         for t in op.tensors:
             sig.append(None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride())))
     return tuple(sig)
@@ -114,15 +170,22 @@ def signature(operands: Sequence[Operand], programs: Sequence[int]) -> tuple:
 
 def build_tables(operands: Sequence[Operand], programs: Sequence[int], n_roles: int,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(descriptor table int64 (n, NF), program map int32 (P, 2), P) on `device`."""
+    """(descriptor table int64 (n, NF), program map int32 (P, 2), P) on `device`.
+
+    An operand in dense rows is described as (1, O, numel/O) with strides (0, numel/O, 1) in every
+    role (whether or not it takes the aligned path)."""
     nf = FIXED + 4 * n_roles
     rows, prog = [], []
     for index, (op, n) in enumerate(zip(operands, programs)):
         a, o, b = op.shape
+        if op.rows_dense:
+            a, b = 1, a * b
         row = [a, o, b, op.gs, op.flag, 0 if op.counter is None else op.counter.data_ptr()]
         for t in op.tensors:
             if t is None:
                 row += [0, 0, 0, 0]
+            elif op.rows_dense:
+                row += [t.data_ptr(), 0, b, 1]
             else:
                 row += [t.data_ptr(), *rows_strides(t, op.dim)]
         rows.append(row)
@@ -163,6 +226,9 @@ def bucket_dtype(operands: Sequence[Operand]) -> torch.dtype:
         raise ValueError(f"all tensors of a bucket must share one dtype, got {sorted({str(t.dtype) for t in tensors})}")
     if len({t.device for t in tensors}) > 1:
         raise ValueError(f"all tensors of a bucket must be on one device, got {sorted({str(t.device) for t in tensors})}")
+    too_big = [tuple(t.shape) for t in tensors if t.numel() >= INDEX_LIMIT]
+    if too_big:
+        raise ValueError(f"the kernels index tensors with int32 and take fewer than 2^31 elements, got {too_big}")
     return tensors[0].dtype
 
 
@@ -171,38 +237,56 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def prepare(operands: Sequence[Operand], programs_of: Callable[[Operand], int], n_roles: int,
-            cache: TableCache | None, slot: Hashable) -> tuple[list[Operand], torch.Tensor, torch.Tensor, int]:
-    """Drop zero-size operands, count programs, and fetch (or build) the tables.
+def launches(operands: Sequence[Operand], schedule_of: Callable[[Operand], Hashable],
+             programs_of: Callable[[Operand, Hashable], int], n_roles: int, cache: TableCache | None,
+             slot: Hashable) -> list[tuple[Hashable, torch.Tensor, torch.Tensor, int]]:
+    """Split a bucket into size classes and fetch (or build) each class's tables.
 
-    Returns (operands kept, table, program map, number of programs)."""
-    kept = [op for op in operands if math.prod(op.shape) > 0]
-    programs = [programs_of(op) for op in kept]
-    if not kept or sum(programs) == 0:
-        return kept, None, None, 0
-    device = next(t for t in kept[0].tensors if t is not None).device
+    Zero-size operands are dropped; the others are grouped by ``schedule_of(op)`` (layout and size
+    class: what the launch's constexprs fix), so that one tensor's shape never decides another's
+    block sizes. Returns [(schedule, table, program map, number of programs)], one per launch."""
+    classes: dict[Hashable, list[Operand]] = {}
+    for op in operands:
+        if math.prod(op.shape) > 0:
+            classes.setdefault(schedule_of(op), []).append(op)
+    out = []
+    for schedule, ops in classes.items():
+        programs = [programs_of(op, schedule) for op in ops]
+        if sum(programs) == 0:
+            continue
+        device = next(t for t in ops[0].tensors if t is not None).device
 
-    def build():
-        return build_tables(kept, programs, n_roles, device)
+        def build(ops=ops, programs=programs):
+            return build_tables(ops, programs, n_roles, device)
 
-    if cache is None:
-        table, pmap, n = build()
-    else:
-        table, pmap, n = cache.get(slot, signature(kept, programs), build)
-    return kept, table, pmap, n
+        if cache is None:
+            table, pmap, n = build()
+        else:
+            table, pmap, n = cache.get((slot, schedule), signature(ops, programs), build)
+        out.append((schedule, table, pmap, n))
+    return out
 
 
 # ---- device side: a tile of a tensor's roles (0 grad, 1 weight, 2 and 3 optimizer state) ------------
 @triton.jit
-def role_ptrs(row, ROLE: tl.constexpr, DT: tl.constexpr, a, o, b):
-    """Pointers to elements (a, o, b) of role ROLE of the tensor described by table row `row`."""
+def role_ptrs(row, ROLE: tl.constexpr, DT: tl.constexpr, start, offs, a, o, b, DENSE: tl.constexpr):
+    """Pointers to a tile of role ROLE of the tensor described by table row `row`.
+
+    DENSE: elements start + offs of the tensor's memory (start int64 scalar, offs int32; the base
+    is 16-byte aligned, which the launcher checked: 128-bit loads where offs is contiguous).
+    Otherwise the elements (a, o, b) of its (A, O, B) view, through the role's strides."""
     field = row + FIXED_FIELDS + 4 * ROLE
     ptr = tl.load(field).to(tl.pointer_type(DT))
-    return ptr + a * tl.load(field + 1) + o * tl.load(field + 2) + b * tl.load(field + 3)
+    if DENSE:
+        p = tl.multiple_of(ptr, 16) + start + offs
+    else:
+        p = ptr + a * tl.load(field + 1) + o * tl.load(field + 2) + b * tl.load(field + 3)
+    return p
 
 
 @triton.jit
-def load_states(row, a, o, b, mask, w, w_p, DT: tl.constexpr, N_STATE: tl.constexpr):
+def load_states(row, start, offs, a, o, b, mask, w, w_p, DT: tl.constexpr, N_STATE: tl.constexpr,
+                DENSE: tl.constexpr):
     """The optimizer state tiles (roles 2, 3) in fp32 and their pointers; absent ones are (w, w_p),
     placeholders that are never stored through."""
     s1 = w
@@ -210,10 +294,10 @@ def load_states(row, a, o, b, mask, w, w_p, DT: tl.constexpr, N_STATE: tl.conste
     s1_p = w_p
     s2_p = w_p
     if N_STATE >= 1:
-        s1_p = role_ptrs(row, 2, DT, a, o, b)
+        s1_p = role_ptrs(row, 2, DT, start, offs, a, o, b, DENSE)
         s1 = tl.load(s1_p, mask=mask, other=0.0).to(tl.float32)
     if N_STATE >= 2:
-        s2_p = role_ptrs(row, 3, DT, a, o, b)
+        s2_p = role_ptrs(row, 3, DT, start, offs, a, o, b, DENSE)
         s2 = tl.load(s2_p, mask=mask, other=0.0).to(tl.float32)
     return s1, s2, s1_p, s2_p
 

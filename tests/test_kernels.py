@@ -61,8 +61,10 @@ def _randn(shape, dtype, gen, scale=1.0):
 
 # (shape, out_dim): odd sizes, O = 1, O > 64 (two passes by default), out_dim 1 (conv-transpose),
 # zero-size tensors, and three non-contiguous layouts made by `layout` below.
+# Rows of 8 or 16 elements (contiguous or channels_last) take the aligned path, in one tile and in two passes.
 CD_CASES = [((7, 5, 3), 0), ((5, 7, 3, 3), 1), ((1, 9), 0), ((70, 3), 0), ((0, 4), 0), ((3, 0, 2), 1),
-            ((6, 5), "transposed"), ((9, 4), "sliced"), ((4, 3, 3, 3), "channels_last")]
+            ((6, 5), "transposed"), ((9, 4), "sliced"), ((4, 3, 3, 3), "channels_last"),
+            ((6, 8), 0), ((70, 16), 0), ((8, 4, 2, 2), "channels_last")]
 
 
 def _grad(shape, layout, dtype, gen):
@@ -71,7 +73,7 @@ def _grad(shape, layout, dtype, gen):
         return _randn(shape[::-1], dtype, gen).t(), 0
     if layout == "sliced":                                       # every other column of a wider tensor
         return _randn((shape[0], 2 * shape[1]), dtype, gen)[:, ::2], 0
-    if layout == "channels_last":                                # not viewable as (O, R): staged copy
+    if layout == "channels_last":                                # rows dense in memory: read in place
         return _randn(shape, dtype, gen).to(memory_format=torch.channels_last), 0
     return _randn(shape, dtype, gen), layout
 
@@ -101,10 +103,52 @@ def test_channel_directed_without_mix_and_o_equal_one_is_identity_for_sobolev(me
         assert_close(got, g, torch.float32, "sobolev with O = 1 is the identity")
 
 
+def test_layouts_choose_the_aligned_path_and_channels_last_needs_no_copy():
+    from geomcompile.kernels.tables import Operand, Staged
+    gen = _gen(11)
+
+    def layout(*tensors, dim=0):
+        staged = Staged([Operand(list(tensors), dim)], written_roles=(0,))
+        op = staged.operands[0]
+        op.set_layout()
+        return ("aligned" if op.dense else "dense rows" if op.rows_dense else "strided"), len(staged._copies)
+
+    cl = _randn((8, 4, 2, 2), torch.float32, gen).to(memory_format=torch.channels_last)
+    assert layout(_randn((6, 8), torch.float32, gen)) == ("aligned", 0)
+    assert layout(_randn((6, 8), torch.bfloat16, gen)) == ("aligned", 0)          # 8 bf16 = 16 bytes
+    assert layout(_randn((6, 4), torch.bfloat16, gen)) == ("dense rows", 0)       # 8-byte rows: strided path
+    assert layout(cl, torch.empty_like(cl)) == ("aligned", 0)                     # all roles channels_last
+    assert layout(_randn((6, 8), torch.float32, gen)[:, ::2]) == ("strided", 0)
+    assert layout(_randn((6, 9), torch.float32, gen)[:, 1:]) == ("strided", 0)    # rows 9 apart: not dense
+    assert layout(_randn((49,), torch.float32, gen)[1:].view(6, 8)) == ("dense rows", 0)   # base 4 bytes off
+    assert layout(_randn((7, 5, 3), torch.float32, gen), dim=1) == ("strided", 0)
+    assert layout(cl, cl.contiguous()) == ("aligned", 1)    # mixed formats: the channels_last role is copied
+
+
+def test_channels_last_fused_step_in_place_matches_eager():
+    """A channels_last weight with channels_last gradient and momentum: the aligned path updates them
+    in place (no staging copy), like eager transform + torch's step."""
+    gen = _gen(12)
+    w0 = _randn((8, 4, 3, 3), torch.float32, gen).to(memory_format=torch.channels_last)
+    g = _randn((8, 4, 3, 3), torch.float32, gen).to(memory_format=torch.channels_last)
+    ref = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.SGD([ref], lr=0.1, momentum=0.9)
+    ref.grad = sobolev(g, 0.5, mix=0.2)
+    opt.step()
+    w, buf = w0.clone(), torch.empty_like(w0)
+    assert buf.is_contiguous(memory_format=torch.channels_last)
+    channel_directed([g], [0], "sobolev", 0.5, 0.2, weights=[w], states=[[buf]], first=[True],
+                     update=SGDUpdate(0.1, 0.9))
+    assert_close(w, ref, torch.float32, "channels_last weight")
+    assert_close(buf, opt.state[ref]["momentum_buffer"], torch.float32, "channels_last momentum buffer")
+    assert w.is_contiguous(memory_format=torch.channels_last)
+
+
 # (shape, (unit, dim, group_size))
 PSI_CASES = [((7, 5, 3), ("row", 0, None)), ((5, 6, 3), ("group", 1, 2)), ((5, 3), ("tensor", 0, None)),
              ((1, 9), ("row", 0, None)), ((6, 4, 2), ("row", 1, None)), ((0, 3), ("row", 0, None)),
-             ((11,), ("row", 0, None)), ((0, 4), ("tensor", 0, None))]
+             ((11,), ("row", 0, None)), ((0, 4), ("tensor", 0, None)),
+             ((5, 8), ("row", 0, None)), ((6, 16), ("group", 0, 2))]   # aligned path (one tile; multi-pass with block 8)
 
 
 @pytest.mark.parametrize("block", [None, 8], ids=["one_tile", "multi_pass"])
@@ -120,6 +164,29 @@ def test_psi_grad_matches_eager(dtype, block):
     psi(weights, got, layouts, block=block)
     for (shape, lay), g, e in zip(PSI_CASES, got, expected):
         assert_close(g, e, dtype, f"psi_grad {shape} {lay}")
+
+
+def test_psi_units_larger_than_a_tile_take_the_multi_pass_class_by_default():
+    """A 2,056-element row (above the largest one-tile class) next to small rows: each gets its own
+    class (one launch each) and both match eager, fused with SGD momentum."""
+    from geomcompile.kernels.psi import UNIT_CLASSES
+    gen = _gen(13)
+    shapes = [(2, UNIT_CLASSES[-1] + 8), (6, 8)]
+    weights = [_randn(s, torch.float32, gen) for s in shapes]
+    grads = [_randn(s, torch.float32, gen) for s in shapes]
+    ref = [torch.nn.Parameter(w.clone()) for w in weights]
+    opt = torch.optim.SGD(ref, lr=0.1, momentum=0.9)
+    for p, g in zip(ref, grads):
+        p.grad = psi_grad(p.detach(), g)
+    opt.step()
+    bufs = [torch.empty_like(w) for w in weights]
+    cache = TableCache()
+    psi(weights, grads, [("row", 0, None)] * 2, update=SGDUpdate(0.1, 0.9), states=[[b] for b in bufs],
+        first=[True, True], cache=cache, slot="s")
+    assert cache.builds == 2, "the large row and the small rows are two size classes, two launches"
+    for i, (w, b, p) in enumerate(zip(weights, bufs, ref)):
+        assert_close(w, p, torch.float32, f"weight {i} {shapes[i]}")
+        assert_close(b, opt.state[p]["momentum_buffer"], torch.float32, f"momentum {i} {shapes[i]}")
 
 
 def _renorm_reference(w, max_norm, layout, states, powers):
@@ -241,7 +308,7 @@ def test_fused_psi_renormalises_inside_the_kernel():
 
 
 # ---- buckets and tables -------------------------------------------------------------------------
-def test_bucket_of_50_tensors_in_one_launch_and_table_cache():
+def test_bucket_of_50_tensors_in_one_launch_per_size_class_and_table_cache():
     gen = _gen(6)
     shapes = [(1 + (7 * i) % 13, 1 + (5 * i) % 4, 1 + i % 3) for i in range(50)]
     grads = [_randn(s, torch.float32, gen) for s in shapes]
@@ -251,17 +318,36 @@ def test_bucket_of_50_tensors_in_one_launch_and_table_cache():
     channel_directed(got, [0] * 50, "sobolev", 0.5, 0.1, cache=cache, slot="cd")
     for i, (g, e) in enumerate(zip(got, [sobolev(g, 0.5, mix=0.1) for g in grads])):
         assert_close(e, g, torch.float32, f"sobolev tensor {i} {shapes[i]}")
+    cd_classes = {_cd_schedule(g) for g in grads}
+    assert cache.builds == len(cd_classes) > 1, "one table (one launch) per size class and layout"
     layouts = [("row", 0, None)] * 50
     got = [g.clone() for g in grads]
     psi(weights, got, layouts, cache=cache, slot="psi")
     for i, (g, e) in enumerate(zip(got, [psi_grad(w, g) for w, g in zip(weights, grads)])):
         assert_close(g, e, torch.float32, f"psi tensor {i} {shapes[i]}")
-    assert cache.builds == 2
-    psi(weights, got, layouts, cache=cache, slot="psi")            # same storage: the table is reused
-    assert cache.builds == 2
-    got[17] = got[17].clone()                                      # one new gradient: rebuilt once
+    builds = cache.builds
+    assert builds == len(cd_classes) + len({_psi_schedule(w, got[i]) for i, w in enumerate(weights)})
+    psi(weights, got, layouts, cache=cache, slot="psi")            # same storage: the tables are reused
+    assert cache.builds == builds
+    got[17] = got[17].clone()                                      # one new gradient: its class rebuilt once
     psi(weights, got, layouts, cache=cache, slot="psi")
-    assert cache.builds == 3
+    assert cache.builds == builds + 1
+
+
+def _cd_schedule(g):
+    from geomcompile.kernels.channel_directed import schedule_of
+    from geomcompile.kernels.tables import Operand, vector_width
+    op = Operand([g], 0)
+    op.set_layout()
+    return schedule_of(g.shape[0], op.dense, vector_width(g.dtype))
+
+
+def _psi_schedule(w, g):
+    from geomcompile.kernels.psi import schedule_of
+    from geomcompile.kernels.tables import Operand, vector_width
+    op = Operand([g, w], 0)
+    op.set_layout()
+    return schedule_of(w[0].numel(), op.dense, vector_width(w.dtype))
 
 
 def test_launchers_reject_mixed_dtypes_and_missing_state():
@@ -274,6 +360,17 @@ def test_launchers_reject_mixed_dtypes_and_missing_state():
         psi([a.double()], [a.double()], [("row", 0, None)])
 
 
+def test_tensors_of_2_31_elements_run_eager_not_the_int32_kernels():
+    from geomcompile.kernels.tables import INDEX_LIMIT
+    from geomcompile.runtime.triton_backend import TritonBackend
+    huge = torch.zeros(1).expand(INDEX_LIMIT)                 # 2^31 elements, no memory behind them
+    backend = TritonBackend()
+    assert "2^31 elements" in backend.kernel_problem(huge)
+    assert backend.kernel_problem(torch.zeros(INDEX_LIMIT // 2 ** 20, 4)) is None
+    with pytest.raises(ValueError, match="fewer than 2\\^31"):
+        psi([huge], [huge], [("row", 0, None)])
+
+
 def test_kernels_compile_for_a_gpu_target():
     """Compile every kernel to a CUDA binary (sm_90) without a GPU: catches what the interpreter lets
     through (types, constexpr use) in a fresh process without TRITON_INTERPRET."""
@@ -284,21 +381,20 @@ def test_kernels_compile_for_a_gpu_target():
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
         from geomcompile.kernels import channel_directed as cd, psi
-        from geomcompile.kernels.optim_updates import AdamUpdate, SGDUpdate, kernel_args
 
-        def build(fn, constexprs):
-            sig = {n: "constexpr" if n in constexprs else "*i64" if n == "tab" else "*i32" if n == "prog"
-                   else "fp32" for n in fn.arg_names}
-            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+        def build(c):
+            sig = {n: "constexpr" if n in c.constexprs else c.arg_types.get(n, "fp32") for n in c.kernel.arg_names}
+            triton.compile(ASTSource(fn=c.kernel, signature=sig, constexprs=c.constexprs),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": c.num_warps})
 
-        _, adam = kernel_args(AdamUpdate(0.1, weight_decay=0.1, decoupled=True, step=3))
-        _, sgd = kernel_args(SGDUpdate(0.1, 0.9, nesterov=True, weight_decay=1e-4))
-        build(cd._channel_directed_kernel, dict(NF=22, DT=tl.bfloat16, SOBOLEV=True, HAS_MIX=True, **adam,
-                                                ONE_TILE=False, BLOCK_O=16, BLOCK_R=64))
-        build(psi._psi_kernel, dict(NF=22, DT=tl.float16, **sgd, ONE_TILE=True, BLOCK_U=4, BLOCK=256))
-        build(psi._psi_kernel, dict(NF=22, DT=tl.float32, **adam, ONE_TILE=False, BLOCK_U=1, BLOCK=256))
-        build(psi._psi_renorm_kernel, dict(NF=22, DT=tl.float32, N_STATE=3, POW1=1, POW2=2, POW3=2,
-                                           ONE_TILE=True, BLOCK_U=4, BLOCK=256))
+        # one configuration of each kernel and path (tests/test_kernel_report.py compiles them all)
+        seen = set()
+        for c in cd.configurations() + psi.configurations():
+            key = (c.kernel.__name__, c.constexprs["DENSE"], c.constexprs["ONE_TILE"])
+            if key not in seen:
+                seen.add(key)
+                build(c)
+        assert len(seen) == 12, seen
 
         # and without the interpreter, backend="triton" refuses CPU parameters with the fix
         import geomcompile as gc

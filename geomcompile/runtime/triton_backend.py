@@ -171,6 +171,8 @@ class TritonBackend(Backend):
             return f"{str(p.dtype).replace('torch.', '')} parameters have no kernel (float32, float16, bfloat16 do)"
         if grad is not None and grad.layout != torch.strided:
             return "sparse gradients have no kernel"
+        if p.numel() >= 2 ** 31:
+            return "tensors of 2^31 elements or more have no kernel (the kernels index with int32)"
         if p.device.type == "cuda" and self.interpreted:
             return "the Triton interpreter (TRITON_INTERPRET=1) runs CPU tensors only"
         if p.device.type == "cpu" and not self.interpreted:
