@@ -154,6 +154,9 @@ class Geometry:
     # Fast paths next to the geometry: backend name -> "module:attribute" of a FastPath class, imported
     # only when that backend runs. The registry-driven tests check each against the eager program.
     fast_paths: ClassVar[dict[str, str]] = {}
+    # Weight decay works against this geometry (it breaks the scale invariance psi relies on, it pulls
+    # pom's weights off their manifold): plan.param_groups() puts its parameters in a weight_decay=0 group.
+    hurt_by_weight_decay: ClassVar[bool] = False
 
     def __init__(self, **opts: Any):
         unknown = set(opts) - set(self.options)

@@ -297,6 +297,7 @@ class POM(Geometry):
     stage = "manifold"
     paper = "001_a492d199b2994eaf.txt"
     incompatible = ("psi",)
+    hurt_by_weight_decay = True
     match_hint = "match only conv and linear weights whose components fit these options"
     options = {
         "manifold": Option(str, "sphere", "component manifold: sphere (‖W‖=r), oblique (every column "
