@@ -253,9 +253,9 @@ class Plan:
 
     # -- on disk and as param groups (plan_io.py, param_groups.py) -------------------------------
     def save(self, path):
-        """Write ``geomcompile_plan.json`` (into `path` if it is a folder): version, policy text and
-        hash, capture path, state fingerprint and every parameter's assignment. ``gc.load_plan(path,
-        model)`` binds it to a model again. Returns the file's path."""
+        """Write ``geomcompile_plan.json`` into the folder `path` (to `path` itself if it ends in .json):
+        version, policy text and hash, capture path, state fingerprint and every parameter's
+        assignment. ``gc.load_plan(path, model)`` binds it to a model again. Returns the file's path."""
         from .plan_io import save_plan
         return save_plan(self, path)
 

@@ -59,13 +59,14 @@ def plan_record(plan) -> dict:
 
 
 def plan_file(path) -> Path:
-    """`path` itself, or ``path/geomcompile_plan.json`` when it is a directory."""
+    """`path` itself when it names a ``.json`` file, else ``path/geomcompile_plan.json`` (a folder)."""
     path = Path(path)
-    return path / PLAN_FILE if path.is_dir() else path
+    return path if path.suffix == ".json" and not path.is_dir() else path / PLAN_FILE
 
 
 def save_plan(plan, path) -> Path:
-    """Write the plan's record as JSON to `path` (a directory gets ``geomcompile_plan.json``). Returns the file."""
+    """Write the plan's record as JSON to `path` (a ``.json`` file, or a folder, created if needed, that
+    gets ``geomcompile_plan.json``). Returns the file."""
     target = plan_file(path)
     record = plan_record(plan)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -3,10 +3,6 @@
 `create_optimizer_v2`."""
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
-import sys
-import types
 import warnings
 
 import pytest
@@ -16,6 +12,7 @@ import geomcompile as gc
 from geomcompile.geometries import REGISTRY
 
 from .frameworks import CD_CONV, PSI, TinyBNNet, example_images
+from .timm_optim import loaded
 
 POM = {"version": 1, "rules": [{"name": "conv-kernels", "match": {"kind": "conv", "param": "conv2.weight"},
                                 "use": {"pom": {"component": "kernel"}}}]}
@@ -100,24 +97,8 @@ def test_bad_arguments_are_errors(kwargs, message):
 
 @pytest.fixture
 def timm_optim():
-    """The real `timm.optim` (create_optimizer_v2). `import timm` needs torchvision (no CPU build
-    here), so the packages timm, timm.layers and timm.models are registered without running their
-    `__init__` (which imports torchvision), holding only what timm.optim takes from them:
-    `use_reentrant_ckpt` (timm/layers/config.py) and `group_parameters` (timm/models/_manipulate.py).
-    Everything registered is removed afterwards."""
-    before = set(sys.modules)
-    root = importlib.metadata.distribution("timm").locate_file("timm")
-    for package in ("timm", "timm.layers", "timm.models"):
-        module = types.ModuleType(package)
-        module.__path__ = [str(root.joinpath(*package.split(".")[1:]))]
-        sys.modules[package] = module
-    sys.modules["timm.layers"].use_reentrant_ckpt = importlib.import_module("timm.layers.config").use_reentrant_ckpt
-    sys.modules["timm.models"].group_parameters = importlib.import_module("timm.models._manipulate").group_parameters
-    try:
-        yield importlib.import_module("timm.optim")
-    finally:
-        for name in set(sys.modules) - before:
-            del sys.modules[name]
+    with loaded() as module:
+        yield module
 
 
 def _by_decay(optimizer) -> dict[float, set[str]]:
