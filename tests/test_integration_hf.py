@@ -63,15 +63,24 @@ def test_weight_decay_from_the_arguments_spares_the_psi_weights(tmp_path):
     assert not [w for w in callback.plan.warnings if "weight_decay" in str(w)]
 
 
-def _psi_run(tmp_path, seed, policy=PSI, **kwargs):
-    data = _image_dataset()
-    model = HFBNNet(seed=seed)
+def _psi_run(tmp_path, seed, policy=PSI, model=HFBNNet, data=_image_dataset, lr=0.5, **kwargs):
+    data = data()
+    model = model(seed=seed)
     callback = GeomCompile(policy, torch.optim.SGD, {"momentum": 0.9}, example_inputs=_batch(data),
                            print_summary=False)
-    trainer = _trainer(model, data, callback, tmp_path, learning_rate=0.5, save_strategy="steps", save_steps=2,
+    trainer = _trainer(model, data, callback, tmp_path, learning_rate=lr, save_strategy="steps", save_steps=2,
                        logging_strategy="steps", logging_steps=2)
     trainer.train(**kwargs)
     return model, callback, trainer
+
+
+def test_a_tiny_bert_resumes_from_optimizer_pt_bit_identically(tmp_path):
+    run = dict(policy=ENCODER_CD, model=_bert, data=_text_dataset, lr=LR)
+    uninterrupted, first, _ = _psi_run(tmp_path, seed=0, **run)
+    assert (tmp_path / "checkpoint-2" / "optimizer.pt").is_file()
+    resumed, again, _ = _psi_run(tmp_path, seed=1, resume_from_checkpoint=str(tmp_path / "checkpoint-2"), **run)
+    assert_params_equal(resumed, uninterrupted, "resumed vs uninterrupted")
+    assert again.plan.steps == first.plan.steps == 4
 
 
 def test_checkpoints_get_the_plan_and_optimizer_pt_resumes_bit_identically(tmp_path):

@@ -178,8 +178,9 @@ def test_checkpoints_carry_the_plan_and_resume_bit_identically(tmp_path, precisi
            "psi(max_norm=2.0)"
     on_disk = json.loads((ckpt_dir / "geomcompile_plan.json").read_text())
     assert on_disk == checkpoint["geomcompile"]
-    loaded = gc.load_plan(ckpt_dir, _resume_module(seed=2), example_inputs=example_images())
-    assert loaded.assignments == first.plan.assignments
+    for source in (ckpt_dir, checkpoint["geomcompile"]):      # the json file, or the record in the .ckpt
+        loaded = gc.load_plan(source, _resume_module(seed=2), example_inputs=example_images())
+        assert loaded.assignments == first.plan.assignments
     assert sum(v["psi"]["renormalised_units"] for v in first.plan.diagnostics().values()) > 0
 
     again = GeomCompile(PSI, print_summary=False)
@@ -204,6 +205,11 @@ def test_resuming_under_another_policy_is_refused_before_the_optimizer_state_loa
     message = str(info.value)
     assert "net.conv1.weight: metric=psi(max_norm=2.0) in the saved plan, metric=psi(max_norm=3.0) here" in message
     assert "Fix:" in message and not callback.plans
+    # asked for: the differing geometry state starts fresh, with a note
+    reset = GeomCompile(other, print_summary=False, state_mismatch="reset")
+    _trainer(4, [reset], tmp_path).fit(_resume_module(seed=1), loader, ckpt_path=ckpt)
+    assert any("state_mismatch='reset'" in n for n in reset.notes)
+    assert reset.plan.steps == 1                     # fresh geometry state: only the step after the resume
     # the same policy written differently (a comment) resumes, with a note
     same = GeomCompile("# the same rules\n" + json.dumps(PSI), print_summary=False)
     _trainer(4, [same], tmp_path).fit(_resume_module(seed=1), loader, ckpt_path=ckpt)

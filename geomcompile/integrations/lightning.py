@@ -19,7 +19,8 @@ What it does, and when:
   ``ModelCheckpoint`` (rank 0).
 * on resume (``ckpt_path=``): the checkpoint's plan is compared with this run's before any optimizer
   state loads; other assignments (another policy, another model) raise GeomCompileError naming
-  them. The geometry state itself rides in the optimizer state and resumes bit-identically.
+  them, unless ``state_mismatch="reset"`` or ``"load"`` was given (then a note in ``callback.notes``).
+  The geometry state itself rides in the optimizer state and resumes bit-identically.
 
 Works with precision plugins (``bf16-mixed``, ``16-mixed``), ``accumulate_grad_batches`` and
 several optimizers (automatic or manual optimisation). Do not also call ``gc.apply`` in
@@ -100,14 +101,19 @@ class GeomCompile(Callback):
             self._check_resume()
 
     def _check_resume(self) -> None:
+        self._resuming = False
         try:
             self.notes += _common.check_saved(self._saved, self.plans[0], "the checkpoint")
-        except GeomCompileError:
+        except GeomCompileError as error:
+            if self.install_options.get("state_mismatch", "error") != "error":
+                # the user asked for it: the differing geometry state is reset or loaded (runtime/state.py)
+                self.notes.append(f"resuming under another plan (state_mismatch="
+                                  f"{self.install_options['state_mismatch']!r}): {str(error).splitlines()[0]}")
+                return
             for plan in self.plans:              # leave the optimizers as configure_optimizers made them
                 plan.remove()
             self.plans = []
             raise
-        self._resuming = False
 
     # -- logging ---------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
