@@ -10,8 +10,9 @@ from .analysis import analyze
 from .analysis.facts import ParamFacts, ScaleInvariance, Structure
 from .policy import Policy, load_policy
 from .plan import Plan, apply, plan
+from .plan_io import load_plan
 from .geometries.base import Rescale
 from . import ema, functional, geometries
 
-__all__ = ["analyze", "load_policy", "plan", "apply", "Plan", "Policy", "Structure", "ParamFacts",
+__all__ = ["analyze", "load_policy", "plan", "apply", "load_plan", "Plan", "Policy", "Structure", "ParamFacts",
            "ScaleInvariance", "Rescale", "GeomCompileError", "GeomCompileWarning", "functional", "geometries"]

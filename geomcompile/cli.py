@@ -1,4 +1,4 @@
-"""Command line: `geomcompile plan|validate|demo|bench` (also `python -m geomcompile`)."""
+"""Command line: `geomcompile plan|validate|schema|demo|bench` (also `python -m geomcompile`)."""
 from __future__ import annotations
 
 import argparse
@@ -67,6 +67,13 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_schema(args) -> int:
+    import json
+    from .schema import policy_schema
+    print(json.dumps(policy_schema(), indent=1, ensure_ascii=False))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     run_demo(policy=args.policy, epochs=args.epochs, out_dir=args.out)
@@ -107,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a policy file without a model")
     v.add_argument("policy", help="policy file, shipped policy name (resnet, plain, ...) or YAML text")
     v.set_defaults(func=cmd_validate)
+    s = sub.add_parser("schema", help="print the JSON Schema (draft 2020-12) of the policy language, for editors")
+    s.set_defaults(func=cmd_schema)
     d = sub.add_parser("demo", help="train a small BN ResNet on 8x8 digits with and without a policy")
     d.add_argument("--policy", default="resnet",
                    help="policy for the second run: file, shipped name or YAML text (default: resnet)")

@@ -257,6 +257,22 @@ class Plan:
             lines.append(f"warning: {w}")
         return "\n".join(lines)
 
+    # -- on disk and as param groups (plan_io.py, param_groups.py) -------------------------------
+    def save(self, path):
+        """Write ``geomcompile_plan.json`` into the folder `path` (to `path` itself if it ends in .json):
+        version, policy text and hash, capture path, state fingerprint and every parameter's
+        assignment. ``gc.load_plan(path, model)`` binds it to a model again. Returns the file's path."""
+        from .plan_io import save_plan
+        return save_plan(self, path)
+
+    def param_groups(self, lr: float | None = None, weight_decay: float = 0.0, no_decay=(),
+                     decay_1d: bool = False, **group_options) -> list[dict]:
+        """torch param groups: the parameters whose geometry weight decay hurts (psi, pom) get
+        weight_decay=0, the others keep `weight_decay` (see geomcompile.param_groups)."""
+        from .param_groups import param_groups
+        return param_groups(self, lr=lr, weight_decay=weight_decay, no_decay=no_decay, decay_1d=decay_1d,
+                            **group_options)
+
     def __repr__(self) -> str:
         return (f"Plan({sum(1 for v in self.assignments.values() if v)} parameters with geometries, "
                 f"installed={self.installed})")

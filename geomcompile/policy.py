@@ -429,9 +429,10 @@ class Policy:
     """A validated policy. Build it with ``load_policy``."""
 
     def __init__(self, rules: list[Rule], *, version: int = 1, validate: str = "strict",
-                 source: str = "<dict>", description: str = ""):
+                 source: str = "<dict>", description: str = "", text: str | None = None):
         self.rules, self.version, self.validate = rules, version, validate
         self.source, self.description = source, description
+        self.text = text          # the YAML it was read from (a dict policy: dumped as YAML), for plan.save
 
     def __repr__(self) -> str:
         return (f"Policy({self.source!r}, version={self.version}, validate={self.validate!r}, "
@@ -519,7 +520,7 @@ class Policy:
         return Resolution(assignments, rule_of, counts, list(self.config_warnings) + problems, notes)
 
 
-def _build_policy(data, loc: _Locator) -> Policy:
+def _build_policy(data, loc: _Locator, text: str | None = None) -> Policy:
     """Validate a whole document (already parsed) and build the Policy."""
     if not isinstance(data, Mapping):
         loc.fail((), f"a policy must be a mapping with keys {', '.join(TOP_KEYS)}, got {data!r}. "
@@ -548,7 +549,7 @@ def _build_policy(data, loc: _Locator) -> Policy:
         seen[rule.name] = rule.where
         rules.append(rule)
     return Policy(rules, version=version, validate=mode, source=loc.source,
-                  description=str(data.get("description", "")))
+                  description=str(data.get("description", "")), text=text)
 
 
 # ---- loading --------------------------------------------------------------------------------
@@ -580,7 +581,7 @@ def _load_file(path) -> Policy:
     except OSError as e:
         raise GeomCompileError(f"cannot read policy file {str(path)!r}: {e}. Fix: check the path; shipped "
                                f"policies are {', '.join(shipped_policies())}") from None
-    return _build_policy(*_parse_yaml(text, str(path)))
+    return _build_policy(*_parse_yaml(text, str(path)), text=text)
 
 
 def _is_file(text: str) -> bool:
@@ -596,7 +597,7 @@ def load_policy(src) -> Policy:
     if isinstance(src, Policy):
         return src
     if isinstance(src, Mapping):
-        return _build_policy(src, _Locator("<dict>"))
+        return _build_policy(src, _Locator("<dict>"), text=_dict_text(src))
     if isinstance(src, Path):
         return _load_file(src)
     if not isinstance(src, str):
@@ -612,4 +613,20 @@ def load_policy(src) -> Policy:
         return _load_file(_shipped_dir().joinpath(src + ".yaml"))
     if "\n" not in src and src.endswith((".yaml", ".yml")):
         raise GeomCompileError(f"policy file {src!r} not found. Fix: check the path")
-    return _build_policy(*_parse_yaml(src, "<string>"))
+    return _build_policy(*_parse_yaml(src, "<string>"), text=src)
+
+
+def _dict_text(src: Mapping) -> str | None:
+    """A dict policy as YAML (what plan.save records); None if it holds values YAML cannot write."""
+    try:
+        return yaml.safe_dump(_plain(src), sort_keys=False)
+    except yaml.YAMLError:
+        return None
+
+
+def _plain(value):
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -23,7 +23,10 @@ class Option:
     """One option of a geometry as written in YAML.
 
     type: python type(s) accepted (float accepts int); choices: allowed values;
-    check: (value) -> error message or None, for range checks; doc: one line for docs/--help.
+    check: (value) -> error message or None, for range checks; doc: one line for docs/--help;
+    schema: a JSON Schema fragment for the value (``geomcompile schema``). Its numeric bounds
+    (minimum, exclusiveMinimum, maximum, exclusiveMaximum) are also enforced here, so the schema
+    and strict validation agree; a check built by ``bounded`` carries its fragment itself.
     """
 
     type: type | tuple[type, ...]
@@ -31,6 +34,11 @@ class Option:
     doc: str = ""
     choices: tuple | None = None
     check: Callable[[Any], str | None] | None = None
+    schema: dict | None = None
+
+    def schema_fragment(self) -> dict:
+        """The JSON Schema keywords this option adds to its type (the check's, then its own)."""
+        return {**getattr(self.check, "schema", {}), **(self.schema or {})}
 
     def coerce(self, value: Any) -> Any:
         """An int written where a number is expected becomes a float (``lam: 1`` means 1.0)."""
@@ -50,9 +58,9 @@ class Option:
             return f"expected {_type_names(types)}, got {type(value).__name__} {value!r}"
         if self.choices is not None and value not in self.choices:
             return f"expected one of {', '.join(map(str, self.choices))}, got {value!r}"
-        if self.check is not None:
-            return self.check(value)
-        return None
+        if self.check is not None and (problem := self.check(value)):
+            return problem
+        return _bounds_problem(self.schema or {}, value)
 
 
 def _type_names(types) -> str:
@@ -60,12 +68,31 @@ def _type_names(types) -> str:
                         list: "a list", dict: "a mapping"}.get(t, t.__name__) for t in types)
 
 
-def positive(v) -> str | None:
-    return None if v > 0 else f"must be > 0, got {v}"
+_BOUNDS = {"exclusiveMinimum": (lambda v, b: v > b, ">"), "minimum": (lambda v, b: v >= b, ">="),
+           "exclusiveMaximum": (lambda v, b: v < b, "<"), "maximum": (lambda v, b: v <= b, "<=")}
 
 
-def non_negative(v) -> str | None:
-    return None if v >= 0 else f"must be >= 0, got {v}"
+def _bounds_problem(schema: dict, value) -> str | None:
+    """The first JSON Schema numeric bound in `schema` that a number `value` breaks, in words."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    for key, (holds, sign) in _BOUNDS.items():
+        if key in schema and not holds(value, schema[key]):
+            return f"must be {sign} {schema[key]}, got {value}"
+    return None
+
+
+def bounded(**schema) -> Callable[[Any], str | None]:
+    """A range check from JSON Schema bounds, carrying them for ``geomcompile schema``:
+    ``bounded(exclusiveMinimum=0)`` says "must be > 0, got -1"."""
+    def check(v) -> str | None:
+        return _bounds_problem(schema, v)
+    check.schema = dict(schema)
+    return check
+
+
+positive = bounded(exclusiveMinimum=0)
+non_negative = bounded(minimum=0)
 
 
 @dataclass(frozen=True)
@@ -154,6 +181,9 @@ class Geometry:
     # Fast paths next to the geometry: backend name -> "module:attribute" of a FastPath class, imported
     # only when that backend runs. The registry-driven tests check each against the eager program.
     fast_paths: ClassVar[dict[str, str]] = {}
+    # Weight decay works against this geometry (it breaks the scale invariance psi relies on, it pulls
+    # pom's weights off their manifold): plan.param_groups() puts its parameters in a weight_decay=0 group.
+    hurt_by_weight_decay: ClassVar[bool] = False
 
     def __init__(self, **opts: Any):
         unknown = set(opts) - set(self.options)

@@ -297,6 +297,7 @@ class POM(Geometry):
     stage = "manifold"
     paper = "001_a492d199b2994eaf.txt"
     incompatible = ("psi",)
+    hurt_by_weight_decay = True
     match_hint = "match only conv and linear weights whose components fit these options"
     options = {
         "manifold": Option(str, "sphere", "component manifold: sphere (‖W‖=r), oblique (every column "
@@ -310,9 +311,12 @@ class POM(Geometry):
         "seed": Option(int, 0, "seed of the random group membership (drawn once at install)"),
         "radius": Option((str, float), "unit", "unit, geometric (eq. 2, needs example_inputs), init (the "
                                                "RMS component norm of the weight at install: keeps the "
-                                               "layer's scale) or a number > 0", check=_radius_check),
+                                               "layer's scale) or a number > 0", check=_radius_check,
+                         schema={"anyOf": [{"enum": ["unit", "geometric", "init"]},
+                                           {"type": "number", "exclusiveMinimum": 0}]}),
         "feature_std": Option(bool, False, "divide the radius by the running std of the layer's input"),
-        "std_momentum": Option(float, 0.9, "EMA momentum of the input std in [0, 1)", check=_momentum_check),
+        "std_momentum": Option(float, 0.9, "EMA momentum of the input std in [0, 1)", check=_momentum_check,
+                               schema={"minimum": 0, "exclusiveMaximum": 1}),
         "min_std": Option(float, 1.0, "the input std is floored at this (> 0) before dividing: the paper "
                                       "assumes λ ≥ 1, so r ≤ γ", check=positive),
         "stiefel_retraction": Option(str, "polar", "polar (closest point, SVD) or qr", choices=("polar", "qr")),

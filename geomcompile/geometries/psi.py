@@ -127,6 +127,7 @@ class PSI(Geometry):
     paper = "003_e743018e4af99a60.txt"
     incompatible = ("pom",)
     state_powers = STATE_POWERS
+    hurt_by_weight_decay = True
     fast_paths = {"compile": "geomcompile.geometries.psi:CompiledPSI", "triton": "geomcompile.kernels.psi:PSIKernels"}
     options = {
         "max_norm": Option(float, 1.0e4, "units whose norm exceeds this are rescaled to norm 1 after "

@@ -370,7 +370,10 @@ class Spectral(Geometry):
         "input_size": Option((str, list), "auto", "'auto' (the layer's input size from example_inputs; a "
                                                   "layer run at several sizes needs a choice), 'largest' (the "
                                                   "largest of those sizes) or the spatial size, e.g. [32, 32]",
-                             check=_input_size_check),
+                             check=_input_size_check,
+                             schema={"anyOf": [{"enum": ["auto", "largest"]},
+                                               {"type": "array", "minItems": 1,
+                                                "items": {"type": "integer", "exclusiveMinimum": 0}}]}),
         "boundary": Option(str, "module", "module (the conv's own padding) or circular (periodic)",
                            choices=("module", "circular")),
         "power_iters": Option(int, 1, "solver iterations per step, warm-started (each applies MᵀM once to "
