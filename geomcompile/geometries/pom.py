@@ -37,7 +37,7 @@ from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileError
 from ..findings import Finding
 from ..names import get_canonical_submodule
-from .base import Geometry, Option, StepContext, Unit, compute_dtype, non_negative, positive, register
+from .base import Geometry, Option, Range, StepContext, Unit, compute_dtype, register
 
 def _r(r, like: torch.Tensor) -> torch.Tensor | float:
     """A radius as a float, or as a tensor shaped to broadcast over (…, n, k) components."""
@@ -280,11 +280,16 @@ def geometric_radius(fan_in: int, out_numel: int) -> float:
 
 
 # ---- the geometry -----------------------------------------------------------------------------
+RADIUS = Range(0, 65504, low_open=True, why_high="float16's largest value: a larger radius overflows a "
+                                                "half-precision weight, and its square float32 soon after")
+
+
 def _radius_check(v) -> str | None:
     if isinstance(v, str):
         return None if v in ("unit", "geometric", "init") else \
             f"expected unit, geometric, init or a number > 0, got {v!r}"
-    return None if v > 0 else f"a numeric radius must be > 0, got {v}"
+    problem = RADIUS(v)
+    return None if problem is None else f"a numeric radius {problem}"
 
 
 def _momentum_check(v) -> str | None:
@@ -306,15 +311,17 @@ class POM(Geometry):
         "grouping": Option(str, "PI", "PI (one output channel across inputs), PO (one input across "
                                       "outputs), PIO (blocks of both) or none", choices=GROUPINGS),
         "group_size": Option(int, 0, "split each grouping axis into random groups of this size; "
-                                     "0 = the whole axis", check=non_negative),
-        "seed": Option(int, 0, "seed of the random group membership (drawn once at install)"),
+                                     "0 = the whole axis", check=Range(0, 2**31 - 1)),
+        "seed": Option(int, 0, "seed of the random group membership (drawn once at install)",
+                       check=Range(0, 2**63 - 1)),
         "radius": Option((str, float), "unit", "unit, geometric (eq. 2, needs example_inputs), init (the "
                                                "RMS component norm of the weight at install: keeps the "
                                                "layer's scale) or a number > 0", check=_radius_check),
         "feature_std": Option(bool, False, "divide the radius by the running std of the layer's input"),
         "std_momentum": Option(float, 0.9, "EMA momentum of the input std in [0, 1)", check=_momentum_check),
         "min_std": Option(float, 1.0, "the input std is floored at this (> 0) before dividing: the paper "
-                                      "assumes λ ≥ 1, so r ≤ γ", check=positive),
+                                      "assumes λ ≥ 1, so r ≤ γ",
+                          check=Range(0, 1e6, low_open=True)),
         "stiefel_retraction": Option(str, "polar", "polar (closest point, SVD) or qr", choices=("polar", "qr")),
     }
 
