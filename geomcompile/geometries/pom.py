@@ -162,10 +162,15 @@ def pom_proj(w: torch.Tensor, g: torch.Tensor, manifold: str, r=1.0) -> torch.Te
 
 
 def pom_retract(x: torch.Tensor, manifold: str, r=1.0, method: str = "polar") -> torch.Tensor:
-    """φ(x, 𝔑): every component onto its manifold of radius r (Algorithm 1, line 7)."""
-    if manifold == "stiefel":
-        return retract_stiefel(x, r, method)
-    return _manifold(manifold).retract(x, r)
+    """φ(x, 𝔑): every component onto its manifold of radius r (Algorithm 1, line 7).
+
+    float16/bfloat16 components are retracted in float32 (torch has no half-precision SVD or QR on
+    CPU, and their norms lose digits) and the result is returned in x's dtype."""
+    work = compute_dtype(x.dtype)
+    xw = x.to(work)
+    rw = r.to(work) if isinstance(r, torch.Tensor) else r
+    y = retract_stiefel(xw, rw, method) if manifold == "stiefel" else _manifold(manifold).retract(xw, rw)
+    return y.to(x.dtype)
 
 
 def pom_distance(w: torch.Tensor, manifold: str, r=1.0) -> torch.Tensor:
