@@ -22,6 +22,7 @@ State: ``runtime/state.py`` (owned by the plan, carried inside the optimizer's s
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Callable
 
 import torch
@@ -32,6 +33,10 @@ from . import absorb
 from .backends import Backend, WorkItem
 from .state import ENTRY_KEY, PlanState, extract_entries, pids_by_name, stray_entries
 from .wrappers import WEIGHT_LIKE_STATE
+
+
+# The installation on each optimizer (one plan per optimizer; weak, so an optimizer is still freed).
+_INSTALLED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, Installation]" = weakref.WeakKeyDictionary()
 
 
 class Installation:
@@ -71,6 +76,11 @@ class Installation:
 
     # -- hooks -----------------------------------------------------------------------------
     def install(self) -> None:
+        if self.optimizer in _INSTALLED:
+            raise GeomCompileError(
+                f"this {type(self.optimizer).__name__} already has a geomcompile plan installed; two plans on "
+                "one optimizer would both run at every step and share its state. Fix: call remove() on the "
+                "installed plan first, or put every rule in one policy")
         stray = stray_entries(self.optimizer)
         if stray:
             raise GeomCompileError(
@@ -93,6 +103,7 @@ class Installation:
             if hasattr(wrapper, "_optimizer_load_state_dict_pre_hooks"):
                 self.handles.append(wrapper.register_load_state_dict_pre_hook(
                     lambda _w, sd: self._take_stray_state(self.optimizer) or None))
+        _INSTALLED[opt] = self
 
     def _embed_state(self, optimizer, state_dict):
         return self.state.embed(state_dict, pids_by_name(optimizer, self.name_of))
@@ -229,6 +240,8 @@ class Installation:
             h.remove()
         self.handles, self.ctx.handles = [], []
         self.callbacks.clear()
+        if _INSTALLED.get(self.optimizer) is self:
+            del _INSTALLED[self.optimizer]
 
 
 def groups_by_name(optimizer: torch.optim.Optimizer, params: dict) -> dict[str, dict]:
