@@ -76,3 +76,36 @@ def test_one_plan_per_optimizer_sees_through_wrappers():
     gc.apply(model, PSI, inner)
     with pytest.raises(GeomCompileError, match="already has a geomcompile plan"):
         gc.plan(model, CD).install(wrapped)
+
+
+# ---- R3: fused optimizers under GradScaler ------------------------------------------------------
+def _scaled_run(fused: bool, make_opt, policy, steps: int = 3, poison_step: int | None = None):
+    model = bn_cnn()
+    optimizer = make_opt(model.parameters(), fused)
+    plan = gc.apply(model, policy, optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for i in range(steps):
+        x, y = batch(seed=i)
+        optimizer.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        if i == poison_step:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        scaler.step(optimizer)
+        scaler.update()
+    return model, plan
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda params, fused: torch.optim.SGD(params, lr=0.05, momentum=0.9, fused=fused, foreach=not fused),
+    lambda params, fused: torch.optim.AdamW(params, lr=1e-3, fused=fused, foreach=not fused),
+], ids=["sgd", "adamw"])
+@pytest.mark.parametrize("policy", [PSI, CD], ids=["psi", "channel_directed"])
+def test_fused_optimizer_under_gradscaler_gets_unscaled_gradients_and_skips_inf_steps(make_opt, policy):
+    """Before: torch hands unscaling to fused optimizers, so the hooks saw scaled gradients (trajectory
+    off by 4.7e-2) and ran on skipped steps (step counter 3 after 2 real + 1 skipped steps)."""
+    reference, ref_plan = _scaled_run(False, make_opt, policy, poison_step=1)
+    fused, fused_plan = _scaled_run(True, make_opt, policy, poison_step=1)
+    assert ref_plan.steps == fused_plan.steps == 2
+    worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+                for a, b in zip(fused.parameters(), reference.parameters()))
+    assert worst < 1e-5, worst

@@ -138,6 +138,9 @@ class Installation:
                                    "closure": _CachedClosure(loss)})
         self._adopt_new_params()
         self._refresh_groups()
+        if self._amp_skipped_step():
+            self.ctx.stepped = frozenset()
+            return replaced
         stepped = frozenset(n for it in self.items for n in it.unit.names if self.ctx.params[n].grad is not None)
         self.ctx.stepped = stepped if stepped and not self._is_initialisation_step(stepped) else frozenset()
         if self.ctx.stepped:
@@ -146,6 +149,29 @@ class Installation:
                 grads = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
                 torch.nn.utils.clip_grad_norm_(grads, self.clip_grad_norm)
         return replaced
+
+    def _amp_skipped_step(self) -> bool:
+        """GradScaler with an optimizer that unscales in its own step (``fused=True`` SGD/Adam/AdamW:
+        ``_step_supports_amp_scaling``) does not unscale the gradients; it sets ``optimizer.grad_scale``
+        and ``found_inf`` for the fused kernel. The geometries need true gradients, so unscale them
+        here, as GradScaler.unscale_ would (times the float32 reciprocal of the scale), and clear
+        ``grad_scale`` so the fused step does not unscale twice. A step GradScaler skips (inf/NaN
+        found) runs no geometry and is not counted. Reading ``found_inf`` is one host sync per step,
+        only in this configuration."""
+        opt = self.optimizer
+        found_inf = getattr(opt, "found_inf", None)
+        if isinstance(found_inf, torch.Tensor) and bool(found_inf.item()):
+            return True
+        scale = getattr(opt, "grad_scale", None)
+        if isinstance(scale, torch.Tensor):
+            inv = scale.double().reciprocal().float()
+            with torch.no_grad():
+                for group in opt.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.mul_(inv.to(p.grad.device))
+            opt.grad_scale = None
+        return False
 
     def _refresh_groups(self) -> None:
         """Hyperparameters are read from the live param_groups: load_state_dict replaces the group dicts."""
