@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
+import math
 import re
 import warnings as _warnings
 from dataclasses import dataclass, field
@@ -95,8 +96,39 @@ class _Locator:
         raise GeomCompileError(f"{self.at(path, key)}: {message}")
 
 
+# Bounds on what a policy document may be. A policy is a short hand-written file: these limits are far
+# above any real one and keep the loader's time and memory bounded whatever the input.
+MAX_POLICY_CHARS = 1_000_000      # characters in the whole document
+MAX_DEPTH = 64                    # nesting of mappings and sequences
+MAX_VALUES = 100_000              # values after alias expansion (an "alias bomb" expands exponentially)
+MAX_INT_DIGITS = 30               # digits of an integer literal
+# Tags of the YAML core schema that a policy can use; anything else (!!python/..., !!binary, !!set,
+# !!timestamp, merge keys, local tags) is refused rather than silently read or dropped.
+_SCALAR_TAGS = {f"tag:yaml.org,2002:{t}": t for t in ("str", "int", "float", "bool", "null")}
+_COLLECTION_TAGS = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag:yaml.org,2002:seq"}
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads YAML 1.2 floats like 1e4 and 1.0e4 (PyYAML reads them as strings)."""
+    """SafeLoader that also reads YAML 1.2 floats like 1e4 and 1.0e4 (PyYAML reads them as strings),
+    and refuses documents nested deeper than MAX_DEPTH while composing them (PyYAML's composer
+    recurses once per level and would otherwise hit Python's recursion limit)."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _TooDeep(self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _TooDeep(Exception):
+    def __init__(self, mark):
+        super().__init__(mark)
+        self.mark = mark
 
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
@@ -104,36 +136,97 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                               list("-+0123456789"))
 
 
+def _short(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _reader_position(text: str, position: int) -> tuple[int, int]:
+    """(line, column), 1-based, of a character offset."""
+    line = text.count("\n", 0, position) + 1
+    return line, position - (text.rfind("\n", 0, position) + 1) + 1
+
+
 def _parse_yaml(text: str, source: str) -> tuple[Any, _Locator]:
-    """Parse YAML into plain data, keeping the start mark of every value and every mapping key."""
-    loader = _Loader(text)
+    """Parse YAML into plain data, keeping the start mark of every value and every mapping key.
+
+    Every input either parses or raises GeomCompileError with file:line:column: no other exception
+    escapes, and the limits above bound time and memory (see MAX_*)."""
+    if len(text) > MAX_POLICY_CHARS:
+        raise GeomCompileError(f"{source}: the policy has {len(text):,} characters, more than the "
+                               f"{MAX_POLICY_CHARS:,} a policy may have. Fix: is this the right file?")
     marks, key_marks = {}, {}
     loc = _Locator(source, marks, key_marks)
+    values = 0
 
-    def convert(node, path):
+    def fail(node_or_mark, message: str):
+        mark = getattr(node_or_mark, "start_mark", node_or_mark)
+        raise GeomCompileError(f"{_at_mark(source, mark)}: {message}")
+
+    def scalar(node):
+        kind = _SCALAR_TAGS.get(node.tag)
+        if kind is None:
+            fail(node, f"the tag {node.tag!r} is not one a policy can use (plain strings, numbers, true/false "
+                       f"and null only). Fix: remove the tag and write the value plainly")
+        if kind == "int" and sum(c.isdigit() for c in node.value) > MAX_INT_DIGITS:
+            fail(node, f"an integer of {sum(c.isdigit() for c in node.value)} digits is larger than any "
+                       f"option accepts. Fix: give a value in the option's range")
+        try:
+            value = loader.construct_object(node, deep=True)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, yaml.YAMLError):
+            fail(node, f"cannot read {_short(node.value)} as a value of type {kind}. "
+                       f"Fix: write a plain {kind} value without the tag, or quote it to make it a string")
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(node, f"{_short(node.value)} is not a finite number; no option accepts it. "
+                       f"Fix: give a finite value in the option's range")
+        return value
+
+    def convert(node, path, depth):
+        nonlocal values
+        values += 1
+        if values > MAX_VALUES:
+            fail(node, f"the policy expands to more than {MAX_VALUES:,} values (aliases that repeat "
+                       f"aliases?). Fix: write the repeated parts out, without nested aliases")
+        if depth > MAX_DEPTH:    # reached through aliases that refer back to an enclosing node
+            fail(node, f"the policy nests deeper than {MAX_DEPTH} levels (an alias that refers to its "
+                       f"own enclosing mapping?). Fix: remove the recursive alias")
         marks[path] = node.start_mark
+        if isinstance(node, yaml.ScalarNode):
+            return scalar(node)
+        if node.tag != _COLLECTION_TAGS[type(node)]:
+            fail(node, f"the tag {node.tag!r} is not one a policy can use. Fix: remove the tag")
         if isinstance(node, yaml.SequenceNode):
-            return [convert(item, path + (i,)) for i, item in enumerate(node.value)]
-        if not isinstance(node, yaml.MappingNode):
-            return loader.construct_object(node, deep=True)
+            return [convert(item, path + (i,), depth + 1) for i, item in enumerate(node.value)]
         out = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                what = "merge keys (<<)" if isinstance(key_node, yaml.ScalarNode) else "complex keys"
+                fail(key_node, f"{what} are not supported in a policy. Fix: write each key out as a name")
+            key = scalar(key_node)
             if not isinstance(key, str):
-                raise GeomCompileError(f"{_at_mark(source, key_node.start_mark)}: keys must be names, "
-                                       f"got {key!r}. Fix: quote it or rename it")
+                fail(key_node, f"keys must be names, got {key!r}. Fix: quote it or rename it")
             key_marks[path + (key,)] = key_node.start_mark
             if key in out:
                 loc.fail(path + (key,), f"duplicate key {key!r}. Fix: keep only one of them", key=True)
-            out[key] = convert(value_node, path + (key,))
+            out[key] = convert(value_node, path + (key,), depth + 1)
         return out
 
+    loader = None
     try:
+        loader = _Loader(text)
         node = loader.get_single_node()
         if node is None:
             raise GeomCompileError(f"{source}: the policy is empty. Fix: start it with `version: 1` "
                                    f"and a `rules:` list")
-        return convert(node, ()), loc
+        return convert(node, (), 0), loc
+    except _TooDeep as e:
+        raise GeomCompileError(f"{_at_mark(source, e.mark)}: the policy nests deeper than {MAX_DEPTH} levels. "
+                               f"Fix: a policy needs only a few levels (rules -> rule -> use -> options)") from None
+    except yaml.reader.ReaderError as e:
+        line, column = _reader_position(text, e.position)
+        what = f"U+{e.character:04X}" if e.encoding == "unicode" else f"byte 0x{e.character:02X}"
+        raise GeomCompileError(f"{source}:{line}:{column}: the character {what} cannot appear in a YAML "
+                               f"policy. Fix: delete it (control characters and lone surrogates are "
+                               f"not allowed)") from None
     except yaml.MarkedYAMLError as e:
         where = _at_mark(source, e.problem_mark or e.context_mark)
         fix = "check indentation, colons and quotes here"
@@ -142,8 +235,11 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, _Locator]:
         raise GeomCompileError(f"{where}: YAML syntax error: {e.problem or e.context}. Fix: {fix}") from None
     except yaml.YAMLError as e:
         raise GeomCompileError(f"{source}: YAML error: {e}") from None
+    except RecursionError:   # a last resort: the limits above should make this unreachable
+        raise GeomCompileError(f"{source}: the policy nests too deeply to read. Fix: flatten it") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 # ---- selectors ------------------------------------------------------------------------------

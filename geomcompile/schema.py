@@ -42,6 +42,8 @@ SELECTOR_SCHEMAS = {
     "scale_invariant": {"type": "boolean", "description": "the loss is invariant to scaling the weight's units "
                                                           "(a normalisation absorbs it)"},
     "depthwise": {"type": "boolean", "description": "a depthwise convolution weight"},
+    "g_coupled": {"type": "boolean", "description": "the weight (or its bias) is in a G-chain: coupled with the next or "
+                                                   "previous layer by a positive rescaling symmetry (gspace)"},
     "min_numel": {**_COUNT, "description": "at least this many elements"},
     "max_numel": {**_COUNT, "description": "at most this many elements"},
     "ndim": {**_COUNT, "description": "exactly this many dimensions"},

@@ -490,3 +490,17 @@ def test_digits_pom_trains_about_as_well_as_sgd():
 def test_shipped_policy_loads_and_describes_pom():
     pol = gc.load_policy("fgsgd")
     assert any(g.name == "pom" for rule in pol.rules for g in rule.use.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("manifold, method", [("stiefel", "polar"), ("stiefel", "qr"), ("sphere", "polar"),
+                                              ("oblique", "polar")])
+def test_functional_retract_half_precision_computes_in_float32(dtype, manifold, method):
+    """Issue 15, R10: pom_retract(..., "stiefel") raised NotImplementedError ("linalg_svd_cpu" not
+    implemented for 'Half'). Half inputs are retracted in float32 and returned in their dtype."""
+    x = torch.randn(5, 4, 3, generator=torch.Generator().manual_seed(0))
+    out = gc.functional.pom_retract(x.to(dtype), manifold, 2.0, method)
+    assert out.dtype == dtype
+    reference = gc.functional.pom_retract(x.to(dtype).float(), manifold, 2.0, method)
+    assert torch.equal(out, reference.to(dtype))
+    assert float(gc.functional.pom_distance(out.float(), manifold, 2.0).max()) < 2e-2   # on it, to half precision

@@ -451,7 +451,7 @@ def test_non_conv_parameter_is_refused_in_strict_mode():
 
 
 @pytest.mark.parametrize("opts,fragment", [
-    ({"alpha": 0}, "must be > 0"), ({"alpha": -1.0}, "must be > 0"), ({"power_iters": 0}, "must be > 0"),
+    ({"alpha": 0}, "must be > 0"), ({"alpha": -1.0}, "must be > 0"), ({"power_iters": 0}, "must be >= 1"),
     ({"input_size": "big"}, "'auto' or a list"), ({"boundary": "periodic"}, "module, circular"),
 ])
 def test_bad_options_are_errors(opts, fragment):

@@ -7,6 +7,7 @@ The runtime never branches on which geometry it runs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -56,6 +57,8 @@ class Option:
             return f"expected {_type_names(types)}, got a boolean"
         if not isinstance(value, types):
             return f"expected {_type_names(types)}, got {type(value).__name__} {value!r}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value}"
         if self.choices is not None and value not in self.choices:
             return f"expected one of {', '.join(map(str, self.choices))}, got {value!r}"
         if self.check is not None and (problem := self.check(value)):
@@ -91,8 +94,59 @@ def bounded(**schema) -> Callable[[Any], str | None]:
     return check
 
 
-positive = bounded(exclusiveMinimum=0)
-non_negative = bounded(minimum=0)
+@dataclass(frozen=True)
+class Range:
+    """A numeric range an option's value must lie in, usable as ``Option(check=...)``; it also
+    describes itself, so docs and schemas can state it. An upper bound is there because larger
+    values overflow or stall training (a policy loader must never accept a value that produces NaN
+    at step 1 or hangs a step); ``why_high`` says which."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False       # low itself is excluded
+    high_open: bool = False
+    why_high: str = ""
+
+    def _low(self) -> str:
+        return f"{'>' if self.low_open else '>='} {_number(self.low)}"
+
+    def _high(self) -> str:
+        return f"{'<' if self.high_open else '<='} {_number(self.high)}"
+
+    def describe(self) -> str:
+        if self.high is None or self.low is None:
+            return self._low() if self.high is None else self._high()
+        return (f"in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}"
+                f"{')' if self.high_open else ']'}")
+
+    def __call__(self, v) -> str | None:
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            return f"must be {self._low()}, got {v}"
+        if self.high is not None and (v >= self.high if self.high_open else v > self.high):
+            why = f" ({self.why_high})" if self.why_high else ""
+            return f"must be {self._high()}, got {v}{why}"
+        return None
+
+    @property
+    def schema(self) -> dict:
+        """The same range as JSON Schema bounds (``geomcompile schema``)."""
+        out = {}
+        if self.low is not None:
+            out["exclusiveMinimum" if self.low_open else "minimum"] = self.low
+        if self.high is not None:
+            out["exclusiveMaximum" if self.high_open else "maximum"] = self.high
+        return out
+
+
+def _number(x: float) -> str:
+    """1000000.0 -> "1e6", 1000 -> "1000", 0.5 -> "0.5"."""
+    if float(x).is_integer() and abs(x) < 1e5:
+        return str(int(x))
+    return f"{x:.6g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+
+
+positive = Range(0, low_open=True)
+non_negative = Range(0)
 
 
 @dataclass(frozen=True)
@@ -231,11 +285,6 @@ class Geometry:
         ``structure`` is the analysis Structure of the whole model, for geometries whose units
         couple parameters across layers."""
         return [Unit((f.name,), (f,)) for f in facts]
-
-    def config_warnings(self) -> list[str]:
-        """Warnings about an option combination, whatever the parameter (the plan adds the position
-        of the policy's `use` entry)."""
-        return []
 
     def check_unit(self, unit: Unit) -> str | None:
         """Why this unit cannot be formed (the policy adds the rule's file:line:column), or None."""

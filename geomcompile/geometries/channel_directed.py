@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..analysis.facts import ParamFacts
-from .base import Geometry, Option, Unit, StepContext, compute_dtype, non_negative, positive, register
+from .base import Geometry, Option, Range, Unit, StepContext, compute_dtype, register
 
 
 def _as_rows(grad: torch.Tensor, dim: int) -> torch.Tensor:
@@ -131,8 +131,9 @@ class ChannelDirected(Geometry):
         "metric": Option(str, "sobolev", "h0 (re-weighted H0) or sobolev (H1 along the output channel)",
                          choices=("h0", "sobolev")),
         "lam": Option(float, 1.0, "lambda > 0: smoothing strength (larger = closer to the channel mean)",
-                      check=positive),
-        "mix": Option(float, 0.0, "mix >= 0: adds mix * (Euclidean gradient)", check=non_negative),
+                      check=Range(0, 1e6, low_open=True, why_high="beyond it the metric is the channel mean to float32 precision")),
+        "mix": Option(float, 0.0, "mix >= 0: adds mix * (Euclidean gradient)",
+                      check=Range(0, 1e6, why_high="it would multiply the learning rate by more than a million")),
     }
 
     def config_warnings(self) -> list[str]:

@@ -37,7 +37,7 @@ from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileError
 from ..findings import Finding
 from ..names import get_canonical_submodule
-from .base import Geometry, Option, StepContext, Unit, compute_dtype, non_negative, positive, register
+from .base import Geometry, Option, Range, StepContext, Unit, compute_dtype, register
 
 def _r(r, like: torch.Tensor) -> torch.Tensor | float:
     """A radius as a float, or as a tensor shaped to broadcast over (…, n, k) components."""
@@ -162,10 +162,15 @@ def pom_proj(w: torch.Tensor, g: torch.Tensor, manifold: str, r=1.0) -> torch.Te
 
 
 def pom_retract(x: torch.Tensor, manifold: str, r=1.0, method: str = "polar") -> torch.Tensor:
-    """φ(x, 𝔑): every component onto its manifold of radius r (Algorithm 1, line 7)."""
-    if manifold == "stiefel":
-        return retract_stiefel(x, r, method)
-    return _manifold(manifold).retract(x, r)
+    """φ(x, 𝔑): every component onto its manifold of radius r (Algorithm 1, line 7).
+
+    float16/bfloat16 components are retracted in float32 (torch has no half-precision SVD or QR on
+    CPU, and their norms lose digits) and the result is returned in x's dtype."""
+    work = compute_dtype(x.dtype)
+    xw = x.to(work)
+    rw = r.to(work) if isinstance(r, torch.Tensor) else r
+    y = retract_stiefel(xw, rw, method) if manifold == "stiefel" else _manifold(manifold).retract(xw, rw)
+    return y.to(x.dtype)
 
 
 def pom_distance(w: torch.Tensor, manifold: str, r=1.0) -> torch.Tensor:
@@ -280,11 +285,16 @@ def geometric_radius(fan_in: int, out_numel: int) -> float:
 
 
 # ---- the geometry -----------------------------------------------------------------------------
+RADIUS = Range(0, 65504, low_open=True, why_high="float16's largest value: a larger radius overflows a "
+                                                "half-precision weight, and its square float32 soon after")
+
+
 def _radius_check(v) -> str | None:
     if isinstance(v, str):
         return None if v in ("unit", "geometric", "init") else \
             f"expected unit, geometric, init or a number > 0, got {v!r}"
-    return None if v > 0 else f"a numeric radius must be > 0, got {v}"
+    problem = RADIUS(v)
+    return None if problem is None else f"a numeric radius {problem}"
 
 
 def _momentum_check(v) -> str | None:
@@ -307,18 +317,20 @@ class POM(Geometry):
         "grouping": Option(str, "PI", "PI (one output channel across inputs), PO (one input across "
                                       "outputs), PIO (blocks of both) or none", choices=GROUPINGS),
         "group_size": Option(int, 0, "split each grouping axis into random groups of this size; "
-                                     "0 = the whole axis", check=non_negative),
-        "seed": Option(int, 0, "seed of the random group membership (drawn once at install)"),
+                                     "0 = the whole axis", check=Range(0, 2**31 - 1)),
+        "seed": Option(int, 0, "seed of the random group membership (drawn once at install)",
+                       check=Range(0, 2**63 - 1)),
         "radius": Option((str, float), "unit", "unit, geometric (eq. 2, needs example_inputs), init (the "
                                                "RMS component norm of the weight at install: keeps the "
                                                "layer's scale) or a number > 0", check=_radius_check,
                          schema={"anyOf": [{"enum": ["unit", "geometric", "init"]},
-                                           {"type": "number", "exclusiveMinimum": 0}]}),
+                                           {"type": "number", **RADIUS.schema}]}),
         "feature_std": Option(bool, False, "divide the radius by the running std of the layer's input"),
         "std_momentum": Option(float, 0.9, "EMA momentum of the input std in [0, 1)", check=_momentum_check,
                                schema={"minimum": 0, "exclusiveMaximum": 1}),
         "min_std": Option(float, 1.0, "the input std is floored at this (> 0) before dividing: the paper "
-                                      "assumes λ ≥ 1, so r ≤ γ", check=positive),
+                                      "assumes λ ≥ 1, so r ≤ γ",
+                          check=Range(0, 1e6, low_open=True)),
         "stiefel_retraction": Option(str, "polar", "polar (closest point, SVD) or qr", choices=("polar", "qr")),
     }
 

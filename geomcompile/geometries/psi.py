@@ -17,7 +17,7 @@ import torch
 
 from ..analysis.facts import ParamFacts
 from ..findings import Finding
-from .base import Geometry, Option, Rescale, StepContext, Unit, compute_dtype, positive, register
+from .base import Geometry, Option, Range, Rescale, StepContext, Unit, compute_dtype, positive, register
 
 
 def _unit_view(t: torch.Tensor, unit: str, dim: int, group_size: int | None) -> torch.Tensor:

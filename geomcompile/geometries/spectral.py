@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileError
-from .base import Geometry, Option, StepContext, Unit, compute_dtype, non_negative, positive, register
+from .base import Geometry, Option, Range, StepContext, Unit, compute_dtype, register
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -356,6 +356,13 @@ def _sizes(facts: ParamFacts) -> list[tuple[int, ...]]:
     return list(dict.fromkeys(tuple(s[2:]) for s in shapes))
 
 
+# Documented maxima of the solver's iteration counts: each iteration applies MᵀM to 2·block vectors of
+# every layer at every step, so a larger count stalls training rather than helping it.
+MAX_ITERS = Range(1, 1000, why_high="each iteration applies MᵀM to 2·block vectors per layer per step")
+MAX_INIT_ITERS = Range(1, 10_000, why_high="the first step would stall training")
+MAX_BLOCK = Range(1, 64, why_high="the Rayleigh-Ritz solve is cubic in the block")
+
+
 @register
 class Spectral(Geometry):
     name = "spectral"
@@ -364,9 +371,9 @@ class Spectral(Geometry):
     match_hint = "add `kind: conv` to match"
     options = {
         "alpha": Option(float, 1.0, "α > 0: the penalty σ_max(MᵀM − αI) pulls the squared singular values "
-                                    "of M towards α", check=positive),
+                                    "of M towards α", check=Range(0, 1e6, low_open=True, why_high="beyond it αI swamps MᵀM and float32 cannot resolve its spectrum")),
         "coef": Option(float, 1.0e-4, "weight of the penalty gradient added to the loss gradient",
-                       check=non_negative),
+                       check=Range(0, 1e6, why_high="the penalty would outweigh any loss gradient by a million")),
         "input_size": Option((str, list), "auto", "'auto' (the layer's input size from example_inputs; a "
                                                   "layer run at several sizes needs a choice), 'largest' (the "
                                                   "largest of those sizes) or the spatial size, e.g. [32, 32]",
@@ -377,15 +384,15 @@ class Spectral(Geometry):
         "boundary": Option(str, "module", "module (the conv's own padding) or circular (periodic)",
                            choices=("module", "circular")),
         "power_iters": Option(int, 1, "solver iterations per step, warm-started (each applies MᵀM once to "
-                                      "2·block vectors; the first of a step twice)", check=positive),
+                                      "2·block vectors; the first of a step twice)", check=MAX_ITERS),
         "init_iters": Option(int, 100, "solver iterations at most at the first step (nothing to warm-start from)",
-                             check=positive),
-        "block": Option(int, BLOCK, "Ritz vectors kept at each end of the spectrum", check=positive),
+                             check=MAX_INIT_ITERS),
+        "block": Option(int, BLOCK, "Ritz vectors kept at each end of the spectrum", check=MAX_BLOCK),
         "tol": Option(float, 1.0e-6, "stop a step's iterations once every residual is <= tol·σ_max² (0: never)",
-                      check=non_negative),
+                      check=Range(0, 1)),
         "tie_tol": Option(float, 1.0e-3, "the ends' |λ − α| closer than their residuals plus tie_tol·R count "
-                                         "as an ambiguous step", check=non_negative),
-        "every": Option(int, 1, "apply the penalty every k optimizer steps", check=positive),
+                                         "as an ambiguous step", check=Range(0, 1)),
+        "every": Option(int, 1, "apply the penalty every k optimizer steps", check=Range(1, 10**9)),
     }
 
     def check(self, facts: ParamFacts) -> str | None:

@@ -22,6 +22,7 @@ State: ``runtime/state.py`` (owned by the plan, carried inside the optimizer's s
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Callable
 
 import torch
@@ -32,6 +33,10 @@ from . import absorb
 from .backends import Backend, WorkItem
 from .state import ENTRY_KEY, PlanState, extract_entries, pids_by_name, stray_entries
 from .wrappers import WEIGHT_LIKE_STATE
+
+
+# The installation on each optimizer (one plan per optimizer; weak, so an optimizer is still freed).
+_INSTALLED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, Installation]" = weakref.WeakKeyDictionary()
 
 
 class Installation:
@@ -71,6 +76,11 @@ class Installation:
 
     # -- hooks -----------------------------------------------------------------------------
     def install(self) -> None:
+        if self.optimizer in _INSTALLED:
+            raise GeomCompileError(
+                f"this {type(self.optimizer).__name__} already has a geomcompile plan installed; two plans on "
+                "one optimizer would both run at every step and share its state. Fix: call remove() on the "
+                "installed plan first, or put every rule in one policy")
         stray = stray_entries(self.optimizer)
         if stray:
             raise GeomCompileError(
@@ -93,6 +103,7 @@ class Installation:
             if hasattr(wrapper, "_optimizer_load_state_dict_pre_hooks"):
                 self.handles.append(wrapper.register_load_state_dict_pre_hook(
                     lambda _w, sd: self._take_stray_state(self.optimizer) or None))
+        _INSTALLED[opt] = self
 
     def _embed_state(self, optimizer, state_dict):
         return self.state.embed(state_dict, pids_by_name(optimizer, self.name_of))
@@ -127,6 +138,9 @@ class Installation:
                                    "closure": _CachedClosure(loss)})
         self._adopt_new_params()
         self._refresh_groups()
+        if self._amp_skipped_step():
+            self.ctx.stepped = frozenset()
+            return replaced
         stepped = frozenset(n for it in self.items for n in it.unit.names if self.ctx.params[n].grad is not None)
         self.ctx.stepped = stepped if stepped and not self._is_initialisation_step(stepped) else frozenset()
         if self.ctx.stepped:
@@ -135,6 +149,29 @@ class Installation:
                 grads = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
                 torch.nn.utils.clip_grad_norm_(grads, self.clip_grad_norm)
         return replaced
+
+    def _amp_skipped_step(self) -> bool:
+        """GradScaler with an optimizer that unscales in its own step (``fused=True`` SGD/Adam/AdamW:
+        ``_step_supports_amp_scaling``) does not unscale the gradients; it sets ``optimizer.grad_scale``
+        and ``found_inf`` for the fused kernel. The geometries need true gradients, so unscale them
+        here, as GradScaler.unscale_ would (times the float32 reciprocal of the scale), and clear
+        ``grad_scale`` so the fused step does not unscale twice. A step GradScaler skips (inf/NaN
+        found) runs no geometry and is not counted. Reading ``found_inf`` is one host sync per step,
+        only in this configuration."""
+        opt = self.optimizer
+        found_inf = getattr(opt, "found_inf", None)
+        if isinstance(found_inf, torch.Tensor) and bool(found_inf.item()):
+            return True
+        scale = getattr(opt, "grad_scale", None)
+        if isinstance(scale, torch.Tensor):
+            inv = scale.double().reciprocal().float()
+            with torch.no_grad():
+                for group in opt.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.mul_(inv.to(p.grad.device))
+            opt.grad_scale = None
+        return False
 
     def _refresh_groups(self) -> None:
         """Hyperparameters are read from the live param_groups: load_state_dict replaces the group dicts."""
@@ -229,6 +266,8 @@ class Installation:
             h.remove()
         self.handles, self.ctx.handles = [], []
         self.callbacks.clear()
+        if _INSTALLED.get(self.optimizer) is self:
+            del _INSTALLED[self.optimizer]
 
 
 def groups_by_name(optimizer: torch.optim.Optimizer, params: dict) -> dict[str, dict]:

@@ -1,0 +1,111 @@
+"""Reliability defects of issue 15, one test per row (R1-R11), each failing on the main it was found on."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import geomcompile as gc
+from geomcompile.errors import GeomCompileError
+
+PSI = {"version": 1, "rules": [{"name": "bn-convs", "match": {"kind": "conv", "scale_invariant": True},
+                                "use": {"psi": {}}}]}
+CD = {"version": 1, "rules": [{"name": "convs", "match": {"kind": "conv"},
+                               "use": {"channel_directed": {"metric": "sobolev", "lam": 2.0}}}]}
+
+
+def bn_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Conv2d(6, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+def batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 3, 6, 6, generator=g), torch.randint(0, 2, (4,), generator=g)
+
+
+def step(model, optimizer):
+    x, y = batch()
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+# ---- R6: one plan per optimizer ----------------------------------------------------------------
+@pytest.mark.parametrize("second", [PSI, CD])
+def test_a_second_plan_on_the_same_optimizer_is_refused_and_the_first_keeps_working(second):
+    """Before: a second apply was accepted, both plans ran every step (step counter 2 after one step)
+    and removing one deleted the state they shared."""
+    model = bn_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    first = gc.apply(model, PSI, optimizer)
+    with pytest.raises(GeomCompileError, match=r"already has a geomcompile plan installed.*remove\(\)"):
+        gc.apply(model, second, optimizer)
+    step(model, optimizer)
+    assert first.steps == 1
+    assert first.installed and len(optimizer._optimizer_step_pre_hooks) == 1
+
+    # The same model and optimizer without the refused plan: identical weights after the step.
+    twin = bn_cnn()
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    gc.apply(twin, PSI, twin_opt)
+    step(twin, twin_opt)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_after_remove_another_plan_can_be_installed():
+    model = bn_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gc.apply(model, PSI, optimizer).remove()
+    plan = gc.apply(model, CD, optimizer)
+    step(model, optimizer)
+    assert plan.steps == 1
+
+
+def test_one_plan_per_optimizer_sees_through_wrappers():
+    """A plan on the inner optimizer and another through a wrapper of it (timm's Lookahead) would run
+    on the same optimizer: refused like two plans on one optimizer."""
+    from tests.test_step_protocol import _timm_module
+    Lookahead = _timm_module("optim/lookahead.py").Lookahead
+    model = bn_cnn()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapped = Lookahead(inner)
+    gc.apply(model, PSI, inner)
+    with pytest.raises(GeomCompileError, match="already has a geomcompile plan"):
+        gc.plan(model, CD).install(wrapped)
+
+
+# ---- R3: fused optimizers under GradScaler ------------------------------------------------------
+def _scaled_run(fused: bool, make_opt, policy, steps: int = 3, poison_step: int | None = None):
+    model = bn_cnn()
+    optimizer = make_opt(model.parameters(), fused)
+    plan = gc.apply(model, policy, optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for i in range(steps):
+        x, y = batch(seed=i)
+        optimizer.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        if i == poison_step:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        scaler.step(optimizer)
+        scaler.update()
+    return model, plan
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda params, fused: torch.optim.SGD(params, lr=0.05, momentum=0.9, fused=fused, foreach=not fused),
+    lambda params, fused: torch.optim.AdamW(params, lr=1e-3, fused=fused, foreach=not fused),
+], ids=["sgd", "adamw"])
+@pytest.mark.parametrize("policy", [PSI, CD], ids=["psi", "channel_directed"])
+def test_fused_optimizer_under_gradscaler_gets_unscaled_gradients_and_skips_inf_steps(make_opt, policy):
+    """Before: torch hands unscaling to fused optimizers, so the hooks saw scaled gradients (trajectory
+    off by 4.7e-2) and ran on skipped steps (step counter 3 after 2 real + 1 skipped steps)."""
+    reference, ref_plan = _scaled_run(False, make_opt, policy, poison_step=1)
+    fused, fused_plan = _scaled_run(True, make_opt, policy, poison_step=1)
+    assert ref_plan.steps == fused_plan.steps == 2
+    worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+                for a, b in zip(fused.parameters(), reference.parameters()))
+    assert worst < 1e-5, worst
