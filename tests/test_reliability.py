@@ -109,3 +109,31 @@ def test_fused_optimizer_under_gradscaler_gets_unscaled_gradients_and_skips_inf_
     worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
                 for a, b in zip(fused.parameters(), reference.parameters()))
     assert worst < 1e-5, worst
+
+
+# ---- R4: a resumed lr reaches the fused kernels -------------------------------------------------
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_resumed_and_scheduled_lr_reach_every_backend(backend):
+    """Before: the triton backend kept the param_group dicts of install; optimizer.load_state_dict
+    replaces them, so a resumed lr (and a scheduler after resume) was ignored by the fused kernels
+    (update 100x too large after resuming with lr 1e-3). Here every backend must move the weights
+    exactly as the eager backend with the lr the optimizer holds now."""
+    from tests.test_triton_backend import _setup, _step
+    moved = {}
+    for name in ("eager", backend):
+        model, opt, plan = _setup("sobolev", "sgd_momentum", name)
+        _step(model, opt, 0)
+        saved = opt.state_dict()
+        for group in saved["param_groups"]:
+            group["lr"] = 1e-3                       # the checkpoint says lr 1e-3
+        opt.load_state_dict(saved)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        before = [p.detach().clone() for p in model.parameters()]
+        for step in (1, 2):
+            _step(model, opt, step)
+            scheduler.step()
+        moved[name] = [float((p - b).abs().max()) for p, b in zip(model.parameters(), before) if p.numel()]
+        assert opt.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+    for a, b in zip(moved["eager"], moved[backend]):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-7)
+    assert max(moved[backend]) < 0.05       # an lr of 0.05 (the install-time value) would move far more
