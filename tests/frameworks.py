@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import geomcompile as gc
 
@@ -169,3 +170,10 @@ class UpdateRecorder:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def batches_loader(batches) -> DataLoader:
+    """The given (x, y) batches, in order, as a DataLoader (one batch per step)."""
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    return DataLoader(TensorDataset(x, y), batch_size=len(batches[0][1]), shuffle=False)

@@ -14,19 +14,9 @@ from geomcompile.policy import load_policy
 from tests.models import (G_ENTRIES, ZOO, DenseNetStyle, FullyConvNet, GEntry, GMLP, GTinyCNN, ResNet50Style,
                           _randn, g_tiny_cnn_inputs, images)
 
+from geomcompile.analysis.coupling import g_chains as chains  # noqa: E402
+
 ENTRIES = {e.name: e for e in G_ENTRIES}
-
-
-def chains(structure) -> list[list[str]]:
-    """The chains the facts describe, each from its first layer (no g_prev) along g_next."""
-    out = []
-    for name, f in structure.items():
-        if f.g_next is not None and f.g_prev is None:
-            chain = [name]
-            while structure[chain[-1]].g_next is not None:
-                chain.append(structure[chain[-1]].g_next)
-            out.append(chain)
-    return out
 
 
 def analyse(entry: GEntry):

@@ -15,12 +15,11 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import geomcompile as gc
 from geomcompile.integrations.lightning import GeomCompile
 
-from .frameworks import (CD_CONV, LR, PSI, TinyBNNet, UpdateRecorder, assert_params_equal, assert_same_diagnostics,
+from .frameworks import (batches_loader as _loader, CD_CONV, LR, PSI, TinyBNNet, UpdateRecorder, assert_params_equal, assert_same_diagnostics,
                          example_images, image_batches, scale_rows_to_norm, sobolev_on_convs)
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -94,12 +93,6 @@ def _trainer(max_steps: int, callbacks, tmp_path=None, **kwargs) -> pl.Trainer:
                                                                                    for c in callbacks),
                       enable_progress_bar=False, enable_model_summary=False,
                       default_root_dir=tmp_path, **kwargs)
-
-
-def _loader(batches) -> DataLoader:
-    x = torch.cat([b[0] for b in batches])
-    y = torch.cat([b[1] for b in batches])
-    return DataLoader(TensorDataset(x, y), batch_size=len(batches[0][1]), shuffle=False)
 
 
 @pytest.mark.parametrize("setting, steps, batches", [

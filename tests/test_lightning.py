@@ -12,11 +12,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import geomcompile as gc
 
-from .frameworks import (CD_CONV, LR, PSI, SPECTRAL, TinyBNNet, UpdateRecorder, assert_params_close,
+from .frameworks import (batches_loader as _loader, CD_CONV, LR, PSI, SPECTRAL, TinyBNNet, UpdateRecorder, assert_params_close,
                          assert_params_equal, assert_same_diagnostics, example_images, image_batches,
                          scale_rows_to_norm, sobolev_on_convs, train_plain)
 
@@ -54,12 +53,6 @@ def _trainer(max_steps: int, callbacks=(), **kwargs) -> pl.Trainer:
     return pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, callbacks=list(callbacks),
                       enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False,
                       **kwargs)
-
-
-def _loader(batches) -> DataLoader:
-    x = torch.cat([b[0] for b in batches])
-    y = torch.cat([b[1] for b in batches])
-    return DataLoader(TensorDataset(x, y), batch_size=len(batches[0][1]), shuffle=False)
 
 
 @pytest.mark.parametrize("setting, steps, batches", [
