@@ -264,3 +264,361 @@ def gspace_normalize(E: Sequence[torch.Tensor], b: Sequence[torch.Tensor | None]
         out_w.append(e)
         out_b.append(None if b[l] is None else (b[l] * row if row is not None else b[l]))
     return out_w, out_b
+
+
+# ---- the geometry: one unit per 𝒢-chain -------------------------------------------------------------
+# The dependencies the geometry needs beyond the math above (imported here, not at the top, so the
+# pure functions read on their own).
+import math                                   # noqa: E402
+import warnings                               # noqa: E402
+from dataclasses import dataclass             # noqa: E402
+
+from ..errors import GeomCompileError, GeomCompileWarning   # noqa: E402
+from ..findings import Finding                # noqa: E402
+from .base import Geometry, Option, StepContext, Unit, register   # noqa: E402
+
+# min |V_C| below which the plan warns: steps scale as 1/κ², so a class value this small makes the
+# first steps orders of magnitude larger than plain SGD's (design §9, warnings()).
+SMALL_CLASS_VALUE = 1e-3
+SMALL_KAPPA_SQ = 1e-6
+
+
+@dataclass(frozen=True)
+class ChainLayer:
+    """One layer of a unit's chain: its weight, its bias (None: the layer has none) and its edge layout."""
+
+    weight: str
+    bias: str | None
+    out: int
+    inputs: int
+    taps: int
+    centre: int
+
+
+def chain_layers(unit: Unit) -> list[ChainLayer]:
+    """The layers of a gspace unit in chain order (its names are W¹, b¹, …, W^L, b^L)."""
+    facts = dict(zip(unit.names, unit.facts))
+    layers = []
+    for f in unit.facts:
+        if f.kind == "bias":
+            continue
+        taps = int(f.g_taps or 1)
+        out = f.shape[0]
+        layers.append(ChainLayer(f.name, f.g_bias if f.g_bias in facts else None, out,
+                                 f.numel // max(out * taps, 1), taps, int(f.g_centre or 0)))
+    return layers
+
+
+def _edges(layers: list[ChainLayer], tensors: dict) -> list[torch.Tensor]:
+    return [tensors[la.weight].reshape(la.out, la.inputs, la.taps) for la in layers]
+
+
+def _invariant_counts(layers: list[ChainLayer]) -> tuple[int, int, int]:
+    """(H, m, classes) of a chain."""
+    h = [layers[0].inputs] + [la.out for la in layers]
+    H = sum(h[1:-1])
+    m = sum(la.out * la.inputs * la.taps + (la.out if la.bias else 0) for la in layers)
+    classes = h[1] + sum(max(0, h[lv] - h[lv - 1]) for lv in range(2, len(h) - 1)) if len(h) > 2 else 0
+    return H, m, classes
+
+
+def _skeleton_entries(E: list[torch.Tensor], c: list[int]) -> list[torch.Tensor]:
+    """Per layer, the boolean mask of the skeleton S = F ∪ U."""
+    masks = gspace_masks(chain_widths(E), [e.shape[2] for e in E], c, device=E[0].device)
+    return [free | updated for free, updated in masks]
+
+
+@register
+class GSpace(Geometry):
+    """G-SGD (design §9): SGD on the basis-path values of a 𝒢-chain, with the free skeleton fixed."""
+
+    name = "gspace"
+    stage = "metric"
+    paper = "002_3ba745487f6ecdff.txt"
+    match_hint = "add `g_coupled: true` to match"
+    # pom retracts each layer onto its own manifold after the step: that moves the free skeleton
+    # and leaves path space, so the two cannot share a weight.
+    incompatible = ("pom",)
+    shard_refusal = "the skeleton gathers need the full tensors of every chain layer"
+    options = {
+        "step": Option(str, "exact", "exact: the G-SGD step of the paper, needs plain torch.optim.SGD "
+                                     "(momentum 0, no weight decay); tangent: its first-order direction "
+                                     "written into .grad, for any optimizer", choices=("exact", "tangent")),
+        "skeleton_init": Option(str, "normalize", "at install: normalize rescales the hidden units so "
+                                                  "|free skeleton| = 1 (function unchanged); paper sets every "
+                                                  "skeleton weight to +1 (changes the function; fresh models "
+                                                  "only); keep touches nothing",
+                                choices=("normalize", "paper", "keep")),
+    }
+
+    # ---- planning -------------------------------------------------------------------------
+    def check(self, facts) -> str | None:
+        if facts.kind == "bias":
+            if getattr(facts, "g_weight", None) is None:
+                return (f"gspace on a bias needs the bias of a 𝒢-chain layer, but {facts.name} is not the bias "
+                        f"of a coupled conv or linear layer")
+            return None
+        if facts.kind not in ("conv", "linear"):
+            return f"gspace acts on the conv and linear weights of a 𝒢-chain and their biases, not on a {facts.kind}"
+        if facts.g_next is None and facts.g_prev is None:
+            why = facts.g_reason or "no positively homogeneous link to a neighbouring layer"
+            return f"gspace needs a weight coupled to a neighbouring layer (a 𝒢-link), but {facts.name} has none: {why}"
+        return None
+
+    def units(self, facts, structure=None) -> list[Unit]:
+        """Maximal runs of coupled layers among the assigned weights, each with its layers' assigned
+        biases: names (W¹, b¹, …, W^L, b^L). A run of one layer, a layer whose bias is not assigned
+        and an assigned bias whose weight is not are formed too, so that check_unit refuses them
+        with the rule's position."""
+        by_name = {f.name: f for f in facts}
+        weights = {f.name: f for f in facts if f.kind != "bias"}
+        biases = {f.name: f for f in facts if f.kind == "bias"}
+        used, units = set(), []
+        for f in facts:
+            if f.kind == "bias" or (f.g_prev in weights):
+                continue                                  # not the first layer of a run
+            run, cur = [], f
+            while cur is not None and cur.name not in used:
+                used.add(cur.name)
+                run.append(cur)
+                if cur.g_bias is not None and cur.g_bias in biases:
+                    run.append(biases[cur.g_bias])
+                    used.add(cur.g_bias)
+                cur = weights.get(cur.g_next)
+            units.append(Unit(tuple(x.name for x in run), tuple(run)))
+        for name, f in biases.items():
+            if name not in used:
+                units.append(Unit((name,), (f,)))
+        for name, f in weights.items():                    # a cycle of links (never from the analysis)
+            if name not in used:
+                units.append(Unit((name,), (f,)))
+        return units
+
+    def check_unit(self, unit: Unit) -> str | None:
+        weights = [f for f in unit.facts if f.kind != "bias"]
+        if not weights:
+            f = unit.facts[0]
+            return (f"the bias {f.name} is assigned to gspace but its weight {f.g_weight} is not: a chain's "
+                    f"biases move with its weights. Fix: match {f.g_weight} in the same rule, or exclude the bias")
+        names = set(unit.names)
+        missing = [f.g_bias for f in weights if f.g_bias is not None and f.g_bias not in names]
+        if missing:
+            return (f"the chain's bias(es) {', '.join(missing)} are not assigned: G-SGD must move a hidden unit's "
+                    f"bias with its incoming weights, or the step is neither exact nor invariant. Fix: add "
+                    f"`kind: bias` to the gspace rule (e.g. match {{g_coupled: true}} covers both)")
+        if len(weights) < 2:
+            f = weights[0]
+            return (f"gspace needs ≥ 2 coupled layers, but the rule assigns only {f.name} of its chain "
+                    f"(next layer: {f.g_next or 'none'}, previous: {f.g_prev or 'none'}; "
+                    f"{f.g_reason or 'the other layers are not matched'}). Fix: match the neighbouring layer too")
+        layers = chain_layers(unit)
+        for a, b in zip(layers, layers[1:]):
+            if b.inputs != a.out:
+                return (f"{b.weight} reads {b.inputs} channels per tap but {a.weight} has {a.out} outputs: "
+                        f"the analysis' taps do not fit these shapes; gspace refuses the chain")
+        for la in layers:
+            if not 0 <= la.centre < la.taps:
+                return f"{la.weight}: skeleton tap {la.centre} is not one of its {la.taps} taps"
+        return None
+
+    # ---- install --------------------------------------------------------------------------
+    def check_install(self, unit: Unit, ctx: StepContext) -> str | None:
+        problem = self._lr_problem(unit, ctx) or self._optimizer_problem(unit, ctx)
+        if problem:
+            return problem
+        if self.opts["skeleton_init"] == "paper":
+            return None
+        layers = chain_layers(unit)
+        E = _edges(layers, {la.weight: ctx.params[la.weight].detach() for la in layers})
+        skeleton = _skeleton_entries(E, [la.centre for la in layers])
+        zeros = [la.weight for la, e, s in zip(layers, E, skeleton) if bool((e[s] == 0).any())]
+        if zeros:
+            return (f"skeleton_init: {self.opts['skeleton_init']} needs every skeleton weight ≠ 0 (the path "
+                    f"values divide by them), but {', '.join(zeros)} has a zero skeleton entry. Fix: use "
+                    f"skeleton_init: paper (sets the skeleton to +1), or initialise those weights")
+        return None
+
+    def _lr_problem(self, unit: Unit, ctx: StepContext) -> str | None:
+        lrs = {name: _lr(ctx.group_of[name]) for name in unit.names if name in ctx.group_of}
+        if len(set(lrs.values())) > 1:
+            listing = ", ".join(f"{n}: {v:g}" for n, v in lrs.items())
+            return (f"the chain's parameters are in param groups with different learning rates ({listing}); a "
+                    f"G-SGD step is one step in path space with one lr. Fix: give them the same lr (one group, "
+                    f"or the same lr in every group that holds them)")
+        return None
+
+    def _optimizer_problem(self, unit: Unit, ctx: StepContext) -> str | None:
+        if self.opts["step"] != "exact":
+            return None
+        opt = ctx.optimizer
+        if not isinstance(opt, torch.optim.SGD):
+            return (f"step: exact is plain G-SGD and needs torch.optim.SGD, got {type(opt).__name__}. Fix: use "
+                    f"step: tangent (the first-order G-SGD direction, for any optimizer)")
+        plain = {"momentum": 0, "dampening": 0, "nesterov": False, "weight_decay": 0, "maximize": False}
+        for name in unit.names:
+            group = ctx.group_of.get(name)
+            if group is None:
+                continue
+            bad = [f"{k}={group.get(k)}" for k, want in plain.items() if group.get(k, want) != want]
+            if bad:
+                return (f"step: exact needs plain SGD, but {name}'s param group has {', '.join(bad)}. Fix: use "
+                        f"step: tangent, or momentum=0, dampening=0, nesterov=False, weight_decay=0, "
+                        f"maximize=False for the chain's group")
+        return None
+
+    def warnings(self, unit: Unit, ctx: StepContext) -> list[str]:
+        out = []
+        for name in unit.names:
+            wd = ctx.group_of[name].get("weight_decay", 0) if name in ctx.group_of else 0
+            if wd:
+                why = ("which breaks the rescaling invariance and moves the free skeleton that G-SGD holds "
+                       "fixed (the paper regularises basis-path values instead, §11.5)")
+                out.append(Finding(f"gspace on {name}: its param group has weight_decay={wd}, {why}; put it in "
+                                   f"a group with weight_decay=0", name=name, key=("gspace", "weight_decay", wd),
+                                   head="gspace on ", tail=f" whose param group has weight_decay={wd}, {why}. Fix: "
+                                   f"put them in their own param group with weight_decay=0"))
+        if self.opts["skeleton_init"] == "paper":
+            return out
+        layers = chain_layers(unit)
+        centres = [la.centre for la in layers]
+        with torch.no_grad():
+            E = [e.to(compute_dtype(e.dtype)) for e in _edges(layers, {la.weight: ctx.params[la.weight] for la in layers})]
+            if any(bool((e[s] == 0).any()) for e, s in zip(E, _skeleton_entries(E, centres))):
+                return out                                # check_install refuses it
+            if self.opts["skeleton_init"] == "normalize":    # the values the first step will see
+                E, _ = gspace_normalize(E, [None] * len(E), centres)
+            min_v, min_k = _small_values(E, centres)
+        if min_v < SMALL_CLASS_VALUE or min_k ** 2 < SMALL_KAPPA_SQ:
+            out.append(f"gspace on the chain {unit.key}: min |V_C| = {min_v:.2g}, min |κ|² = {min_k ** 2:.2g} "
+                       f"after skeleton_init: {self.opts['skeleton_init']}; G-SGD's steps scale as 1/κ², so the "
+                       f"first steps can be orders of magnitude larger than plain SGD's. Fix: skeleton_init: paper "
+                       f"(V = κ = 1 at the start, the paper's setting) on a fresh model, or a smaller lr")
+        return out
+
+    def init_state(self, unit: Unit, ctx: StepContext) -> dict:
+        device = ctx.params[unit.names[0]].device
+        return {"skipped_steps": torch.zeros((), dtype=torch.int64, device=device),
+                "chain_sign_flips": torch.zeros((), dtype=torch.int64, device=device),
+                "max_lr_lambda": torch.zeros((), dtype=torch.float64, device=device),
+                "min_abs_V": torch.full((), math.inf, dtype=torch.float64, device=device),
+                "min_abs_kappa": torch.full((), math.inf, dtype=torch.float64, device=device)}
+
+    def on_install(self, unit: Unit, state, ctx: StepContext) -> list[str]:
+        layers = chain_layers(unit)
+        H, m, classes = _invariant_counts(layers)
+        widths = "-".join(str(x) for x in [layers[0].inputs] + [la.out for la in layers])
+        lines = [f"gspace chain {' → '.join(la.weight for la in layers)}: widths {widths}, H = {H}, m = {m}, "
+                 f"H/m = {H / m:.4f}, {classes} classes, step: {self.opts['step']}"]
+        mode, centres = self.opts["skeleton_init"], [la.centre for la in layers]
+        with torch.no_grad():
+            weights = [ctx.params[la.weight] for la in layers]
+            biases = [ctx.params[la.bias] if la.bias else None for la in layers]
+            E = [w.detach().reshape(la.out, la.inputs, la.taps) for w, la in zip(weights, layers)]
+            if mode == "paper":
+                skeleton = _skeleton_entries(E, centres)
+                count = sum(int(s.sum()) for s in skeleton)
+                for w, e, s in zip(weights, E, skeleton):
+                    new = torch.where(s, torch.ones_like(e), e)
+                    w.detach().copy_(new.reshape(w.shape))
+                lines.append(f"gspace skeleton_init: paper set {count} skeleton entries to +1 (the function "
+                             f"changed; use it on a fresh model only)")
+            elif mode == "normalize":
+                new_E, new_b = gspace_normalize(E, [None if b is None else b.detach() for b in biases], centres)
+                for w, e in zip(weights, new_E):
+                    w.detach().copy_(e.reshape(w.shape).to(w.dtype))
+                for b, nb in zip(biases, new_b):
+                    if b is not None:
+                        b.detach().copy_(nb.to(b.dtype))
+                lines.append("gspace skeleton_init: normalize rescaled the hidden units so that |free skeleton| = 1 "
+                             "(function unchanged)")
+            else:
+                lines.append("gspace skeleton_init: keep (weights untouched)")
+        return lines
+
+    # ---- the step -------------------------------------------------------------------------
+    def pre_step(self, unit: Unit, grads, state, ctx: StepContext) -> None:
+        if any(g is None for g in grads):
+            # A G-SGD step moves every layer of the chain together: a layer without a gradient
+            # (frozen, unused) stops the whole chain for this step.
+            self._skip(unit, state, ctx)
+            return
+        problem = self._lr_problem(unit, ctx) or self._optimizer_problem(unit, ctx)
+        if problem:
+            raise GeomCompileError(f"gspace on the chain {unit.key}: {problem}")
+        layers = chain_layers(unit)
+        grad_of = dict(zip(unit.names, grads))
+        lr = _lr(ctx.group_of[unit.names[0]])
+        centres = [la.centre for la in layers]
+        E = [ctx.params[la.weight].detach().reshape(la.out, la.inputs, la.taps) for la in layers]
+        b = [ctx.params[la.bias].detach() if la.bias else None for la in layers]
+        gE = [grad_of[la.weight].reshape(la.out, la.inputs, la.taps) for la in layers]
+        gb = [grad_of[la.bias] if la.bias else None for la in layers]
+        self._record_skeleton(E, centres, state)
+        if self.opts["step"] == "tangent":
+            dE, db = gspace_direction(E, b, gE, gb, centres)
+            self._write(layers, grad_of, dE, db, unit, state, ctx)
+            return
+        if lr == 0:
+            for g in grads:
+                g.zero_()
+            return
+        step = gspace_step(E, b, gE, gb, lr, centres)
+        rho = torch.cat([r.reshape(-1) for r in step.rho[1:-1]])
+        if bool((rho == 0).any()):
+            self._skip(unit, state, ctx, "a class ratio 1 − η·λ_C is exactly 0 (the chain value would be 0, "
+                                         "outside 𝒢-space)")
+            return
+        lr_lambda = (1 - rho).max()                       # max η·λ_C; above 1 a chain value changes sign
+        state["max_lr_lambda"].copy_(torch.maximum(state["max_lr_lambda"], lr_lambda.to(torch.float64)))
+        state["chain_sign_flips"] += (rho < 0).sum().to(state["chain_sign_flips"].device)
+        dE = [(e.to(n.dtype) - n) / lr for e, n in zip(E, step.weights)]
+        db = [None if bb is None else (bb.to(n.dtype) - n) / lr for bb, n in zip(b, step.biases)]
+        self._write(layers, grad_of, dE, db, unit, state, ctx)
+
+    def _write(self, layers, grad_of, dE, db, unit, state, ctx) -> None:
+        new = {la.weight: d for la, d in zip(layers, dE)}
+        new.update({la.bias: d for la, d in zip(layers, db) if la.bias})
+        if not all(bool(torch.isfinite(d).all()) for d in new.values()):
+            self._skip(unit, state, ctx, "the step is not finite")
+            return
+        for name, d in new.items():
+            g = grad_of[name]
+            g.copy_(d.reshape(g.shape).to(g.dtype))
+
+    def _skip(self, unit: Unit, state, ctx: StepContext, why: str | None = None) -> None:
+        """The chain takes no step: its gradients are dropped (the base optimizer skips them)."""
+        state["skipped_steps"] += 1
+        for name in unit.names:
+            ctx.params[name].grad = None
+        if why:
+            warnings.warn(f"gspace skipped a step of the chain {unit.key}: {why}; the weights are unchanged "
+                          f"(plan.diagnostics() counts skipped_steps)", GeomCompileWarning, stacklevel=2)
+
+    @staticmethod
+    def _record_skeleton(E, centres, state) -> None:
+        min_v, min_k = _small_values([e.to(compute_dtype(e.dtype)) for e in E], centres)
+        state["min_abs_V"].fill_(min_v)
+        state["min_abs_kappa"].fill_(min_k)
+
+    def diagnostics(self, unit: Unit, state) -> dict[str, float]:
+        layers = chain_layers(unit)
+        if len(layers) < 2:
+            return {}
+        H, m, classes = _invariant_counts(layers)
+        return {"invariant_ratio": H / m, "classes": float(classes),
+                "min_abs_V": float(state["min_abs_V"]), "min_abs_kappa": float(state["min_abs_kappa"]),
+                "max_lr_lambda": float(state["max_lr_lambda"]), "chain_sign_flips": float(state["chain_sign_flips"]),
+                "skipped_steps": float(state["skipped_steps"])}
+
+
+def _small_values(E, centres) -> tuple[float, float]:
+    """(min |V_C| over the hidden units, min |κ| over the chain's edges)."""
+    B, Phi, V = skeleton_products(E, centres)
+    L = len(E)
+    min_v = min(float(V[lv].abs().min()) for lv in range(1, L)) if L > 1 else math.inf
+    min_k = min(float(B[l].abs().min()) * float(Phi[l + 1].abs().min()) for l in range(L))
+    return min_v, min_k
+
+
+def _lr(group: dict) -> float:
+    return float(group.get("lr", 0.0))
