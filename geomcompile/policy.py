@@ -11,6 +11,9 @@
 A rule *matches* a parameter when every selector of ``match`` holds and not every selector of
 ``exclude`` does (exclusion wins). A rule uses at most one geometry per stage; for each parameter
 and stage the first matching rule in file order that uses a geometry of that stage wins.
+Selectors (``SELECTORS``): ``param`` / ``module`` (globs), ``kind``, ``scale_invariant``, ``depthwise``,
+``g_coupled`` (a weight with a G-link to the next or previous layer, or the bias of such a weight:
+the G-chains of ``analysis/coupling.py``), ``min_numel``, ``max_numel``, ``ndim``.
 
 Loading always validates the document strictly (keys, types, geometry and option names, option
 values); every error names ``file:line:column`` and says what to do. ``validate`` only governs the
@@ -263,6 +266,7 @@ SELECTORS = {
     "kind": _kind_test,
     "scale_invariant": _flag_test(lambda f: f.scale_invariant is not None),
     "depthwise": _flag_test(lambda f: bool(f.depthwise)),
+    "g_coupled": _flag_test(lambda f: f.g_coupled),    # a G-linked weight or its bias (analysis/coupling.py)
     "min_numel": _count_test(lambda f: f.numel, lambda n, v: n >= v),
     "max_numel": _count_test(lambda f: f.numel, lambda n, v: n <= v),
     "ndim": _count_test(lambda f: len(f.shape), lambda n, v: n == v),

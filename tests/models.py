@@ -1357,3 +1357,233 @@ class FullyConvNet(nn.Module):
 
     def forward(self, x):
         return self.head(F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))))
+
+
+# --- issue 10 (G-SGD coupling analysis): the design's nets and one model per refusal -------------
+# G-chains (design gspace.md §8): conv / linear layers joined only by unary per-channel positively
+# homogeneous ops. GEntry.chains lists the chains the analysis must find (weight names, in order);
+# reasons maps a weight to a piece of its g_reason (why its chain ends there).
+class GMLP(nn.Module):
+    """Linear + ReLU stack on `widths` (e.g. (3, 5, 4, 2)); the last layer has no ReLU."""
+
+    def __init__(self, widths=(3, 5, 4, 2), bias: bool = True):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(widths[:-1], widths[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class GTinyCNN(nn.Module):
+    """conv 1->3 (3x3), ReLU, maxpool 2, conv 3->4 (3x3, padding 1), ReLU, flatten, fc 16->2, on 1x6x6
+    inputs (g_tiny_cnn_inputs): the flatten block is (C, S) = (4, 2*2)."""
+
+    def __init__(self, bias: bool = True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 3, 3, bias=bias)
+        self.conv2 = nn.Conv2d(3, 4, 3, padding=1, bias=bias)
+        self.fc = nn.Linear(16, 2, bias=bias)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        return self.fc(torch.flatten(F.relu(self.conv2(x)), 1))
+
+
+def g_tiny_cnn_inputs(batch: int = 2) -> tuple:
+    return (_randn(batch, 1, 6, 6, seed=1),)
+
+
+class GResidualToy(nn.Module):
+    """A stem conv, a BasicBlock without BN (conv1 -> ReLU -> conv2 -> add(x) -> ReLU), a head: the
+    only chain is [block.conv1, block.conv2] (the stem's output also feeds the add)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        out = F.relu(x + self.conv2(F.relu(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+class GBetween(nn.Module):
+    """conv -> `between` -> ReLU -> conv -> flatten -> fc: `between` decides whether conv1 -> conv2 links."""
+
+    def __init__(self, between: nn.Module | None = None, groups: int = 1, act: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.between = between if between is not None else nn.Identity()
+        self.act = act if act is not None else nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, groups=groups)
+        self.fc = nn.Linear(4 * 4 * 4, 2)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv2(self.act(self.between(self.conv1(x))))).flatten(1))
+
+
+class GFanOut(nn.Module):
+    """fc1's hidden units feed two layers: not a symmetry of either alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        return self.fc2(h) + self.fc3(h)
+
+
+class GSharedWeight(nn.Module):
+    """One hidden layer applied twice (fc2 shared): its rows and columns are the same tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc2(F.relu(self.fc1(x)))))))
+
+
+class GPassThrough(nn.Module):
+    """Every op the analysis lets a chain through, in functional and module spellings: a chain
+    conv1 -> conv2 -> conv3 -> conv4 -> fc1 -> fc2 (view(N, -1) block (8, 1)) -> fc3."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3, padding=1)
+        self.prelu = nn.PReLU(5, init=0.2)
+        self.conv2 = nn.Conv2d(5, 6, 3, padding=1, padding_mode="reflect")
+        self.drop2d = nn.Dropout2d(0.3)
+        self.conv3 = nn.Conv2d(6, 7, 1)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear")
+        self.w4 = nn.Parameter(torch.randn(8, 7, 3, 3) * 0.3)
+        self.b4 = nn.Parameter(torch.randn(8) * 0.1)
+        self.fc1 = nn.Linear(8, 6)
+        self.fc2 = nn.Linear(6, 5)
+        self.rrelu = nn.RReLU()
+        self.fc3 = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = F.avg_pool2d(self.prelu(self.conv1(x)), 2)                   # 8x8 -> 4x4
+        x = self.drop2d(F.leaky_relu(self.conv2(x), 0.1)).contiguous()
+        x = self.up(F.max_pool2d(F.relu(self.conv3(x)), 2))              # 4x4 -> 2x2 -> 4x4
+        x = F.relu(F.conv2d(x * 2.0, self.w4, self.b4, padding=1))
+        x = F.adaptive_max_pool2d(x, 1)
+        x = F.relu(self.fc1(x.view(x.size(0), -1)))
+        x = F.dropout(self.fc2(x), 0.2, training=self.training)
+        return self.fc3(self.rrelu(x).clone())
+
+
+class GMeanHead(nn.Module):
+    """conv -> ReLU -> mean over (H, W) -> fc: a link with T = 1 and no flatten block."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).mean(dim=(-2, -1)))
+
+
+class GConv1dChain(nn.Module):
+    """Conv1d -> ReLU -> Conv1d -> flatten -> fc (block (3, 6)), and a max_pool2d that would pool
+    over a Conv1d's channels in GPoolOverChannels below."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv1d(2, 4, 3, padding=1), nn.Conv1d(4, 3, 5, padding=2), nn.Linear(18, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.relu(self.conv2(F.relu(self.conv1(x)))), 1))
+
+
+class GPoolOverChannels(nn.Module):
+    """max_pool2d on a Conv1d output (N, C, L) pools over C: not per channel, the chain ends."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv1d(2, 4, 3, padding=1), nn.Conv1d(2, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(F.max_pool2d(F.relu(self.conv1(x)), 2))
+
+
+class GTokenMLP(nn.Module):
+    """Linear on tokens (N, T, F) -> ReLU -> Linear: links; flatten(1) of the tokens into a Linear
+    mixes the token and feature dims (feature-minor), so fc2 -> fc3 does not link."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(10, 2)
+
+    def forward(self, x):
+        return self.fc3(torch.flatten(F.relu(self.fc2(F.relu(self.fc1(x)))), 1))
+
+
+@dataclass
+class GEntry:
+    name: str
+    factory: Callable[[], nn.Module]
+    make_inputs: Callable[[], tuple] | None
+    chains: list[list[str]]                    # weight names, in order; every G-link the model has
+    reasons: dict[str, str]                    # weight -> a piece of its g_reason
+    refused: tuple[str, str] | None = None     # (W^l, W^{l+1}) across a refused link: rescaling changes the output
+
+    def build(self) -> nn.Module:
+        torch.manual_seed(0)
+        return self.factory()
+
+
+def _w(*names: str) -> list[str]:
+    return [f"{n}.weight" for n in names]
+
+
+G_ENTRIES: list[GEntry] = [
+    GEntry("mlp_3_5_4_2", lambda: GMLP((3, 5, 4, 2)), lambda: (_randn(4, 3),),
+           [_w("layers.0", "layers.1", "layers.2")], {"layers.2.weight": "model output"}),
+    GEntry("mlp_3_4_4_2_nobias", lambda: GMLP((3, 4, 4, 2), bias=False), lambda: (_randn(4, 3),),
+           [_w("layers.0", "layers.1", "layers.2")], {}),
+    GEntry("mlp_3_4_6_2", lambda: GMLP((3, 4, 6, 2)), lambda: (_randn(4, 3),),
+           [_w("layers.0", "layers.1", "layers.2")], {}),
+    GEntry("mlp_valley_3_4_2_5_2", lambda: GMLP((3, 4, 2, 5, 2)), lambda: (_randn(4, 3),),
+           [_w("layers.0", "layers.1", "layers.2", "layers.3")], {}),
+    GEntry("tiny_cnn", GTinyCNN, g_tiny_cnn_inputs, [_w("conv1", "conv2", "fc")], {"fc.weight": "model output"}),
+    GEntry("tiny_cnn_no_inputs", GTinyCNN, None, [_w("conv1", "conv2")],
+           {"conv2.weight": "flatten needs example_inputs"}),
+    GEntry("residual_toy", GResidualToy, images(2, 3, 6), [_w("conv1", "conv2")],
+           {"stem.weight": "output used by 2 ops", "conv2.weight": "`conv2` → `add`: residual add"},
+           refused=("conv2.weight", "fc.weight")),
+    GEntry("bn_between", lambda: GBetween(nn.BatchNorm2d(4)), images(2, 3, 4), [_w("conv2", "fc")],
+           {"conv1.weight": "`conv1` → `between`: a normalisation absorbs the unit's incoming scale, so "
+                            "in×c/out×1/c is not a symmetry; psi applies to this weight"},
+           refused=("conv1.weight", "conv2.weight")),
+    GEntry("gelu_between", lambda: GBetween(act=nn.GELU()), images(2, 3, 4), [_w("conv2", "fc")],
+           {"conv1.weight": "`conv1` → `act`: GELU is not positively homogeneous"},
+           refused=("conv1.weight", "conv2.weight")),
+    GEntry("grouped_conv", lambda: GBetween(groups=2), images(2, 3, 4), [],
+           {"conv1.weight": "`conv1` → `conv2`: grouped conv (groups=2)", "conv2.weight": "grouped conv"}),
+    GEntry("depthwise_conv", lambda: GBetween(groups=4), images(2, 3, 4), [],
+           {"conv1.weight": "depthwise conv", "conv2.weight": "depthwise conv"}),
+    GEntry("fan_out", GFanOut, lambda: (_randn(4, 3),), [],
+           {"fc1.weight": "`fc1` → `relu`: output used by 2 ops"}, refused=("fc1.weight", "fc2.weight")),
+    GEntry("shared_weight", GSharedWeight, lambda: (_randn(4, 3),), [],
+           {"fc1.weight": "shared weight", "fc2.weight": "shared weight: used by 2 ops"}),
+    GEntry("pass_through", GPassThrough, images(2, 3, 8),
+           [["conv1.weight", "conv2.weight", "conv3.weight", "w4", "fc1.weight", "fc2.weight", "fc3.weight"]],
+           {"fc3.weight": "model output"}),
+    GEntry("mean_head", GMeanHead, images(2, 3, 5), [_w("conv", "fc")], {}),
+    GEntry("conv1d_chain", GConv1dChain, lambda: (_randn(2, 2, 6),), [_w("conv1", "conv2", "fc")], {}),
+    GEntry("pool_over_channels", GPoolOverChannels, lambda: (_randn(2, 2, 6),), [],
+           {"conv1.weight": "max_pool2d pools over the dims that hold the units"}),
+    GEntry("token_mlp", GTokenMLP, lambda: (_randn(2, 5, 3),), [_w("fc1", "fc2")],
+           {"fc2.weight": "is not one channel-major flatten"}, refused=("fc2.weight", "fc3.weight")),
+]

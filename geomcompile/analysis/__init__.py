@@ -6,6 +6,7 @@ from torch import nn
 from ..capture import capture
 from ..errors import GeomCompileError
 from ..names import canonical_named_parameters, unwrap_model
+from .coupling import analyze_coupling
 from .facts import Absorber, ParamFacts, ScaleInvariance, Structure
 from .invariance import analyze_invariance
 from .layout import layout_facts, param_uses
@@ -14,7 +15,8 @@ __all__ = ["analyze", "Absorber", "ParamFacts", "ScaleInvariance", "Structure"]
 
 
 def analyze(model: nn.Module, example_inputs=None) -> Structure:
-    """Facts for every parameter of `model`: kind, out_dim, groups, depthwise, scale invariance, shapes.
+    """Facts for every parameter of `model`: kind, out_dim, groups, depthwise, scale invariance, shapes,
+    G-chain links (``g_next`` / ``g_prev`` ..., ``analysis/coupling.py``).
 
     example_inputs: the inputs of one forward call, in one of these forms:
 
@@ -55,6 +57,7 @@ def analyze(model: nn.Module, example_inputs=None) -> Structure:
         else:
             analyze_invariance(f, uses[name], cap)
         facts[name] = f
+    analyze_coupling(facts, uses, cap)            # G-chains: needs every layer's facts (design gspace.md §8)
     notes = list(cap.notes) + _mode_notes(model)
     notes += [f"{name}: {note}" for name, f in facts.items() if f.kind == "other" for note in f.notes]
     if not cap.has_shapes:

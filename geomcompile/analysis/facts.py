@@ -76,6 +76,20 @@ class ParamFacts:
     aliases: tuple[str, ...] = ()       # other names of the same tensor (tied / shared parameters)
     uses: int = 0                       # how many ops consume it in the captured graph
     notes: list[str] = field(default_factory=list)
+    # G-chains (analysis/coupling.py, design gspace.md §8): set on conv (groups 1) / linear weights
+    g_next: str | None = None           # next layer's weight when this layer -> it is a G-link
+    g_prev: str | None = None           # previous layer's weight when it -> this layer is a G-link
+    g_bias: str | None = None           # this layer's own bias parameter (None without bias)
+    g_taps: int | None = None           # T of the edge tensor W.reshape(out, in, T)
+    g_centre: int | None = None         # the skeleton tap in 0..T-1
+    g_block: tuple[int, int] | None = None   # (C, S) for a Linear fed by a channel-major flatten
+    g_reason: str = ""                  # why the chain ends after this weight (empty when g_next is set)
+    g_weight: str | None = None         # on a bias: its layer's weight, when that weight is G-linked
+
+    @property
+    def g_coupled(self) -> bool:
+        """A weight with a G-link on either side, or the bias of such a weight."""
+        return self.g_next is not None or self.g_prev is not None or self.g_weight is not None
 
     @property
     def numel(self) -> int:

@@ -1,0 +1,201 @@
+"""G-chain analysis (issue 10, design gspace.md §8; §15 tests 10 and 11): the coupling facts on the
+design's nets, every refusal with its quoted reason, and analysis precision on the whole zoo: every
+claimed G-link survives a random rescaling of its hidden units in float64, and rescaling across a
+refused link changes the output (the check is sensitive)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._pytree import tree_leaves
+
+import geomcompile as gc
+from geomcompile.analysis import analyze
+from geomcompile.policy import load_policy
+from tests.models import (G_ENTRIES, ZOO, DenseNetStyle, FullyConvNet, GEntry, GMLP, GTinyCNN, ResNet50Style,
+                          _randn, g_tiny_cnn_inputs, images)
+
+ENTRIES = {e.name: e for e in G_ENTRIES}
+
+
+def chains(structure) -> list[list[str]]:
+    """The chains the facts describe, each from its first layer (no g_prev) along g_next."""
+    out = []
+    for name, f in structure.items():
+        if f.g_next is not None and f.g_prev is None:
+            chain = [name]
+            while structure[chain[-1]].g_next is not None:
+                chain.append(structure[chain[-1]].g_next)
+            out.append(chain)
+    return out
+
+
+def analyse(entry: GEntry):
+    model = entry.build()
+    return model, analyze(model, entry.make_inputs() if entry.make_inputs else None)
+
+
+# ---- facts on the design's nets -------------------------------------------------------------
+@pytest.mark.parametrize("widths", [(3, 5, 4, 2), (3, 4, 4, 2), (3, 4, 6, 2), (3, 4, 2, 5, 2)])
+def test_mlp_facts(widths):
+    s = analyze(GMLP(widths), (_randn(4, widths[0]),))
+    names = [f"layers.{i}.weight" for i in range(len(widths) - 1)]
+    for i, name in enumerate(names):
+        f = s[name]
+        assert (f.g_prev, f.g_next) == (names[i - 1] if i else None, names[i + 1] if i + 1 < len(names) else None)
+        assert (f.g_bias, f.g_taps, f.g_centre, f.g_block) == (f"layers.{i}.bias", 1, 0, None)
+        assert s[f"layers.{i}.bias"].g_weight == name
+        assert (f.g_reason == "") == (f.g_next is not None)
+    assert s[names[-1]].g_reason == "`layers.2` → output: model output".replace("2", str(len(names) - 1))
+
+
+def test_mlp_without_bias_has_no_g_bias():
+    s = analyze(GMLP((3, 4, 4, 2), bias=False))
+    assert chains(s) == [["layers.0.weight", "layers.1.weight", "layers.2.weight"]]
+    assert all(s[f"layers.{i}.weight"].g_bias is None for i in range(3))
+
+
+def test_tiny_cnn_facts():
+    s = analyze(GTinyCNN(), g_tiny_cnn_inputs())
+    got = {n: (f.g_prev, f.g_next, f.g_bias, f.g_taps, f.g_centre, f.g_block) for n, f in s.items()
+           if n.endswith("weight")}
+    assert got == {
+        "conv1.weight": (None, "conv2.weight", "conv1.bias", 9, 4, None),
+        "conv2.weight": ("conv1.weight", "fc.weight", "conv2.bias", 9, 4, None),
+        # conv2's output (4, 2, 2) flattened channel-major: S = 4, centre (2//2)*2 + 2//2 = 3
+        "fc.weight": ("conv2.weight", None, "fc.bias", 4, 3, (4, 4)),
+    }
+    assert {n: s[n].g_weight for n in ("conv1.bias", "conv2.bias", "fc.bias")} == {
+        "conv1.bias": "conv1.weight", "conv2.bias": "conv2.weight", "fc.bias": "fc.weight"}
+
+
+def test_flatten_block_centre_and_conv1d():
+    s = analyze(ENTRIES["bn_between"].build(), images(2, 3, 4)())
+    assert (s["fc.weight"].g_taps, s["fc.weight"].g_centre, s["fc.weight"].g_block) == (16, 10, (4, 16))
+    e = ENTRIES["conv1d_chain"]
+    s = analyze(e.build(), e.make_inputs())
+    assert [(s[n].g_taps, s[n].g_centre) for n in ("conv1.weight", "conv2.weight", "fc.weight")] == \
+        [(3, 1), (5, 2), (6, 3)]
+    assert s["fc.weight"].g_block == (3, 6)
+
+
+@pytest.mark.parametrize("entry", G_ENTRIES, ids=lambda e: e.name)
+def test_chains_and_reasons(entry):
+    """§15 test 10 (analysis side): the chains of every G model and each quoted refusal reason."""
+    _, s = analyse(entry)
+    assert sorted(chains(s)) == sorted(entry.chains)
+    for name, piece in entry.reasons.items():
+        assert piece in s[name].g_reason, (name, s[name].g_reason)
+    for name, f in s.items():       # every conv / linear weight not linked onward says why
+        if f.kind in ("conv", "linear", "conv_transpose") and f.g_next is None:
+            assert f.g_reason, name
+
+
+def test_bn_between_keeps_psi():
+    """A BN between two convs ends the chain and psi is still offered for the BN'd weight."""
+    entry = ENTRIES["bn_between"]
+    model, s = analyse(entry)
+    assert s["conv1.weight"].scale_invariant is not None and s["conv1.weight"].g_next is None
+    plan = gc.plan(model, "version: 1\nrules:\n  - name: psi-bn\n    match: {scale_invariant: true}\n"
+                          "    use: {psi: {}}\n", example_inputs=entry.make_inputs())
+    assert [g.name for g in plan.assignments["conv1.weight"].values()] == ["psi"]
+
+
+def test_basic_block_without_bn_gives_one_chain_inside_the_block():
+    _, s = analyse(ENTRIES["residual_toy"])
+    assert chains(s) == [["conv1.weight", "conv2.weight"]]
+    assert s["conv2.weight"].g_reason == "`conv2` → `add`: residual add; the chain ends here"
+
+
+def test_flatten_without_example_inputs():
+    s = analyze(GTinyCNN())
+    assert chains(s) == [["conv1.weight", "conv2.weight"]]
+    assert "flatten needs example_inputs" in s["conv2.weight"].g_reason
+    assert s["fc.weight"].g_prev is None and s["fc.weight"].g_block is None
+
+
+def test_g_coupled_selector():
+    s = analyze(ENTRIES["residual_toy"].build(), images(2, 3, 6)())
+    policy = load_policy("version: 1\nvalidate: warn\nrules:\n  - match: {g_coupled: true}\n"
+                         "    use: {channel_directed: {}}\n")
+    assert {n for n, f in s.items() if policy.rules[0].matches(f)} == {
+        "conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"}
+    off = load_policy("version: 1\nvalidate: warn\nrules:\n  - match: {g_coupled: false, kind: conv}\n"
+                      "    use: {channel_directed: {}}\n")
+    assert {n for n, f in s.items() if off.rules[0].matches(f)} == {"stem.weight"}
+    with pytest.raises(gc.GeomCompileError, match="g_coupled: expected true or false"):
+        load_policy("version: 1\nrules:\n  - match: {g_coupled: 1}\n    use: {channel_directed: {}}\n")
+
+
+# ---- §15 test 11: analysis precision -------------------------------------------------------
+def _double(inputs):
+    return tuple(t.double() if torch.is_tensor(t) and t.is_floating_point() else t for t in inputs)
+
+
+def _output(model, inputs) -> list[torch.Tensor]:
+    torch.manual_seed(0)                     # the same dropout masks / RReLU slopes on every forward
+    with torch.no_grad():
+        return [t for t in tree_leaves(model(*inputs)) if torch.is_tensor(t) and t.is_floating_point()]
+
+
+def _rel_change(before, after) -> float:
+    scale = max(t.abs().max().item() for t in before)
+    return max((a - b).abs().max().item() for a, b in zip(after, before)) / scale
+
+
+def _scale_link(params, w: str, nxt: str, bias: str | None, block, gen) -> None:
+    """Hidden units between w and nxt: rows of w (and its bias) by c, nxt's input columns / channels
+    (a flatten's channel-major column block) by 1/c, c in [e^-2, e^2]."""
+    W, N = params[w], params[nxt]
+    c = torch.empty(W.shape[0], dtype=W.dtype).uniform_(-2, 2, generator=gen).exp()
+    W.mul_(c.view(-1, *[1] * (W.dim() - 1)))
+    if bias is not None:
+        params[bias].mul_(c)
+    if block is not None or N.dim() == 2 and N.shape[1] != W.shape[0]:
+        N.view(N.shape[0], W.shape[0], -1).div_(c.view(1, -1, 1))
+    else:
+        N.div_(c.view(1, -1, *[1] * (N.dim() - 2)))
+
+
+def _precision_cases():
+    cases = [(e.name, e.build, e.make_inputs) for e in ZOO]
+    cases += [(e.name, e.build, e.make_inputs or g_tiny_cnn_inputs) for e in G_ENTRIES]
+    cases += [(f.__name__, f, images(2, 3, 16)) for f in (ResNet50Style, DenseNetStyle, FullyConvNet)]
+    return cases
+
+
+@pytest.mark.parametrize("name, build, make_inputs", _precision_cases(), ids=lambda c: c if isinstance(c, str) else "")
+def test_claimed_links_survive_random_rescaling(name, build, make_inputs):
+    torch.manual_seed(0)
+    model = build().double().train()
+    inputs = _double(make_inputs())
+    s = analyze(model, inputs)
+    links = [(n, f.g_next, f.g_bias, s[f.g_next].g_block) for n, f in s.items() if f.g_next is not None]
+    for n, f in s.items():           # no link across a normalisation
+        if f.g_next is not None or f.g_prev is not None:
+            assert f.scale_invariant is None, n
+    before = _output(model, inputs)
+    params = dict(model.named_parameters())
+    worst = 0.0
+    for trial in range(3):
+        gen = torch.Generator().manual_seed(trial)
+        with torch.no_grad():
+            for link in links:
+                _scale_link(params, *link, gen)
+        worst = max(worst, _rel_change(before, _output(model, inputs)))
+    assert worst < 1e-10, (name, links, worst)
+
+
+@pytest.mark.parametrize("entry", [e for e in G_ENTRIES if e.refused], ids=lambda e: e.name)
+def test_rescaling_across_a_refused_link_changes_the_output(entry):
+    """The control: the same rescaling across a link the analysis refused (BN, GELU, fan-out, residual
+    add, a feature-minor flatten) does change the output, so the precision test can fail."""
+    torch.manual_seed(0)
+    model = entry.build().double().train()
+    inputs = _double(entry.make_inputs())
+    s = analyze(model, inputs)
+    w, nxt = entry.refused
+    assert s[w].g_next != nxt
+    before = _output(model, inputs)
+    with torch.no_grad():
+        _scale_link(dict(model.named_parameters()), w, nxt, s[w].g_bias, None, torch.Generator().manual_seed(0))
+    assert _rel_change(before, _output(model, inputs)) > 1e-3
