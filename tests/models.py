@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -1587,3 +1588,24 @@ G_ENTRIES: list[GEntry] = [
     GEntry("token_mlp", GTokenMLP, lambda: (_randn(2, 5, 3),), [_w("fc1", "fc2")],
            {"fc2.weight": "is not one channel-major flatten"}, refused=("fc2.weight", "fc3.weight")),
 ]
+
+
+# --- issue 10 part B (gspace geometry): the test matrix's net for a coupled unit ---------------------
+class GMatrixNet(nn.Module):
+    """tests/test_matrix.py's Net layout (conv1, conv2, a linear head, a zero-size linear layer; conv*
+    in one param group) with a 𝒢-chain instead of BatchNorms: conv1 → ReLU → conv2, then tanh (not
+    positively homogeneous, the chain ends), a spatial mean and the head. gspace's unit is
+    (conv1.weight, conv1.bias, conv2.weight, conv2.bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 5, 3, padding=1)
+        self.head = nn.Linear(5, 3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)      # "Initializing zero-element tensors is a no-op"
+            self.empty = nn.Linear(5, 0)
+
+    def forward(self, x):
+        z = torch.tanh(self.conv2(F.relu(self.conv1(x)))).mean((2, 3))
+        return torch.cat([self.head(z), self.empty(z)], dim=1)

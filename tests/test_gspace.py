@@ -523,3 +523,36 @@ def test_residual_block_chain_satisfies_property_one_and_leaves_the_rest_to_sgd(
     plain_sgd = (set(params) - chain) | {"conv2.bias"}
     for (n, p), q in zip(model.named_parameters(), twin.parameters()):
         assert torch.equal(p, q) == (n in plain_sgd), n
+
+
+# ---- install details: frozen layers, backends ------------------------------------------------------
+def test_skeleton_init_leaves_a_chain_with_a_frozen_layer_alone(nets):
+    net = nets("mlp-3-5-4-2-bias")
+    model = net.make()
+    model.layers[1].weight.requires_grad_(False)
+    before = copy.deepcopy(model.state_dict())
+    plan = _apply(model, net, torch.optim.SGD(model.parameters(), lr=0.01), skeleton_init="paper")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any("layers.1.weight is frozen" in n for n in plan.notes), plan.notes
+    control = net.make()                      # the control: trainable, paper does rewrite the skeleton
+    _apply(control, net, torch.optim.SGD(control.parameters(), lr=0.01), skeleton_init="paper")
+    assert not torch.equal(control.layers[1].weight, before["layers.1.weight"])
+
+
+def test_the_compile_backend_runs_the_eager_program_whole_and_says_so(nets):
+    net = nets("cnn-flatten")
+    results = {}
+    for backend in ("eager", "compile"):
+        model = net.make()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", gc.GeomCompileWarning)
+            plan = gc.apply(model, policy(), opt, example_inputs=net.inputs(), backend=backend)
+        _loss(model, net).backward()
+        opt.step()
+        results[backend] = net.ref.flat(model)
+        if backend == "compile":
+            notes = plan.backend_notes()
+            assert any(n.startswith("backend compile: gspace") and "no compiled program; its eager program runs "
+                       "for 1 unit(s)" in n for n in notes), notes
+    assert torch.equal(results["compile"], results["eager"])

@@ -510,6 +510,11 @@ class GSpace(Geometry):
         lines = [f"gspace chain {' → '.join(la.weight for la in layers)}: widths {widths}, H = {H}, m = {m}, "
                  f"H/m = {H / m:.4f}, {classes} classes, step: {self.opts['step']}"]
         mode, centres = self.opts["skeleton_init"], [la.centre for la in layers]
+        frozen = [n for n in unit.names if not ctx.params[n].requires_grad]
+        if frozen and mode != "keep":
+            # Both modes rewrite every layer of the chain; a frozen weight is never written.
+            return lines + [f"gspace skeleton_init: {mode} not applied to the chain: {', '.join(frozen)} "
+                            f"is frozen (requires_grad=False); the weights are kept as they are"]
         with torch.no_grad():
             weights = [ctx.params[la.weight] for la in layers]
             biases = [ctx.params[la.bias] if la.bias else None for la in layers]
