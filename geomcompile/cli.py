@@ -49,7 +49,7 @@ def cmd_plan(args) -> int:
     if not isinstance(model, torch.nn.Module):
         raise GeomCompileError(f"{args.model}() returned a {type(model).__name__}, not an nn.Module")
     inputs = (torch.randn(*_parse_shape(args.input_shape)),) if args.input_shape else None
-    print(plan(model, args.policy, example_inputs=inputs).summary())
+    print(plan(model, args.policy, example_inputs=inputs).summary(chains=args.chains or None))
     return 0
 
 
@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="MODULE:CALLABLE returning an nn.Module, e.g. tests.models:resnet20")
     p.add_argument("policy", help="policy file, shipped policy name (resnet, plain, ...) or YAML text")
     p.add_argument("--input-shape", help="shape of one example input batch, e.g. 1,3,32,32 (enables shapes)")
+    p.add_argument("--chains", action="store_true",
+                   help="list the G-chains (coupled conv/linear layers) and why the other layers are not "
+                        "coupled; shown anyway when a rule uses gspace")
     p.set_defaults(func=cmd_plan)
     v = sub.add_parser("validate", help="check a policy file without a model")
     v.add_argument("policy", help="policy file, shipped policy name (resnet, plain, ...) or YAML text")

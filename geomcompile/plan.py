@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .analysis import Structure, analyze
+from .analysis.coupling import chain_report
 from .errors import GeomCompileError, GeomCompileWarning
 from .findings import Finding, group, name_list
 from .geometries.base import STAGES, Geometry, StepContext
@@ -225,7 +226,10 @@ class Plan:
         return out
 
     # -- report --------------------------------------------------------------------------------
-    def summary(self, name_width: int = 44) -> str:
+    def summary(self, name_width: int = 44, chains: bool | None = None) -> str:
+        """The plan as a table, rules, capture, backend, notes and warnings. chains: also list the
+        G-chains and why each other conv / linear weight is not coupled; None (default) lists
+        them when a rule of the policy uses gspace."""
         header = ("parameter", "shape", "kind", "structure", *STAGES, "rule")
         rows = []
         for name, facts in self.structure.items():
@@ -250,6 +254,8 @@ class Plan:
                      + (" (torch.fx symbolic trace)" if self.structure.capture_path == "fx"
                         else " (ran the model once on example_inputs)"))
         lines.append(f"backend: {self.backend_name or 'not installed'}")
+        if chains or (chains is None and any("gspace" in rule.use for rule in self.policy.rules)):
+            lines += chain_report(self.structure)
         for note in self.notes + self.backend_notes():
             lines.append(f"note: {note}")
         for w in self.warnings_by_cause:

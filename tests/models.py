@@ -1534,10 +1534,14 @@ class GTokenMLP(nn.Module):
 class GEntry:
     name: str
     factory: Callable[[], nn.Module]
-    make_inputs: Callable[[], tuple] | None
+    make_inputs: Callable[[], tuple]
     chains: list[list[str]]                    # weight names, in order; every G-link the model has
     reasons: dict[str, str]                    # weight -> a piece of its g_reason
     refused: tuple[str, str] | None = None     # (W^l, W^{l+1}) across a refused link: rescaling changes the output
+    shapes: bool = True                        # analysed with example_inputs (False: without; still run on them)
+
+    def analysis_inputs(self):
+        return self.make_inputs() if self.shapes else None
 
     def build(self) -> nn.Module:
         torch.manual_seed(0)
@@ -1552,14 +1556,14 @@ G_ENTRIES: list[GEntry] = [
     GEntry("mlp_3_5_4_2", lambda: GMLP((3, 5, 4, 2)), lambda: (_randn(4, 3),),
            [_w("layers.0", "layers.1", "layers.2")], {"layers.2.weight": "model output"}),
     GEntry("mlp_3_4_4_2_nobias", lambda: GMLP((3, 4, 4, 2), bias=False), lambda: (_randn(4, 3),),
-           [_w("layers.0", "layers.1", "layers.2")], {}),
+           [_w("layers.0", "layers.1", "layers.2")], {}, shapes=False),
     GEntry("mlp_3_4_6_2", lambda: GMLP((3, 4, 6, 2)), lambda: (_randn(4, 3),),
            [_w("layers.0", "layers.1", "layers.2")], {}),
     GEntry("mlp_valley_3_4_2_5_2", lambda: GMLP((3, 4, 2, 5, 2)), lambda: (_randn(4, 3),),
            [_w("layers.0", "layers.1", "layers.2", "layers.3")], {}),
     GEntry("tiny_cnn", GTinyCNN, g_tiny_cnn_inputs, [_w("conv1", "conv2", "fc")], {"fc.weight": "model output"}),
-    GEntry("tiny_cnn_no_inputs", GTinyCNN, None, [_w("conv1", "conv2")],
-           {"conv2.weight": "flatten needs example_inputs"}),
+    GEntry("tiny_cnn_no_inputs", GTinyCNN, g_tiny_cnn_inputs, [_w("conv1", "conv2")],
+           {"conv2.weight": "flatten needs example_inputs"}, shapes=False),
     GEntry("residual_toy", GResidualToy, images(2, 3, 6), [_w("conv1", "conv2")],
            {"stem.weight": "output used by 2 ops", "conv2.weight": "`conv2` → `add`: residual add"},
            refused=("conv2.weight", "fc.weight")),
@@ -1590,6 +1594,41 @@ G_ENTRIES: list[GEntry] = [
 ]
 
 
+class GDataDependentMLP(nn.Module):
+    """A branch on the input's values: torch.fx cannot trace it, so the graph comes from a run
+    (capture path "run"); fc1 -> fc2 still links (the branch reads the input, not the units)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        if x.sum() > 0:
+            h = F.dropout(h, 0.25, self.training)
+        return self.fc2(h)
+
+
+class GFunctionalMLP(nn.Module):
+    """F.linear with parameters of the model, and x.view(x.size(0), -1) between two linears: the
+    view is the identity with shapes and needs them to be proven so."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(4))
+        self.w2 = nn.Parameter(torch.randn(2, 4))
+
+    def forward(self, x):
+        h = F.leaky_relu(F.linear(x, self.w1, self.b1), 0.2)
+        return F.linear(h.view(h.size(0), -1), self.w2)
+
+
+G_ENTRIES += [
+    GEntry("data_dependent_mlp", GDataDependentMLP, lambda: (_randn(4, 3).abs(),), [_w("fc1", "fc2")], {}),
+    GEntry("functional_mlp", GFunctionalMLP, lambda: (_randn(4, 3),), [["w1", "w2"]], {"w2": "model output"}),
+    GEntry("functional_mlp_no_inputs", GFunctionalMLP, lambda: (_randn(4, 3),), [],
+           {"w1": "flatten needs example_inputs"}, shapes=False),
+]
 # --- issue 10 part B (gspace geometry): the test matrix's net for a coupled unit ---------------------
 class GMatrixNet(nn.Module):
     """tests/test_matrix.py's Net layout (conv1, conv2, a linear head, a zero-size linear layer; conv*

@@ -31,7 +31,7 @@ def chains(structure) -> list[list[str]]:
 
 def analyse(entry: GEntry):
     model = entry.build()
-    return model, analyze(model, entry.make_inputs() if entry.make_inputs else None)
+    return model, analyze(model, entry.analysis_inputs())
 
 
 # ---- facts on the design's nets -------------------------------------------------------------
@@ -157,18 +157,23 @@ def _scale_link(params, w: str, nxt: str, bias: str | None, block, gen) -> None:
 
 
 def _precision_cases():
-    cases = [(e.name, e.build, e.make_inputs) for e in ZOO]
-    cases += [(e.name, e.build, e.make_inputs or g_tiny_cnn_inputs) for e in G_ENTRIES]
-    cases += [(f.__name__, f, images(2, 3, 16)) for f in (ResNet50Style, DenseNetStyle, FullyConvNet)]
+    """(name, factory, inputs, analysed with the inputs) for every model of tests/models.py."""
+    cases = [(e.name, e.build, e.make_inputs, True) for e in ZOO]
+    cases += [(e.name, e.build, e.make_inputs, e.shapes) for e in G_ENTRIES]
+    cases += [(f.__name__, f, images(2, 3, 16), True) for f in (ResNet50Style, DenseNetStyle, FullyConvNet)]
     return cases
 
 
-@pytest.mark.parametrize("name, build, make_inputs", _precision_cases(), ids=lambda c: c if isinstance(c, str) else "")
-def test_claimed_links_survive_random_rescaling(name, build, make_inputs):
+def _case_id(value):
+    return value if isinstance(value, str) else "-"
+
+
+@pytest.mark.parametrize("name, build, make_inputs, shapes", _precision_cases(), ids=_case_id)
+def test_claimed_links_survive_random_rescaling(name, build, make_inputs, shapes):
     torch.manual_seed(0)
     model = build().double().train()
     inputs = _double(make_inputs())
-    s = analyze(model, inputs)
+    s = analyze(model, inputs if shapes else None)
     links = [(n, f.g_next, f.g_bias, s[f.g_next].g_block) for n, f in s.items() if f.g_next is not None]
     for n, f in s.items():           # no link across a normalisation
         if f.g_next is not None or f.g_prev is not None:
@@ -199,3 +204,72 @@ def test_rescaling_across_a_refused_link_changes_the_output(entry):
     with torch.no_grad():
         _scale_link(dict(model.named_parameters()), w, nxt, s[w].g_bias, None, torch.Generator().manual_seed(0))
     assert _rel_change(before, _output(model, inputs)) > 1e-3
+
+
+# ---- the report: plan.summary() and `geomcompile plan --chains` ------------------------------
+def test_summary_lists_chains_and_groups_the_reasons():
+    entry = ENTRIES["residual_toy"]
+    plan = gc.plan(entry.build(), "plain", example_inputs=entry.make_inputs())
+    assert "G-chains" not in plan.summary()                 # no rule uses gspace: not shown unless asked
+    text = plan.summary(chains=True)
+    assert "G-chains: 1 (" in text
+    assert "\n  conv1 → conv2 (taps 9, 9); ends: `conv2` → `add`: residual add; the chain ends here\n" in text
+    assert "  stem.weight: `stem` → `relu`: output used by 2 ops (`conv1`, `add`); the chain ends here" in text
+    assert "  fc.weight: `fc` → output: model output" in text
+    plan = gc.plan(ResNet50Style(), "resnet", example_inputs=images(2, 3, 16)())
+    lines = plan.summary(chains=True).splitlines()
+    assert "G-chains: none (analysis/coupling.py; gspace trains each as one unit)" in lines
+    assert "not coupled: 54 conv/linear weight(s)" in lines
+    grouped = [line for line in lines if "a normalisation absorbs" in line]
+    assert grouped == ["  53 parameters (conv1.weight, layer1.0.conv1.weight, layer1.0.conv2.weight and 50 more): "
+                       "a normalisation absorbs the unit's incoming scale, so in×c/out×1/c is not a symmetry; "
+                       "psi applies to this weight"]
+
+
+def test_cli_plan_chains(capsys):
+    from geomcompile.cli import main
+    assert main(["plan", "tests.models:GTinyCNN", "plain", "--input-shape", "2,1,6,6", "--chains"]) == 0
+    out = capsys.readouterr().out
+    assert "  conv1 → conv2 → fc (taps 9, 9, 4; flatten block (4, 4))" in out.splitlines()
+    assert "not coupled" not in out                          # every conv / linear weight is in the chain
+    assert main(["plan", "tests.models:GTinyCNN", "plain", "--chains"]) == 0   # no shapes: the flatten refuses
+    out = capsys.readouterr().out
+    assert "  conv1 → conv2 (taps 9, 9); ends: `conv2` → `flatten`: flatten needs example_inputs (the block " \
+           "of features per channel comes from shapes)" in out.splitlines()
+    assert "fc.weight: `fc` → output: model output" in out
+
+
+@pytest.mark.parametrize("name, build, make_inputs, shapes", _precision_cases(), ids=_case_id)
+def test_facts_are_consistent(name, build, make_inputs, shapes):
+    """On every model: links are mutual, a weight with no next layer says why (and only then), the
+    edge tensor W.reshape(out, in, T) exists with the widths of the link, biases point back."""
+    s = analyze(build(), make_inputs() if shapes else None)
+    if name == "data_dependent_mlp":
+        assert s.capture_path == "run"
+    for n, f in s.items():
+        if f.kind in ("conv", "linear", "conv_transpose", "embedding", "other"):
+            assert (f.g_next is None) == bool(f.g_reason), (n, f.g_reason)
+        if f.kind == "conv_transpose":
+            assert f.g_reason.startswith("conv_transpose")
+        if f.g_next is not None:
+            nxt = s[f.g_next]
+            assert nxt.g_prev == n
+            c, taps = (nxt.g_block[0], nxt.g_taps) if nxt.g_block else (nxt.shape[1], nxt.g_taps)
+            assert c == f.shape[0] and c * taps * nxt.shape[0] == nxt.numel, (n, f.g_next)
+        if f.g_taps is not None:
+            assert 0 <= f.g_centre < f.g_taps
+        if f.g_weight is not None:
+            w = s[f.g_weight]
+            assert w.g_bias == n and (w.g_next or w.g_prev)
+        elif f.kind == "bias":
+            assert not any(w.g_bias == n and (w.g_next or w.g_prev) for w in s.values())
+
+
+def test_summary_shows_chains_by_default_when_a_rule_uses_gspace():
+    from geomcompile.geometries import REGISTRY
+    if "gspace" not in REGISTRY:
+        pytest.skip("the gspace geometry (issue 10, part B) is not in this build")
+    yaml = "version: 1\nrules:\n  - name: gsgd\n    match: {g_coupled: true}\n    use: {gspace: {skeleton_init: keep}}\n"
+    plan = gc.plan(GTinyCNN(), yaml, example_inputs=g_tiny_cnn_inputs())
+    assert "  conv1 → conv2 → fc (taps 9, 9, 4; flatten block (4, 4))" in plan.summary().splitlines()
+    assert "G-chains" not in plan.summary(chains=False)

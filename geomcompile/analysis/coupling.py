@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 import torch.fx as fx
 
 from ..capture import Captured
+from ..findings import Finding, group
 from .facts import ParamFacts
 from .invariance import _bias, _channel_kept
 from .layout import Use
@@ -277,3 +278,46 @@ def _centre(dims) -> int:
 
 def _label(node: fx.Node) -> str:
     return node.target if node.op == "call_module" else node.name
+
+
+# ---- reading the facts back ------------------------------------------------------------------
+def g_chains(structure) -> list[list[str]]:
+    """The G-chains the facts describe: weight names from a first layer (no g_prev) along g_next."""
+    out = []
+    for name, f in structure.items():
+        if f.g_next is not None and f.g_prev is None:
+            chain = [name]
+            while structure[chain[-1]].g_next is not None:
+                chain.append(structure[chain[-1]].g_next)
+            out.append(chain)
+    return out
+
+
+def chain_report(structure) -> list[str]:
+    """Report lines: every chain with its taps, flatten blocks and why it ends (unless at the model
+    output), then why each conv / linear weight in no chain is not coupled, one line per reason
+    (``findings.group``)."""
+    chains = g_chains(structure)
+    lines = [f"G-chains: {len(chains) or 'none'} (analysis/coupling.py; gspace trains each as one unit)"]
+    for chain in chains:
+        blocks = [f"flatten block {structure[n].g_block}" for n in chain if structure[n].g_block is not None]
+        taps = ", ".join(str(structure[n].g_taps) for n in chain)
+        end = structure[chain[-1]].g_reason
+        lines.append(f"  {' → '.join(_layer_name(n) for n in chain)} (taps {taps}{''.join('; ' + b for b in blocks)})"
+                     + ("" if end.endswith(": model output") else f"; ends: {end}"))
+    alone = []
+    for name, f in structure.items():
+        if f.kind in ("conv", "linear", "conv_transpose") and not f.g_coupled:
+            why = re.sub(r"`[^`]*`", "`…`", _WHERE.sub("", f.g_reason))   # names masked: one line per cause
+            alone.append(Finding(f"{name}: {f.g_reason}", name=name, key=("g", why), head="", tail=f": {why}"))
+    if alone:
+        lines.append(f"not coupled: {len(alone)} conv/linear weight(s)")
+        lines += [f"  {line}" for line in group(alone)]
+    return lines
+
+
+_WHERE = re.compile(r"^`[^`]*`(?: → (?:`[^`]*`|output))*: ")   # "`conv2` → `add`: " before the why
+
+
+def _layer_name(weight: str) -> str:
+    return weight[:-len(".weight")] if weight.endswith(".weight") else weight
