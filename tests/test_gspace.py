@@ -556,3 +556,37 @@ def test_the_compile_backend_runs_the_eager_program_whole_and_says_so(nets):
             assert any(n.startswith("backend compile: gspace") and "no compiled program; its eager program runs "
                        "for 1 unit(s)" in n for n in notes), notes
     assert torch.equal(results["compile"], results["eager"])
+
+
+# ---- the shipped policy ------------------------------------------------------------------------------
+def _shipped_strict():
+    from pathlib import Path
+    text = (Path(__file__).resolve().parent.parent / "policies" / "gsgd.yaml").read_text()
+    strict = text.replace("\nvalidate: warn\n", "\nvalidate: strict\n")
+    assert strict != text
+    return strict
+
+
+@pytest.mark.parametrize("make, inputs, chain", [
+    (lambda: GMLP((3, 5, 4, 2), True), (torch.randn(2, 3),), "layers.0 → layers.1 → layers.2"),
+    (GTinyCNN, g_tiny_cnn_inputs(), "conv1 → conv2 → fc"),
+], ids=["gmlp", "gtinycnn"])
+def test_the_gsgd_policy_is_strict_clean_and_the_plan_shows_the_chains(make, inputs, chain, capsys):
+    import geomcompile.cli as cli
+    model = make()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        plan = gc.apply(model, _shipped_strict(), torch.optim.SGD(model.parameters(), lr=0.01), example_inputs=inputs)
+    assert not [r for r in record if issubclass(r.category, gc.GeomCompileWarning)]
+    assert len(plan.diagnostics()) == 1 and all(plan.assignments.values())
+    assert any("paper set" in n for n in plan.notes)
+    shape = ",".join(map(str, inputs[0].shape))
+    factory = "tests.models:GTinyCNN" if make is GTinyCNN else "tests.models:GMLP"
+    assert cli.main(["plan", factory, "gsgd", "--input-shape", shape]) == 0
+    out = capsys.readouterr().out
+    assert "G-chains: 1" in out and chain in out, out
+    # the control: a BatchNorm net has no chain, so the same strict policy refuses it
+    bn = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+                             torch.nn.Conv2d(3, 2, 3))
+    with pytest.raises(gc.GeomCompileError):
+        gc.apply(bn, _shipped_strict(), torch.optim.SGD(bn.parameters(), lr=0.01), example_inputs=(torch.randn(2, 1, 6, 6),))
