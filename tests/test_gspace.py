@@ -590,3 +590,20 @@ def test_the_gsgd_policy_is_strict_clean_and_the_plan_shows_the_chains(make, inp
                              torch.nn.Conv2d(3, 2, 3))
     with pytest.raises(gc.GeomCompileError):
         gc.apply(bn, _shipped_strict(), torch.optim.SGD(bn.parameters(), lr=0.01), example_inputs=(torch.randn(2, 1, 6, 6),))
+
+
+# ---- the experiment (design §16), on a tiny budget -----------------------------------------------------
+def test_the_digits_experiment_runs_and_checks_the_unbalanced_identity(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gsgd_digits.py"
+    spec = importlib.util.spec_from_file_location("gsgd_digits", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    png = tmp_path / "gap.png"
+    assert bench.main(["--hs", "8", "--seeds", "1", "--epochs", "1", "--check", "identity", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "| 8 | 0.0244 |" in out and png.stat().st_size > 0          # H/m = 16/656 for [64:8:8:10]
+    row = bench.run_h(8, 1, 1, bench.digits())
+    assert row["unbal_vs_bal"] < 1e-9 and not bench.check([row], "identity")
+    assert bench.check([{**row, "unbal_vs_bal": 1e-6}], "identity"), "the identity check cannot fail"
