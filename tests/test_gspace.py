@@ -607,3 +607,66 @@ def test_the_digits_experiment_runs_and_checks_the_unbalanced_identity(tmp_path,
     row = bench.run_h(8, 1, 1, bench.digits())
     assert row["unbal_vs_bal"] < 1e-9 and not bench.check([row], "identity")
     assert bench.check([{**row, "unbal_vs_bal": 1e-6}], "identity"), "the identity check cannot fail"
+
+
+# ---- a unit across param groups, checkpoints, bf16 through the runtime -----------------------------------
+def _two_groups(model, lr, **kw):
+    first = [p for n, p in model.named_parameters() if n.startswith("conv")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("conv")]
+    return [{"params": first, **kw}, {"params": rest, **kw}], lr
+
+
+def test_a_chain_across_param_groups_steps_exactly_and_resumes_exactly(nets):
+    net = nets("cnn-flatten")
+    ref, lr = net.ref, 0.01
+    model = net.make()
+    groups, _ = _two_groups(model, lr)
+    opt = torch.optim.SGD(groups, lr=lr)
+    _apply(model, net, opt)
+    w = ref.flat(model)
+    _loss(model, net).backward()
+    opt.step()
+    assert _rel(ref.flat(model), ref.truth_step(w, lr)) < TOL       # one unit, two groups: one G-SGD step
+
+    def run(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            _loss(model, net).backward()
+            opt.step()
+    straight = net.make()
+    straight_opt = torch.optim.Adam(_two_groups(straight, 1e-3)[0], lr=1e-3)
+    _apply(straight, net, straight_opt, step="tangent", skeleton_init="paper")
+    run(straight, straight_opt, 6)
+    first = net.make()
+    first_opt = torch.optim.Adam(_two_groups(first, 1e-3)[0], lr=1e-3)
+    _apply(first, net, first_opt, step="tangent", skeleton_init="paper")
+    run(first, first_opt, 3)
+    saved_model, saved_opt = copy.deepcopy(first.state_dict()), copy.deepcopy(first_opt.state_dict())
+    resumed = net.make()
+    resumed.load_state_dict(saved_model)
+    resumed_opt = torch.optim.Adam(_two_groups(resumed, 1e-3)[0], lr=1e-3)
+    plan = _apply(resumed, net, resumed_opt, step="tangent", skeleton_init="paper")  # the same policy
+    assert any("left the chain as it is" in n for n in plan.notes), plan.notes
+    resumed_opt.load_state_dict(saved_opt)
+    run(resumed, resumed_opt, 3)
+    assert torch.equal(ref.flat(resumed), ref.flat(straight))
+    (values,) = [v["gspace"] for v in plan.diagnostics().values()]
+    assert values["skipped_steps"] == 0
+
+
+def test_bfloat16_parameters_step_through_the_runtime_with_the_free_skeleton_fixed(nets):
+    net = nets("mlp-3-4-6-2-bias")
+    ref = net.ref
+    model = net.make().to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gc.GeomCompileWarning)
+        plan = gc.apply(model, policy(skeleton_init="paper"), opt, example_inputs=(net.x.to(torch.bfloat16),))
+    w0 = ref.flat(model)
+    (0.5 * ((model(net.x.to(torch.bfloat16)).float() - net.y.float()) ** 2).sum()).backward()
+    opt.step()
+    w1 = ref.flat(model)
+    free = sorted(ref.free)
+    assert torch.equal(w1[free], w0[free]) and torch.isfinite(w1).all() and not torch.equal(w1, w0)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert next(iter(plan.diagnostics().values()))["gspace"]["skipped_steps"] == 0

@@ -519,7 +519,12 @@ class GSpace(Geometry):
             weights = [ctx.params[la.weight] for la in layers]
             biases = [ctx.params[la.bias] if la.bias else None for la in layers]
             E = [w.detach().reshape(la.out, la.inputs, la.taps) for w, la in zip(weights, layers)]
-            if mode == "paper":
+            if mode == "paper" and _paper_initialised(E, centres):
+                # G-SGD never moves F, so a free skeleton that is exactly +1 everywhere is a run that
+                # paper already initialised (a fresh init never is): resetting U would undo training.
+                lines.append("gspace skeleton_init: paper left the chain as it is: its free skeleton is already "
+                             "+1 everywhere (a resumed run; the trained skeleton weights are kept)")
+            elif mode == "paper":
                 skeleton = _skeleton_entries(E, centres)
                 count = sum(int(s.sum()) for s in skeleton)
                 for w, e, s in zip(weights, E, skeleton):
@@ -614,6 +619,12 @@ class GSpace(Geometry):
                 "min_abs_V": float(state["min_abs_V"]), "min_abs_kappa": float(state["min_abs_kappa"]),
                 "max_lr_lambda": float(state["max_lr_lambda"]), "chain_sign_flips": float(state["chain_sign_flips"]),
                 "skipped_steps": float(state["skipped_steps"])}
+
+
+def _paper_initialised(E, centres) -> bool:
+    """Every free skeleton entry is exactly +1."""
+    masks = gspace_masks(chain_widths(E), [e.shape[2] for e in E], centres, device=E[0].device)
+    return all(bool((e[free] == 1).all()) for e, (free, _) in zip(E, masks))
 
 
 def _small_values(E, centres) -> tuple[float, float]:
