@@ -1629,21 +1629,23 @@ G_ENTRIES += [
     GEntry("functional_mlp_no_inputs", GFunctionalMLP, lambda: (_randn(4, 3),), [],
            {"w1": "flatten needs example_inputs"}, shapes=False),
 ]
-# --- issue 10 part B (gspace geometry): the test matrix's net for a coupled unit ---------------------
-class GMatrixNet(nn.Module):
-    """tests/test_matrix.py's Net layout (conv1, conv2, a linear head, a zero-size linear layer; conv*
-    in one param group) with a 𝒢-chain instead of BatchNorms: conv1 → ReLU → conv2, then tanh (not
-    positively homogeneous, the chain ends), a spatial mean and the head. gspace's unit is
-    (conv1.weight, conv1.bias, conv2.weight, conv2.bias)."""
+# --- issue 10 part B (gspace geometry): the registry-driven runtime tests' net for a coupled unit ------
+class GSmallNet(nn.Module):
+    """The layout tests/test_matrix.py's Net and tests/test_runtime.py's SmallNet share (conv1, conv2
+    in the "conv*" param group, a linear head with 4 outputs, an unused `frozen` layer, a zero-size
+    layer; 3-channel images of any size) with a 𝒢-chain instead of BatchNorms: conv1 → ReLU → conv2,
+    then tanh (not positively homogeneous: the chain ends), a spatial mean and the head. gspace's unit
+    is (conv1.weight, conv1.bias, conv2.weight, conv2.bias)."""
 
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.conv2 = nn.Conv2d(6, 5, 3, padding=1)
-        self.head = nn.Linear(5, 3)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+        self.frozen = nn.Linear(4, 4)   # not used by forward: its grad stays None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)      # "Initializing zero-element tensors is a no-op"
-            self.empty = nn.Linear(5, 0)
+            self.empty = nn.Linear(8, 0)
 
     def forward(self, x):
         z = torch.tanh(self.conv2(F.relu(self.conv1(x)))).mean((2, 3))

@@ -16,7 +16,7 @@ import torch
 
 from geomcompile.geometries import REGISTRY
 
-from .models import GMatrixNet
+from .models import GSmallNet
 
 CONV_OR_LINEAR = {"kind": ["conv", "linear"]}
 CONV = {"kind": "conv", "depthwise": False}
@@ -34,9 +34,10 @@ class GeometryCase:
     # differ by two of those spacings, relative to the tensor's largest element: 2 * 2^-7
     # (tests/test_matrix.py::_close applies the bf16 bound normwise).
     tolerances: tuple = ((torch.float32, 1e-5, 1e-6), (torch.bfloat16, 2 * 2**-7, 2 * 2**-7))
-    # The matrix's model: None is tests/test_matrix.py's Net (BN convolutions). A geometry whose unit
-    # couples layers needs a model where they are coupled; it keeps Net's layout (conv1, conv2 in one
-    # param group, a head and a zero-size layer in the other) so every matrix test applies unchanged.
+    # The model of the registry-driven runtime tests (tests/test_matrix.py, tests/test_runtime.py): None
+    # is their own Net / SmallNet (BN convolutions). A geometry whose unit couples layers needs a model
+    # where they are coupled, with the same layout (tests/models.py::GSmallNet), so every test applies
+    # unchanged.
     model: Callable | None = None
 
     def policy(self) -> dict:
@@ -64,7 +65,7 @@ CASES = {
     # momentum, Adam and RMSprop, which exact refuses. keep: the matrix resumes from checkpoints and
     # freezes conv2 (skeleton_init has tests of its own in tests/test_gspace.py).
     "gspace": GeometryCase("gspace", (({"g_coupled": True}, {"gspace": {"step": "tangent", "skeleton_init": "keep"}}),),
-                           model=GMatrixNet),
+                           model=GSmallNet),
     "pom": GeometryCase("pom", ((CONV, {"pom": {"manifold": "sphere", "component": "kernel",
                                                 "grouping": "PI"}}),), retracts=True),
 }
