@@ -1629,6 +1629,39 @@ G_ENTRIES += [
     GEntry("functional_mlp_no_inputs", GFunctionalMLP, lambda: (_randn(4, 3),), [],
            {"w1": "flatten needs example_inputs"}, shapes=False),
 ]
+
+
+class GLayerNormMLP(nn.Module):
+    """Linear -> LayerNorm -> ReLU -> Linear: LayerNorm absorbs fc1's scale as a whole (psi applies),
+    so fc1 -> fc2 is no G-link; fc2 -> fc3 is."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2, self.fc3 = nn.Linear(3, 4, bias=False), nn.LayerNorm(4), nn.Linear(4, 5), \
+            nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(F.relu(self.norm(self.fc1(x))))))
+
+
+def _frozen_bn_between() -> nn.Module:
+    model = GBetween(nn.BatchNorm2d(4))
+    with torch.no_grad():       # statistics that make the frozen BN a visible affine map
+        model.between.running_mean.uniform_(-1, 1)
+        model.between.running_var.uniform_(0.5, 2)
+    model.between.eval()
+    return model
+
+
+G_ENTRIES += [
+    GEntry("layernorm_mlp", GLayerNormMLP, lambda: (_randn(4, 3),), [_w("fc2", "fc3")],
+           {"fc1.weight": "`fc1` → `norm`: a normalisation absorbs the unit's incoming scale, so in×c/out×1/c is "
+                          "not a symmetry; psi applies to this weight"}, refused=("fc1.weight", "fc2.weight")),
+    GEntry("frozen_bn_between", _frozen_bn_between, images(2, 3, 4), [_w("conv2", "fc")],
+           {"conv1.weight": "`conv1` → `between`: a normalisation absorbs"}, refused=("conv1.weight", "conv2.weight")),
+]
+
+
 # --- issue 10 part B (gspace geometry): the registry-driven runtime tests' net for a coupled unit ------
 class GSmallNet(nn.Module):
     """The layout tests/test_matrix.py's Net and tests/test_runtime.py's SmallNet share (conv1, conv2

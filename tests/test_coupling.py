@@ -100,6 +100,14 @@ def test_bn_between_keeps_psi():
     assert [g.name for g in plan.assignments["conv1.weight"].values()] == ["psi"]
 
 
+def test_frozen_bn_does_not_offer_psi():
+    """A BatchNorm in eval mode inside a training model absorbs nothing: the link is refused and the
+    reason does not point to psi (the weight is not scale-invariant)."""
+    _, s = analyse(ENTRIES["frozen_bn_between"])
+    assert s["conv1.weight"].scale_invariant is None
+    assert s["conv1.weight"].g_reason.endswith("so in×c/out×1/c is not a symmetry")
+
+
 def test_basic_block_without_bn_gives_one_chain_inside_the_block():
     _, s = analyse(ENTRIES["residual_toy"])
     assert chains(s) == [["conv1.weight", "conv2.weight"]]
@@ -171,7 +179,7 @@ def _case_id(value):
 @pytest.mark.parametrize("name, build, make_inputs, shapes", _precision_cases(), ids=_case_id)
 def test_claimed_links_survive_random_rescaling(name, build, make_inputs, shapes):
     torch.manual_seed(0)
-    model = build().double().train()
+    model = build().double()         # in the mode it is built in: training, with frozen_bn_between's BN in eval
     inputs = _double(make_inputs())
     s = analyze(model, inputs if shapes else None)
     links = [(n, f.g_next, f.g_bias, s[f.g_next].g_block) for n, f in s.items() if f.g_next is not None]
@@ -195,7 +203,7 @@ def test_rescaling_across_a_refused_link_changes_the_output(entry):
     """The control: the same rescaling across a link the analysis refused (BN, GELU, fan-out, residual
     add, a feature-minor flatten) does change the output, so the precision test can fail."""
     torch.manual_seed(0)
-    model = entry.build().double().train()
+    model = entry.build().double()
     inputs = _double(entry.make_inputs())
     s = analyze(model, inputs)
     w, nxt = entry.refused

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import geomcompile as gc
-from geomcompile.functional import gspace_direction, gspace_icr, gspace_masks, gspace_normalize, gspace_step
+from geomcompile.functional import gspace_direction, gspace_icr, gspace_masks, gspace_step
 
 from .gspace_reference import ChainSpec, Reference
 from .models import GMLP, GResidualToy, GTinyCNN, g_tiny_cnn_inputs

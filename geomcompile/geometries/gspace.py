@@ -23,11 +23,16 @@ float32 for float16/bfloat16/float32 inputs and in float64 for float64.
 """
 from __future__ import annotations
 
+import math
+import warnings
+from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
 
-from .base import compute_dtype
+from ..errors import GeomCompileError, GeomCompileWarning
+from ..findings import Finding
+from .base import Geometry, Option, StepContext, Unit, compute_dtype, register
 
 
 class GSpaceGrad(NamedTuple):
@@ -267,16 +272,6 @@ def gspace_normalize(E: Sequence[torch.Tensor], b: Sequence[torch.Tensor | None]
 
 
 # ---- the geometry: one unit per 𝒢-chain -------------------------------------------------------------
-# The dependencies the geometry needs beyond the math above (imported here, not at the top, so the
-# pure functions read on their own).
-import math                                   # noqa: E402
-import warnings                               # noqa: E402
-from dataclasses import dataclass             # noqa: E402
-
-from ..errors import GeomCompileError, GeomCompileWarning   # noqa: E402
-from ..findings import Finding                # noqa: E402
-from .base import Geometry, Option, StepContext, Unit, register   # noqa: E402
-
 # min |V_C| below which the plan warns: steps scale as 1/κ², so a class value this small makes the
 # first steps orders of magnitude larger than plain SGD's (design §9, warnings()).
 SMALL_CLASS_VALUE = 1e-3
@@ -370,7 +365,6 @@ class GSpace(Geometry):
         biases: names (W¹, b¹, …, W^L, b^L). A run of one layer, a layer whose bias is not assigned
         and an assigned bias whose weight is not are formed too, so that check_unit refuses them
         with the rule's position."""
-        by_name = {f.name: f for f in facts}
         weights = {f.name: f for f in facts if f.kind != "bias"}
         biases = {f.name: f for f in facts if f.kind == "bias"}
         used, units = set(), []
