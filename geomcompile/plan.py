@@ -109,6 +109,11 @@ class Plan:
                                    "in your training loop (before the geometry)")
         ctx = StepContext(optimizer=owner, params=self.params, group_of=group_of, model=self.model)
         for item in items:
+            problem = item.geometry.check_install(item.unit, ctx)
+            if problem:
+                where = self._where(item.unit.names[0], item.geometry)
+                raise GeomCompileError(f"{where}: {item.geometry.name} cannot run on the unit {item.unit.key}: {problem}")
+        for item in items:
             install_warnings += [self._in_rule(w, item.geometry) for w in item.geometry.warnings(item.unit, ctx)]
         notes = notes + _slow_eager_notes(chosen.name, items, self.params)
         name_of = {id(p): n for n, p in self.params.items()}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -1659,3 +1660,26 @@ G_ENTRIES += [
     GEntry("frozen_bn_between", _frozen_bn_between, images(2, 3, 4), [_w("conv2", "fc")],
            {"conv1.weight": "`conv1` → `between`: a normalisation absorbs"}, refused=("conv1.weight", "conv2.weight")),
 ]
+
+
+# --- issue 10 part B (gspace geometry): the registry-driven runtime tests' net for a coupled unit ------
+class GSmallNet(nn.Module):
+    """The layout tests/test_matrix.py's Net and tests/test_runtime.py's SmallNet share (conv1, conv2
+    in the "conv*" param group, a linear head with 4 outputs, an unused `frozen` layer, a zero-size
+    layer; 3-channel images of any size) with a 𝒢-chain instead of BatchNorms: conv1 → ReLU → conv2,
+    then tanh (not positively homogeneous: the chain ends), a spatial mean and the head. gspace's unit
+    is (conv1.weight, conv1.bias, conv2.weight, conv2.bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+        self.frozen = nn.Linear(4, 4)   # not used by forward: its grad stays None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)      # "Initializing zero-element tensors is a no-op"
+            self.empty = nn.Linear(8, 0)
+
+    def forward(self, x):
+        z = torch.tanh(self.conv2(F.relu(self.conv1(x)))).mean((2, 3))
+        return torch.cat([self.head(z), self.empty(z)], dim=1)

@@ -10,10 +10,13 @@ move a weight (the frozen-parameter test then forces one), and whether it needs 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from geomcompile.geometries import REGISTRY
+
+from .models import GSmallNet
 
 CONV_OR_LINEAR = {"kind": ["conv", "linear"]}
 CONV = {"kind": "conv", "depthwise": False}
@@ -31,6 +34,11 @@ class GeometryCase:
     # differ by two of those spacings, relative to the tensor's largest element: 2 * 2^-7
     # (tests/test_matrix.py::_close applies the bf16 bound normwise).
     tolerances: tuple = ((torch.float32, 1e-5, 1e-6), (torch.bfloat16, 2 * 2**-7, 2 * 2**-7))
+    # The model of the registry-driven runtime tests (tests/test_matrix.py, tests/test_runtime.py): None
+    # is their own Net / SmallNet (BN convolutions). A geometry whose unit couples layers needs a model
+    # where they are coupled, with the same layout (tests/models.py::GSmallNet), so every test applies
+    # unchanged.
+    model: Callable | None = None
 
     def policy(self) -> dict:
         return {"version": 1, "validate": "warn",
@@ -53,6 +61,11 @@ CASES = {
         (CONV_OR_LINEAR, {"channel_directed": {"metric": "h0", "lam": 0.5}}),)),
     "psi": GeometryCase("psi", (({"scale_invariant": True}, {"psi": {"max_norm": 1.5}}),), retracts=True),
     "spectral": GeometryCase("spectral", ((CONV, {"spectral": {"coef": 0.1, "power_iters": 1}}),)),
+    # One unit couples four parameters (conv1 → ReLU → conv2 with biases). tangent: the matrix runs
+    # momentum, Adam and RMSprop, which exact refuses. keep: the matrix resumes from checkpoints and
+    # freezes conv2 (skeleton_init has tests of its own in tests/test_gspace.py).
+    "gspace": GeometryCase("gspace", (({"g_coupled": True}, {"gspace": {"step": "tangent", "skeleton_init": "keep"}}),),
+                           model=GSmallNet),
     "pom": GeometryCase("pom", ((CONV, {"pom": {"manifold": "sphere", "component": "kernel",
                                                 "grouping": "PI"}}),), retracts=True),
 }

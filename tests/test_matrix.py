@@ -38,7 +38,7 @@ def test_every_registered_geometry_and_fast_path_has_cases():
 
 def _setup(case_name, opt_name, backend, dtype=torch.float32, frozen_retraction=False):
     torch.manual_seed(0)
-    model = Net()
+    model = _model(case_name)
     with torch.no_grad():
         model.conv1.weight.mul_(5.0)              # rows above max_norm: psi renormalises at once
     if frozen_retraction:
@@ -54,6 +54,12 @@ def _setup(case_name, opt_name, backend, dtype=torch.float32, frozen_retraction=
                         backend=backend)
     assert plan.backend_name == backend
     return model, opt, plan
+
+
+def _model(case_name):
+    """The case's model (Net unless the case brings its own with Net's layout)."""
+    make = CASES[case_name].model
+    return make() if make is not None else Net()
 
 
 def _set_grads(model, step, dtype):
@@ -169,7 +175,7 @@ def test_state_dict_round_trip_continues_exactly(case_name, backend):
     for step in range(3):
         _step(model, opt, step, torch.float32)
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    resumed = Net()
+    resumed = _model(case_name)
     resumed.load_state_dict(saved_model)
     resumed_opt = OPTIMIZERS["adam"](*_groups(resumed))
     with warnings.catch_warnings():

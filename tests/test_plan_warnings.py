@@ -17,7 +17,8 @@ import geomcompile as gc
 import importlib
 from geomcompile.policy import load_policy, shipped_policies
 from tests.models import (DENSENET, GROUPNORM, MLP_BIAS, MLP_NOBIAS, MOBILENETV2, PLAIN_CNN, PREACT, RESNET20,
-                          SMALL_RESNET, VGG11, VGG11_BN, DenseNetStyle, FullyConvNet, ResNet50Style, _randn)
+                          SMALL_RESNET, VGG11, VGG11_BN, DenseNetStyle, FullyConvNet, GMLP, GResidualToy, GTinyCNN,
+                          ResNet50Style, _randn, g_tiny_cnn_inputs)
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 
@@ -195,6 +196,8 @@ ARCHITECTURES = {
               "densenet121_style": _toy(DenseNetStyle), "densenet_block": _zoo(DENSENET),
               "vgg11_bn": _zoo(VGG11_BN), "vgg11": _zoo(VGG11), "mobilenetv2": _zoo(MOBILENETV2),
               "plain_cnn": _zoo(PLAIN_CNN)},
+    "gsgd": {"gmlp": lambda: (GMLP((3, 5, 4, 2)), (_randn(4, 3),)), "gtinycnn": lambda: (GTinyCNN(), g_tiny_cnn_inputs()),
+             "residual_block_no_bn": lambda: (GResidualToy(), (_randn(2, 3, 6, 6),))},
 }
 
 

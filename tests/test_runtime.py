@@ -17,7 +17,8 @@ from geomcompile.geometries import REGISTRY
 from .registry import CASES as REGISTRY_CASES
 
 # The cases come from the one registry (tests/registry.py), in this file's {"use", "match"} form.
-CASES = {name: {"use": case.rules[0][1], "match": case.rules[0][0]} for name, case in REGISTRY_CASES.items()}
+CASES = {name: {"use": case.rules[0][1], "match": case.rules[0][0], "model": case.model}
+         for name, case in REGISTRY_CASES.items()}
 
 # Every backend must run every geometry (fast paths where it has them, the eager program elsewhere).
 # "triton" runs its kernels under the Triton interpreter on CPU (tests/conftest.py).
@@ -93,10 +94,15 @@ def _train(model, opt, data, scaler=None):
             scaler.update()
 
 
-def _twins():
+def _model(case):
+    """The case's model (SmallNet unless the registry case brings its own with SmallNet's layout)."""
+    return case["model"]() if case.get("model") is not None else SmallNet()
+
+
+def _twins(case):
     """Two identical models, each with its own SGD-momentum optimizer."""
     torch.manual_seed(0)
-    model = SmallNet()
+    model = _model(case)
     reference = copy.deepcopy(model)
     return (model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
             reference, torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9))
@@ -111,7 +117,7 @@ def _case(name):
 def test_runs_with_every_optimizer_and_changes_the_update(case_name, opt_name):
     case = _case(case_name)
     torch.manual_seed(0)
-    model = SmallNet()
+    model = _model(case)
     plain = copy.deepcopy(model)
     opt = OPTIMIZERS[opt_name](model.parameters())
     plan = gc.apply(model, _policy(case), opt, example_inputs=_inputs())
@@ -129,7 +135,7 @@ def test_runs_with_every_optimizer_and_changes_the_update(case_name, opt_name):
 def test_params_with_none_grad_are_untouched(case_name, backend):
     case = _case(case_name)
     torch.manual_seed(0)
-    model = SmallNet()
+    model = _model(case)
     model.conv2.weight.requires_grad_(False)        # frozen: grad stays None
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     gc.apply(model, _policy(case), opt, example_inputs=_inputs(), backend=backend)
@@ -143,7 +149,7 @@ def test_params_with_none_grad_are_untouched(case_name, backend):
 @pytest.mark.parametrize("case_name", list(CASES))
 def test_remove_restores_bit_identical_behaviour(case_name, backend):
     case = _case(case_name)
-    model, opt, reference, opt_ref = _twins()
+    model, opt, reference, opt_ref = _twins(case)
     plan = gc.apply(model, _policy(case), opt, example_inputs=_inputs(), backend=backend)
     plan.remove()
     assert "geomcompile" not in opt.state
@@ -163,7 +169,7 @@ def test_remove_restores_bit_identical_behaviour(case_name, backend):
 def test_state_dict_round_trip_continues_exactly(case_name, backend):
     case = _case(case_name)
     torch.manual_seed(0)
-    model = SmallNet()
+    model = _model(case)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gc.apply(model, _policy(case), opt, example_inputs=_inputs(), backend=backend)
     data = _data(6)
@@ -172,7 +178,7 @@ def test_state_dict_round_trip_continues_exactly(case_name, backend):
     saved_opt = copy.deepcopy(opt.state_dict())
     _train(model, opt, data[3:])                    # uninterrupted run
 
-    resumed = SmallNet()
+    resumed = _model(case)
     resumed.load_state_dict(saved_model)
     opt2 = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
     plan2 = gc.apply(resumed, _policy(case), opt2, example_inputs=_inputs(), backend=backend)
@@ -191,7 +197,7 @@ def test_state_dict_round_trip_continues_exactly(case_name, backend):
 @pytest.mark.parametrize("case_name", list(CASES))
 def test_grad_scaler_skipped_step_changes_nothing_and_hooks_see_unscaled_grads(case_name, backend):
     case = _case(case_name)
-    model, opt, reference, opt_ref = _twins()
+    model, opt, reference, opt_ref = _twins(case)
     gc.apply(model, _policy(case), opt, example_inputs=_inputs(), backend=backend)
     gc.apply(reference, _policy(case), opt_ref, example_inputs=_inputs(), backend=backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)

@@ -15,7 +15,7 @@ from torch import nn
 import geomcompile as gc
 from geomcompile.functional import psi_grad, sobolev
 
-from .test_runtime import BACKENDS, CASES, SmallNet, _data, _entries, _inputs, _policy
+from .test_runtime import BACKENDS, CASES, SmallNet, _data, _entries, _inputs, _model, _policy
 
 SOBOLEV = {"version": 1, "rules": [{"name": "convs", "match": {"kind": "conv"},
                                     "use": {"channel_directed": {"metric": "sobolev", "lam": 0.5}}}]}
@@ -127,7 +127,7 @@ def test_dcp_initialisation_step_is_not_a_training_step(case_name):
     """torch.distributed.checkpoint's _init_optim_state steps once with lr 0 on zero gradients."""
     from torch.distributed.checkpoint.state_dict import _init_optim_state
     torch.manual_seed(0)
-    model = SmallNet()
+    model = _model(CASES[case_name])
     with torch.no_grad():
         model.conv1.weight.mul_(50.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

@@ -1,6 +1,6 @@
 """Geometries: one module per paper, registered by name in REGISTRY (drives policies and tests)."""
 from .base import REGISTRY, STAGES, Geometry, Option, StepContext, Unit, register
-from . import channel_directed, pom, psi, spectral  # noqa: F401  (registration)
+from . import channel_directed, gspace, pom, psi, spectral  # noqa: F401  (registration)
 
 __all__ = ["REGISTRY", "STAGES", "Geometry", "Option", "StepContext", "Unit", "register", "get"]
 

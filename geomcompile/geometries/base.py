@@ -290,6 +290,12 @@ class Geometry:
         """Why this unit cannot be formed (the policy adds the rule's file:line:column), or None."""
         return None
 
+    def check_install(self, unit: Unit, ctx: StepContext) -> str | None:
+        """Why this unit cannot run with this optimizer, its param groups and its current weights (the
+        plan adds the rule's file:line:column), or None. Called for every unit before any on_install
+        changes a weight, so a refusal leaves the model and the optimizer as they were."""
+        return None
+
     def warnings(self, unit: Unit, ctx: StepContext) -> list[str]:
         """Plan-time warnings (e.g. weight decay that breaks an invariance). A warning about one
         parameter should be a ``geomcompile.findings.Finding``, so that the plan reports one line
