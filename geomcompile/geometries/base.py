@@ -127,10 +127,16 @@ class StepContext:
     handles: list = field(default_factory=list)   # hooks a geometry registers at install, removed with the plan
     stepped: frozenset = frozenset()     # names of the parameters that had a gradient at this step's start
     rescale_observed: Callable[[str], bool] = lambda name: False   # does anything follow its rescales?
+    shards: dict = field(default_factory=dict)   # name -> runtime.distributed.ShardInfo (DTensor params)
 
     def opt_state(self, name: str) -> dict:
         """The base optimizer's own state for a parameter (momentum_buffer, exp_avg, ...)."""
         return self.optimizer.state[self.params[name]]
+
+    def shard(self, name: str):
+        """The ShardInfo of a sharded (FSDP2 DTensor) parameter, or None: a geometry's program runs its
+        sharded form on the local shard when it is not None (runtime/distributed.py)."""
+        return self.shards.get(name)
 
     def has_grad(self, name: str) -> bool:
         """Whether the parameter takes part in this step (frozen or unused ones must not be touched)."""
@@ -154,6 +160,10 @@ class Geometry:
     # Fast paths next to the geometry: backend name -> "module:attribute" of a FastPath class, imported
     # only when that backend runs. The registry-driven tests check each against the eager program.
     fast_paths: ClassVar[dict[str, str]] = {}
+    # Why the geometry cannot run on a sharded (FSDP2, Shard(0) DTensor) parameter, or None when its
+    # programs compute the full-tensor update on a shard (runtime/distributed.py). A geometry that
+    # does not say otherwise is refused at install on sharded parameters.
+    shard_refusal: ClassVar[str | None] = "has no sharded form yet"
 
     def __init__(self, **opts: Any):
         unknown = set(opts) - set(self.options)
@@ -210,6 +220,11 @@ class Geometry:
     def check_unit(self, unit: Unit) -> str | None:
         """Why this unit cannot be formed (the policy adds the rule's file:line:column), or None."""
         return None
+
+    def shard_check(self, facts: ParamFacts) -> str | None:
+        """Why this geometry cannot run on the parameter sharded on dim 0, or None. Default: the class's
+        ``shard_refusal``; a geometry with a sharded form for some layouts only refines it."""
+        return type(self).shard_refusal
 
     def warnings(self, unit: Unit, ctx: StepContext) -> list[str]:
         """Plan-time warnings (e.g. weight decay that breaks an invariance). A warning about one
