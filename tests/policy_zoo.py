@@ -218,3 +218,8 @@ def tiny_vgg11_bn() -> nn.Module:
 def tiny_vgg11() -> nn.Module:
     from tests.models import TinyVGG11
     return TinyVGG11(batch_norm=False)
+
+
+def gpt_inputs(batch: int = 2, tokens: int = 6, vocab: int = 11, seed: int = 0) -> tuple:
+    """Token ids for TinyGPT, drawn from a generator of their own (the global RNG is untouched)."""
+    return (torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(seed)),)
