@@ -94,6 +94,23 @@ def test_the_suggested_policy_applies_in_strict_mode_with_the_counts_it_states(m
             assert geometry.name == "channel_directed", name
 
 
+@pytest.mark.parametrize("model_id, facts", [
+    ("resnet20", ["scale-invariant through BatchNorm2d (21): 21 weight(s) (21 conv); units: row 21",
+                  "fc.weight: reaches the model output"]),
+    ("transformer", ["scale-invariant through LayerNorm (1): 1 weight(s) (1 linear); units: tensor 1",
+                     "3 parameters (q.weight, k.weight, v.weight): matmul is not known to keep a per-channel"]),
+    ("efficientnet", ["depthwise and scale-invariant through BatchNorm2d (2): 2 weight(s)",
+                      "each unit holds only 9 numbers", "block1.se.expand.weight: Sigmoid is not known"]),
+    ("mlp_no_norm", ["1 𝒢-chain(s) of layers", "layers.0 -> layers.1 -> layers.2",
+                     "their 3 weight(s) and 3 bias(es)"]),
+])
+def test_the_comments_give_the_facts(model_id, facts):
+    _, _, text = suggested(model_id)
+    flat = re.sub(r"\n\s*#\s+", " ", text)               # comment lines joined again
+    for fact in facts:
+        assert fact in flat, fact
+
+
 @pytest.mark.parametrize("model_id", ["resnet20", "gpt", "mlp_no_norm"])
 def test_the_suggestion_is_deterministic(model_id):
     _, _, first = suggested(model_id)
