@@ -1,4 +1,4 @@
-"""Command line: `geomcompile plan|validate|schema|demo|bench` (also `python -m geomcompile`)."""
+"""Command line: `geomcompile plan|suggest|validate|schema|demo|bench` (also `python -m geomcompile`)."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +23,8 @@ def _load_factory(spec: str):
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise GeomCompileError(f"{module_name!r} has no attribute {attr!r}") from None
+        raise GeomCompileError(f"{module_name!r} has no attribute {attr!r}. Fix: name a function or class "
+                               f"defined in {module_name}, as MODULE:CALLABLE") from None
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -36,20 +37,50 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def cmd_plan(args) -> int:
+def _build_model(spec: str):
+    """The nn.Module that MODULE:CALLABLE returns when called without arguments."""
     import torch
-    from .plan import plan
-    factory = _load_factory(args.model)
+    factory = _load_factory(spec)
     try:
         model = factory()
     except TypeError as exc:
-        raise GeomCompileError(f"calling {args.model}() failed: {exc}. MODEL must name a callable that takes no "
+        raise GeomCompileError(f"calling {spec}() failed: {exc}. MODEL must name a callable that takes no "
                                f"arguments and returns an nn.Module, e.g. tests.models:resnet20; wrap a class "
                                f"that needs arguments in a function") from None
     if not isinstance(model, torch.nn.Module):
-        raise GeomCompileError(f"{args.model}() returned a {type(model).__name__}, not an nn.Module")
-    inputs = (torch.randn(*_parse_shape(args.input_shape)),) if args.input_shape else None
+        raise GeomCompileError(f"{spec}() returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _example_inputs(shape: str | None):
+    import torch
+    return (torch.randn(*_parse_shape(shape)),) if shape else None
+
+
+def cmd_plan(args) -> int:
+    from .plan import plan
+    model = _build_model(args.model)
+    inputs = _example_inputs(args.input_shape)
     print(plan(model, args.policy, example_inputs=inputs).summary(chains=args.chains or None))
+    return 0
+
+
+def cmd_suggest(args) -> int:
+    from .suggest import suggest_policy
+    text = suggest_policy(_build_model(args.model), _example_inputs(args.input_shape))
+    if args.output is None:
+        print(text, end="")
+        return 0
+    try:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        raise GeomCompileError(f"cannot write {args.output!r}: {exc}. Fix: give a path in a folder you can "
+                               f"write to, or leave out -o to print the policy") from None
+    rules = sum(line.startswith("  - name: ") for line in text.splitlines())
+    print(f"wrote {args.output} ({rules} rule{'s' if rules != 1 else ''}); check it with "
+          f"`geomcompile plan {args.model} {args.output}"
+          f"{' --input-shape ' + args.input_shape if args.input_shape else ''}`")
     return 0
 
 
@@ -111,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list the G-chains (coupled conv/linear layers) and why the other layers are not "
                         "coupled; shown anyway when a rule uses gspace")
     p.set_defaults(func=cmd_plan)
+    g = sub.add_parser("suggest", help="write a policy for a model from its analysis: which geometry for which "
+                                       "parameters, and the facts that justify it")
+    g.add_argument("model", help="MODULE:CALLABLE returning an nn.Module, e.g. tests.models:resnet20")
+    g.add_argument("--input-shape", help="shape of one example input batch, e.g. 1,3,32,32 (a model torch.fx "
+                                         "cannot trace needs it, and some facts need shapes)")
+    g.add_argument("-o", "--output", help="write the policy to this file (default: print it)")
+    g.set_defaults(func=cmd_suggest)
     v = sub.add_parser("validate", help="check a policy file without a model")
     v.add_argument("policy", help="policy file, shipped policy name (resnet, plain, ...) or YAML text")
     v.set_defaults(func=cmd_validate)

@@ -16,9 +16,10 @@ from torch import nn
 import geomcompile as gc
 import importlib
 from geomcompile.policy import load_policy, shipped_policies
-from tests.models import (DENSENET, GROUPNORM, MLP_BIAS, MLP_NOBIAS, MOBILENETV2, PLAIN_CNN, PREACT, RESNET20,
-                          SMALL_RESNET, VGG11, VGG11_BN, DenseNetStyle, FullyConvNet, GMLP, GResidualToy, GTinyCNN,
-                          ResNet50Style, _randn, g_tiny_cnn_inputs)
+from tests.models import (DECODER, DENSENET, GROUPNORM, MLP_BIAS, MLP_NOBIAS, MOBILENETV2, PLAIN_CNN, PREACT,
+                          RESNET20, SMALL_RESNET, TRANSFORMER, VGG11, VGG11_BN, DenseNetStyle, FullyConvNet, GMLP,
+                          GResidualToy, GTinyCNN, ResNet50Style, _randn, g_tiny_cnn_inputs)
+from tests.policy_zoo import TinyConvNeXt, TinyEfficientNet, TinyGPT, TinyUNet, gpt_inputs
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 
@@ -198,6 +199,14 @@ ARCHITECTURES = {
               "plain_cnn": _zoo(PLAIN_CNN)},
     "gsgd": {"gmlp": lambda: (GMLP((3, 5, 4, 2)), (_randn(4, 3),)), "gtinycnn": lambda: (GTinyCNN(), g_tiny_cnn_inputs()),
              "residual_block_no_bn": lambda: (GResidualToy(), (_randn(2, 3, 6, 6),))},
+    # the policies per architecture of issue 12 (their rule counts: tests/test_shipped_policies.py)
+    "vgg": {"vgg11_bn": _zoo(VGG11_BN), "vgg11": _zoo(VGG11)},
+    "densenet": {"densenet_block": _zoo(DENSENET), "densenet121_style": _toy(DenseNetStyle)},
+    "mobilenet": {"mobilenetv2": _zoo(MOBILENETV2), "efficientnet": _toy(TinyEfficientNet)},
+    "convnext": {"convnext": _toy(TinyConvNeXt)},
+    "transformer": {"transformer_block": _zoo(TRANSFORMER), "gpt": lambda: (TinyGPT(), gpt_inputs())},
+    "unet": {"unet": lambda: (TinyUNet(), (_randn(2, 3, 8, 8),)), "convtranspose_decoder": _zoo(DECODER)},
+    "spectral": {"plain_cnn": _zoo(PLAIN_CNN), "vgg11": _zoo(VGG11), "small_resnet": _zoo(SMALL_RESNET)},
 }
 
 
