@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileError
+from ..runtime.distributed import local
 from .base import Geometry, Option, Range, StepContext, Unit, compute_dtype, register
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -288,16 +289,37 @@ def choose_end(theta: torch.Tensor, residual: torch.Tensor, alpha: float, tie_to
     return (0 if a_top >= a_bottom else -1), abs(a_top - a_bottom) <= err
 
 
+def sharded_gram_matvec(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec, shard) -> torch.Tensor:
+    """MᵀM x for a convolution whose kernel's output channels (dim 0) are sharded: `weight` holds this
+    rank's output channels, so M x restricted to them is the local convolution and MᵀM x = Σ over
+    ranks of M_localᵀ (M_local x), one all-reduce of x's size. Every rank gets the same bits, so
+    the solver's vectors stay replicated. A rank without output channels adds zeros."""
+    if weight.shape[0] == 0:
+        back = torch.zeros_like(x)
+    else:
+        _, back = gram_matvec(x, weight, spec)
+    return shard.all_reduce_sum(back)
+
+
 def spectral_penalty_step(weight: torch.Tensor, spec: ConvSpec, alpha: float, block: torch.Tensor,
-                          iters: int, tol: float = 1e-6, tie_tol: float = 1e-3) -> PenaltyStep:
-    """One penalty evaluation from the start block `block` (warm start)."""
+                          iters: int, tol: float = 1e-6, tie_tol: float = 1e-3, shard=None) -> PenaltyStep:
+    """One penalty evaluation from the start block `block` (warm start).
+
+    shard: the ShardInfo when `weight` is the local shard (output channels) of a sharded kernel; the
+    gradient returned is then that of the local shard (∇ of ‖M v‖² with respect to a row of the
+    kernel needs only that row's outputs: local)."""
     dtype = compute_dtype(weight.dtype)
     w = weight.detach().to(dtype)
-    solve = two_end_solve(lambda X: gram_matvec(X, w, spec)[1], block.to(device=w.device, dtype=dtype), iters, tol)
+    apply_G = (lambda X: gram_matvec(X, w, spec)[1]) if shard is None else \
+        (lambda X: sharded_gram_matvec(X, w, spec, shard))
+    solve = two_end_solve(apply_G, block.to(device=w.device, dtype=dtype), iters, tol)
     end, ambiguous = choose_end(solve.theta, solve.residual, alpha, tie_tol)
     lam = solve.theta[end] - alpha
     sign = 1.0 if float(lam) >= 0 else -1.0
-    grad = penalty_grad(w, solve.vectors[end], sign, spec).to(weight.dtype)
+    if w.shape[0] == 0:                     # a rank without output channels of a sharded kernel
+        grad = torch.zeros_like(weight)
+    else:
+        grad = penalty_grad(w, solve.vectors[end], sign, spec).to(weight.dtype)
     return PenaltyStep(lam.abs(), lam, solve.residual[end], grad, solve, ambiguous)
 
 
@@ -369,6 +391,7 @@ class Spectral(Geometry):
     stage = "penalty"
     paper = "004_433ab1764c3faa0c.txt"
     match_hint = "add `kind: conv` to match"
+    shard_refusal = None      # sharded form: sharded_gram_matvec (groups=1; shard_check refines it)
     options = {
         "alpha": Option(float, 1.0, "α > 0: the penalty σ_max(MᵀM − αI) pulls the squared singular values "
                                     "of M towards α", check=Range(0, 1e6, low_open=True, why_high="beyond it αI swamps MᵀM and float32 cannot resolve its spectrum")),
@@ -403,6 +426,12 @@ class Spectral(Geometry):
         if "kernel_size" not in facts.layer:
             return (f"{facts.name} is used by a functional convolution ({facts.module}); its stride and padding "
                     f"are not known to the analysis. Use an nn.Conv module")
+        return None
+
+    def shard_check(self, facts: ParamFacts) -> str | None:
+        if facts.layer.get("groups", 1) != 1:
+            return (f"has a sharded form for groups=1 only ({facts.name} has groups={facts.layer['groups']}: the "
+                    f"local output channels would cut through its groups)")
         return None
 
     def input_size(self, facts: ParamFacts) -> tuple[tuple[int, ...], str]:
@@ -472,8 +501,10 @@ class Spectral(Geometry):
         if calls % self.opts["every"]:
             return
         iters = self.opts["power_iters"] if state["steps"] else max(self.opts["init_iters"], self.opts["power_iters"])
-        step = spectral_penalty_step(ctx.params[facts.name].detach(), self.spec(facts), self.opts["alpha"],
-                                     state["V"], iters, self.opts["tol"], self.opts["tie_tol"])
+        shard = ctx.shard(facts.name)
+        grad = local(grad)
+        step = spectral_penalty_step(local(ctx.params[facts.name]).detach(), self.spec(facts), self.opts["alpha"],
+                                     state["V"], iters, self.opts["tol"], self.opts["tie_tol"], shard)
         state.update(V=step.solve.vectors, theta=step.solve.theta, residual=step.solve.residual,
                      steps=state["steps"] + 1, ambiguous=state.get("ambiguous", 0) + int(step.ambiguous))
         if self.opts["coef"]:

@@ -31,6 +31,7 @@ from ..errors import GeomCompileError, GeomCompileWarning
 from ..geometries.base import STAGES, Rescale, StepContext
 from . import absorb
 from .backends import Backend, WorkItem
+from .distributed import any_on_some_rank, local
 from .state import ENTRY_KEY, PlanState, extract_entries, pids_by_name, stray_entries
 from .wrappers import WEIGHT_LIKE_STATE
 
@@ -204,7 +205,8 @@ class Installation:
         (torch.distributed.checkpoint.state_dict._init_optim_state): that step is not training."""
         if any(_lr(g) != 0 for g in self.optimizer.param_groups):
             return False
-        return all(not bool(self.ctx.params[n].grad.any()) for n in stepped)
+        nonzero = any(bool(local(self.ctx.params[n].grad).any()) for n in stepped)
+        return not any_on_some_rank(nonzero, self.ctx.shards)   # sharded: every rank decides alike
 
     def _adopt_new_params(self) -> None:
         """add_param_group after install: the new parameters get the geometries their names match."""
@@ -230,11 +232,15 @@ class Installation:
     # -- consequences of a function-preserving rescale ----------------------------------------
     def _apply_consequences(self, event: Rescale) -> None:
         p, scale = event.param, event.scale
+        shard = self.ctx.shard(event.name)
+        if shard is not None:                # sharded: the state's local rows take the local factors
+            scale = shard.local_rows(scale) if (event.facts.out_dim or 0) == 0 else scale
         geometry_powers = self._powers_of(event.name)
         state = self.optimizer.state.get(p, {})
         for key, buf in state.items():
             if not (isinstance(buf, torch.Tensor) and buf.shape == p.shape and buf.numel()):
                 continue
+            buf = local(buf)
             power = geometry_powers.get(key, 1 if key in WEIGHT_LIKE_STATE else None)
             if power is None:
                 if (event.name, key) not in self._unscaled_keys_warned:
