@@ -131,7 +131,21 @@ def gathered(model: nn.Module, opt) -> dict:
 def reference(case: str, optimizer: str, steps: int = STEPS, world: int = 1) -> dict:
     """The single-process run on the global batch, its gradient accumulated over `world` micro-batches
     (the ranks' batches) as the data-parallel mean of per-rank means: the same gradient the ranks
-    average, up to the order of the sum over ranks."""
+    average, up to the order of the sum over ranks.
+
+    It runs on one intra-op thread, as the workers do: with two threads the CPU convolution's weight
+    gradient is reduced in another order (5.96e-8 apart after one backward here), and that alone grew
+    to 1.8e-6 after five AdamW steps. Same threads, same arithmetic: DDP's gradients then equal this
+    run's bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _reference_run(case, optimizer, steps, world)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference_run(case: str, optimizer: str, steps: int, world: int) -> dict:
     model = build_model()
     opt = OPTIMIZERS[optimizer](model.parameters())
     gc.apply(model, policy(case), opt, example_inputs=example_inputs())
