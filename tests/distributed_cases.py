@@ -261,6 +261,42 @@ def refusal_cases(rank: int, world: int, out: dict) -> None:
         del REGISTRY["test_only_unsharded"]
 
 
+def collective_counts(rank: int, world: int, out: dict) -> None:
+    """The collectives geomcompile issues per optimizer step under FSDP2, per policy: the requests of
+    the sharded programs (one per parameter and use) and the collectives that answer them (one per
+    round and kind, batched over the parameters)."""
+    import geomcompile.runtime.distributed as gdist
+    counts = {"sum": 0, "gather": 0, "requests": 0}
+    real_reduce, real_gather, real_answer = gdist._all_reduce, gdist._all_gather, gdist._answer
+
+    def all_reduce(flat, group):
+        counts["sum"] += 1
+        real_reduce(flat, group)
+
+    def all_gather(flat, group, n):
+        counts["gather"] += 1
+        return real_gather(flat, group, n)
+
+    def answer(requests):
+        counts["requests"] += len(requests)
+        return real_answer(requests)
+
+    gdist._all_reduce, gdist._all_gather, gdist._answer = all_reduce, all_gather, answer
+    try:
+        for case in POLICIES:
+            def run(case=case):
+                model, opt, plan = _sharded(False, case, "sgd_momentum", world)
+                per_step = []
+                for step in range(2):
+                    before = dict(counts)
+                    train(model, opt, [step], rank, world)
+                    per_step.append({k: counts[k] - before[k] for k in counts})
+                return {"per_step": per_step}
+            _run_case(out, ("collectives", world, case), run)
+    finally:
+        gdist._all_reduce, gdist._all_gather, gdist._answer = real_reduce, real_gather, real_answer
+
+
 def _fsdp_for_dcp(world):
     return _sharded(False, "psi", "sgd_momentum", world)
 
@@ -305,7 +341,8 @@ def _renormalised(plan) -> float:
     return sum(v["psi"]["renormalised_units"] for v in plan.diagnostics().values() if "psi" in v)
 
 
-JOBS = {"fsdp": fsdp_cases, "ddp": ddp_cases, "refusal": refusal_cases, "dcp_save": dcp_save, "dcp_load": dcp_load}
+JOBS = {"fsdp": fsdp_cases, "ddp": ddp_cases, "refusal": refusal_cases, "collectives": collective_counts,
+        "dcp_save": dcp_save, "dcp_load": dcp_load}
 
 
 def worker(rank: int, world: int, port: int, jobs: list, out_path: str, directory: str) -> None:

@@ -77,7 +77,7 @@ def tables(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distributed")
     checkpoint = tmp / "ckpt"
     table = {}
-    table.update(spawn(2, ["fsdp", "ddp", "refusal", "dcp_save"], tmp, checkpoint))
+    table.update(spawn(2, ["fsdp", "ddp", "refusal", "collectives", "dcp_save"], tmp, checkpoint))
     table.update(spawn(4, ["fsdp", "dcp_load"], tmp, checkpoint))
     table.update(spawn(2, ["dcp_load"], tmp, checkpoint))
     return table
@@ -155,6 +155,32 @@ def test_dcp_resume_equals_the_uninterrupted_run(tables, world):
     assert err <= (0.0 if world == 2 else FSDP_RTOL), f"resumed on {world} ranks: {err:.3g} at {where}"
     err, where = relative_error(saved["result"], _reference("psi", "sgd_momentum", 2, steps=6))
     assert err <= FSDP_RTOL, f"the saved run vs one process: {err:.3g} at {where}"
+
+
+# Collectives per step on ShardNet, world 2 (docs/distributed.md): one per round and kind, whatever the
+# number of parameters. "requests": what the programs asked for (one per parameter and use).
+# psi: pre-step, the norms of up (out_dim 1) and conv2 (groups of 3 rows); conv1's units (GroupNorm(7, 7):
+# groups of one row) and conv3's (one row in all) are local; post-step, all four layers' norms for the
+# renormalisation: 2 rounds, 6 requests.
+# channel_directed sobolev: conv1, conv2, conv3, fc gather their (3, R) sums (up's columns are local);
+# h0: the same four sum their row means. pom: only fc's PIO groups span ranks; pom_po: the PO groups of
+# conv1, conv2, conv3 and fc all may.
+# spectral: conv1, conv2, conv3 iterate in lock-step, one round per application of MᵀM: 1 + init_iters
+# (40) at the first step, 1 + power_iters (20) after.
+EXPECTED_COLLECTIVES = {
+    "psi": [{"sum": 2, "gather": 0, "requests": 6}] * 2,
+    "channel_directed": [{"sum": 0, "gather": 1, "requests": 4}] * 2,
+    "channel_directed_h0": [{"sum": 1, "gather": 0, "requests": 4}] * 2,
+    "spectral": [{"sum": 41, "gather": 0, "requests": 3 * 41}, {"sum": 21, "gather": 0, "requests": 3 * 21}],
+    "pom": [{"sum": 1, "gather": 0, "requests": 1}] * 2,
+    "pom_po": [{"sum": 1, "gather": 0, "requests": 4}] * 2,
+}
+
+
+@pytest.mark.parametrize("case", list(EXPECTED_COLLECTIVES))
+def test_one_collective_per_round_not_per_parameter(tables, case):
+    entry = _result(tables, ("collectives", 2, case))
+    assert entry["per_step"] == EXPECTED_COLLECTIVES[case], entry["per_step"]
 
 
 def test_refusals_name_the_parameter_and_the_reason(tables):

@@ -209,6 +209,7 @@ class StepContext:
     stepped: frozenset = frozenset()     # names of the parameters that had a gradient at this step's start
     rescale_observed: Callable[[str], bool] = lambda name: False   # does anything follow its rescales?
     shards: dict = field(default_factory=dict)   # name -> runtime.distributed.ShardInfo (DTensor params)
+    queued: list = field(default_factory=list)   # sharded programs waiting for this stage's collectives
 
     def opt_state(self, name: str) -> dict:
         """The base optimizer's own state for a parameter (momentum_buffer, exp_avg, ...)."""
@@ -218,6 +219,20 @@ class StepContext:
         """The ShardInfo of a sharded (FSDP2 DTensor) parameter, or None: a geometry's program runs its
         sharded form on the local shard when it is not None (runtime/distributed.py)."""
         return self.shards.get(name)
+
+    def run_sharded(self, program) -> None:
+        """Queue a sharded program (a generator yielding runtime.distributed.Collective requests; what a
+        post_step's program returns is its list of Rescale events). The runtime runs the programs queued
+        in one stage together, with one collective per round for all of them (run_queued)."""
+        self.queued.append(program)
+
+    def run_queued(self) -> list:
+        """Run the queued sharded programs together; the Rescale events they return (runtime only)."""
+        if not self.queued:
+            return []
+        from ..runtime.distributed import run_together     # late: the runtime imports the geometries
+        programs, self.queued = self.queued, []
+        return [event for events in run_together(programs) for event in (events or [])]
 
     def has_grad(self, name: str) -> bool:
         """Whether the parameter takes part in this step (frozen or unused ones must not be touched)."""

@@ -24,7 +24,7 @@ import math
 import torch
 
 from ..analysis.facts import ParamFacts
-from ..runtime.distributed import local
+from ..runtime.distributed import copy_result, local
 from .base import Geometry, Option, Range, Unit, StepContext, compute_dtype, register
 
 
@@ -88,20 +88,22 @@ def _local_rows(grad: torch.Tensor) -> torch.Tensor:
     return grad.to(compute_dtype(grad.dtype)).reshape(grad.shape[0], math.prod(grad.shape[1:]))
 
 
-def reweighted_h0_sharded(grad: torch.Tensor, lam: float, dim: int, mix: float, shard) -> torch.Tensor:
-    """reweighted_h0 on the local shard of a gradient sharded on dim 0."""
+def reweighted_h0_sharded(grad: torch.Tensor, lam: float, dim: int, mix: float, shard):
+    """reweighted_h0 on the local shard of a gradient sharded on dim 0 (a sharded program returning
+    the transformed shard, runtime/distributed.py)."""
     if dim != 0:
         return reweighted_h0(grad, lam, dim, mix)
     f = _local_rows(grad)
-    mean = shard.all_reduce_sum(f.sum(dim=0, keepdim=True)) / shard.global_shape[0]
+    mean = (yield shard.sum(f.sum(dim=0, keepdim=True))) / shard.global_shape[0]
     g = mean + (f - mean) / lam
     if mix:
         g = g + mix * f
     return _from_rows(g, grad, 0)
 
 
-def sobolev_sharded(grad: torch.Tensor, lam: float, dim: int, mix: float, shard) -> torch.Tensor:
-    """sobolev on the local shard of a gradient sharded on dim 0 (a rank may hold no rows)."""
+def sobolev_sharded(grad: torch.Tensor, lam: float, dim: int, mix: float, shard):
+    """sobolev on the local shard of a gradient sharded on dim 0 (a rank may hold no rows); a sharded
+    program returning the transformed shard."""
     if dim != 0:
         return sobolev(grad, lam, dim, mix)
     f = _local_rows(grad)
@@ -109,7 +111,7 @@ def sobolev_sharded(grad: torch.Tensor, lam: float, dim: int, mix: float, shard)
     o = shard.global_rows(f.device).to(f.dtype).unsqueeze(1)               # global row indices
     of = o * f
     mine = torch.stack([f.sum(dim=0), of.sum(dim=0), (o * of).sum(dim=0)])   # (3, R)
-    before, total = shard.exclusive_scan(mine)
+    before, total = yield from shard.exclusive_scan(mine)
     S0, S1, S2 = total[0:1], total[1:2], total[2:3]
     C0 = f.cumsum(dim=0) + before[0:1]
     C1 = of.cumsum(dim=0) + before[1:2]
@@ -208,6 +210,7 @@ class ChannelDirected(Geometry):
             shard = ctx.shard(facts.name)
             if shard is not None:
                 g = local(grad)
-                g.copy_(SHARDED_METRICS[self.opts["metric"]](g, self.opts["lam"], facts.out_dim, self.opts["mix"], shard))
+                ctx.run_sharded(copy_result(g, SHARDED_METRICS[self.opts["metric"]](
+                    g, self.opts["lam"], facts.out_dim, self.opts["mix"], shard)))
                 continue
             grad.copy_(transform(grad, self.opts["lam"], dim=facts.out_dim, mix=self.opts["mix"]))

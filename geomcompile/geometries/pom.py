@@ -37,7 +37,7 @@ from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileError
 from ..findings import Finding
 from ..names import get_canonical_submodule
-from ..runtime.distributed import local
+from ..runtime.distributed import local, run_now
 from .base import Geometry, Option, Range, StepContext, Unit, compute_dtype, register
 
 def _r(r, like: torch.Tensor) -> torch.Tensor | float:
@@ -206,16 +206,17 @@ def pom_direction(w: torch.Tensor, g: torch.Tensor, manifold: str, r, group_id: 
 
 
 def pom_direction_sharded(w: torch.Tensor, g: torch.Tensor, manifold: str, r, group_id: torch.Tensor,
-                          n_groups: int, shard, groups_local: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                          n_groups: int, shard, groups_local: bool):
     """pom_direction on the components of a parameter's local rows (dim 0 sharded): components never
     straddle rows, so the projection is local; R_g² of groups that span ranks are summed over ranks
     (one all-reduce of n_groups numbers). ``groups_local``: every group lies in one row (PI, none),
-    so no collective is needed; R then holds the local groups only."""
+    so no collective is needed; R then holds the local groups only. A sharded program (a generator,
+    runtime/distributed.py) returning (direction, R)."""
     tangent = pom_proj(w, g, manifold, r)
     sq = (tangent * tangent).sum(dim=(-2, -1))
     R_sq = torch.zeros(n_groups, dtype=sq.dtype, device=sq.device).index_add_(0, group_id, sq)
     if not groups_local:
-        R_sq = shard.all_reduce_sum(R_sq)
+        R_sq = yield shard.sum(R_sq)
     R = R_sq.sqrt()
     return tangent / pom_zeta(R)[group_id].reshape(-1, 1, 1), R
 
@@ -294,12 +295,16 @@ def _rms_norm(components: torch.Tensor) -> float:
     return float(_sq_norm(components).mean().sqrt()) if components.numel() else 0.0
 
 
+def _summed(shard, t: torch.Tensor):
+    return (yield shard.sum(t))
+
+
 def _rms_norm_of(components: torch.Tensor, shard=None) -> float:
     """_rms_norm of the whole parameter; sharded: from the sum and count of all ranks' components."""
     if shard is None:
         return _rms_norm(components)
-    total = shard.all_reduce_sum(torch.stack([_sq_norm(components).sum().to(torch.float64),
-                                              torch.tensor(float(components.shape[0]), dtype=torch.float64)]))
+    total = run_now(_summed(shard, torch.stack([_sq_norm(components).sum().to(torch.float64),
+                                                torch.tensor(float(components.shape[0]), dtype=torch.float64)])))
     return float((total[0] / total[1]).sqrt()) if total[1] > 0 else 0.0
 
 
@@ -529,7 +534,7 @@ class POM(Geometry):
             return
         shard = ctx.shard(facts.name)
         if shard is not None:
-            self._pre_step_sharded(facts, local(grad), state, ctx, shard)
+            ctx.run_sharded(self._pre_step_sharded(facts, local(grad), state, ctx, shard))
             return
         w = self._components(ctx.params[facts.name])
         group_id = state["group_id"].to(w.device).reshape(-1)   # a loaded state keeps its checkpoint's device
@@ -539,14 +544,15 @@ class POM(Geometry):
         state["last_max_group_norm"] = R.max()
         state["normalised_groups"] = (pom_zeta(R) > 1).sum()
 
-    def _pre_step_sharded(self, facts: ParamFacts, grad: torch.Tensor, state, ctx: StepContext, shard) -> None:
+    def _pre_step_sharded(self, facts: ParamFacts, grad: torch.Tensor, state, ctx: StepContext, shard):
         """The FG-SGD direction on the local rows: the membership (drawn from the same seed on every
-        rank) is cut to the local rows of the component grid."""
+        rank) is cut to the local rows of the component grid. A sharded program."""
         w = self._components(local(ctx.params[facts.name]))
         group_id = state["group_id"].to(w.device)[shard.start:shard.stop].reshape(-1)
         groups_local = self.opts["grouping"] in ("PI", "none")   # a PI group lies in one output channel
-        direction, R = pom_direction_sharded(w, self._components(grad), self.opts["manifold"], state["radius"],
-                                             group_id, state["n_groups"], shard, groups_local)
+        direction, R = yield from pom_direction_sharded(w, self._components(grad), self.opts["manifold"],
+                                                        state["radius"], group_id, state["n_groups"], shard,
+                                                        groups_local)
         grad.copy_(direction.reshape(grad.shape).to(grad.dtype))
         state["last_max_group_norm"] = R.max() if R.numel() else R.new_zeros(())
         state["normalised_groups"] = (pom_zeta(R) > 1).sum()

@@ -19,7 +19,7 @@ import torch
 
 from ..analysis.facts import ParamFacts
 from ..findings import Finding
-from ..runtime.distributed import local
+from ..runtime.distributed import copy_result, local
 from .base import Geometry, Option, Rescale, StepContext, Unit, compute_dtype, positive, register
 
 
@@ -74,9 +74,10 @@ def psi_renorm_factors(weight: torch.Tensor, max_norm: float, unit: str = "row",
 
 # ---- the sharded form (FSDP2: the parameter's local rows of dim 0, runtime/distributed.py) ---------
 def sharded_unit_norm_sq(weight: torch.Tensor, unit: str, dim: int, group_size: int | None, shard,
-                         complete: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                         complete: bool = True):
     """(‖w_u‖² of every unit (n_units,), the unit of every index along `dim` of the whole tensor) for
-    the local shard `weight` of a parameter sharded on dim 0.
+    the local shard `weight` of a parameter sharded on dim 0. A sharded program (a generator:
+    ``sums, unit_of_all = yield from sharded_unit_norm_sq(...)``, runtime/distributed.py).
 
     Each rank sums its part of every unit into a vector of all units and the ranks add them up (one
     all-reduce of n_units numbers). Units of rows along the sharded dim 0 lie on one rank each, so
@@ -98,8 +99,9 @@ def sharded_unit_norm_sq(weight: torch.Tensor, unit: str, dim: int, group_size: 
     w = weight.movedim(dim, 0).to(compute_dtype(weight.dtype))
     w = w.reshape(unit_of.numel(), math.prod(w.shape[1:]))      # explicit: a rank may hold no rows
     sums = torch.zeros(n_units, dtype=w.dtype, device=w.device).index_add_(0, unit_of, (w * w).sum(dim=1))
-    if complete or not (unit == "row" and dim == 0):
-        sums = shard.all_reduce_sum(sums)
+    rows_are_units = unit == "row" or (unit == "group" and group_size == 1)
+    if complete or not (rows_are_units and dim == 0):
+        sums = yield shard.sum(sums)
     return sums, unit_of_all
 
 
@@ -114,10 +116,10 @@ def _local_along(values: torch.Tensor, like: torch.Tensor, dim: int, shard) -> t
 
 
 def psi_grad_sharded(weight: torch.Tensor, grad: torch.Tensor, unit: str, dim: int, group_size: int | None,
-                     shard) -> torch.Tensor:
+                     shard):
     """psi_grad on the local shards of a parameter sharded on dim 0: ‖w_u‖²·∇_u with the norms of
-    whole units (all-reduced unless every unit is local)."""
-    sums, unit_of_all = sharded_unit_norm_sq(weight, unit, dim, group_size, shard, complete=False)
+    whole units (all-reduced unless every unit is local). A sharded program returning the tensor."""
+    sums, unit_of_all = yield from sharded_unit_norm_sq(weight, unit, dim, group_size, shard, complete=False)
     scale = _local_along(sums[unit_of_all], grad, dim, shard)
     return (grad.to(compute_dtype(grad.dtype)) * scale).to(grad.dtype)
 
@@ -245,8 +247,8 @@ class PSI(Geometry):
             u, dim, gs = psi_layout(facts)
             shard = ctx.shard(facts.name)
             if shard is not None:
-                g = local(grad)
-                g.copy_(psi_grad_sharded(local(ctx.params[facts.name]), g, u, dim, gs, shard))
+                ctx.run_sharded(copy_result(local(grad), psi_grad_sharded(
+                    local(ctx.params[facts.name]), local(grad), u, dim, gs, shard)))
                 continue
             grad.copy_(psi_grad(ctx.params[facts.name].detach(), grad, u, dim, gs))
 
@@ -259,7 +261,7 @@ class PSI(Geometry):
                 continue
             u, dim, gs = psi_layout(facts)
             if ctx.shard(facts.name) is not None:
-                events += self._post_step_sharded(facts, p, state, ctx.shard(facts.name))
+                ctx.run_sharded(self._post_step_sharded(facts, p, state, ctx.shard(facts.name)))
                 continue
             factors = psi_renorm_factors(p.detach(), self.opts["max_norm"], u, dim, gs)
             # Eager: skip the common case (nothing to renormalise) with one host sync. Traced by
@@ -275,10 +277,11 @@ class PSI(Geometry):
     def _post_step_sharded(self, facts: ParamFacts, p, state, shard) -> list[Rescale]:
         """The renormalisation on a shard: the norms of whole units (one all-reduce), so the decision
         and the factors of every output channel are the same on every rank; each rank rescales its
-        rows, and the event carries the factors of all channels (running statistics are replicated)."""
+        rows, and the event carries the factors of all channels (running statistics are replicated).
+        A sharded program returning the events."""
         u, dim, gs = psi_layout(facts)
         w = local(p)
-        sums, unit_of_all = sharded_unit_norm_sq(w, u, dim, gs, shard, complete=True)
+        sums, unit_of_all = yield from sharded_unit_norm_sq(w, u, dim, gs, shard, complete=True)
         norm = sums.sqrt()
         factors = torch.where(norm > self.opts["max_norm"], 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny),
                               torch.ones_like(norm))

@@ -6,19 +6,24 @@ a rank may hold zero rows). A geometry's math often couples rows (a mean over ou
 norm of a group of rows, a convolution's operator), so its program on a shard needs a few
 collectives. ``ShardInfo`` is the one object that offers them, geometry-agnostic: the runtime
 builds one per sharded parameter at install (``StepContext.shards``) and never asks which
-geometry runs; each geometry's program calls ``ctx.shard(name)`` and, when it is not None, runs
-its sharded form on the local shard (``local(tensor)``) with these calls:
+geometry runs; each geometry's program calls ``ctx.shard(name)`` and, when it is not None, hands
+the runtime a *sharded program* for the local shard (``local(tensor)``): a generator that yields
+a ``Collective`` request wherever it needs one and receives the answer,
 
-* ``all_reduce_sum(t)``: the sum over ranks (partial sums of norms, Mᵀy);
-* ``exclusive_scan(t)``: (sum over the earlier ranks, sum over all ranks) in one collective, to
-  continue prefix sums across shards;
-* ``to_full_rows(t)`` / ``local_rows(t)``: a per-row vector of the whole tensor from per-rank
-  pieces (zeros elsewhere, then a sum: exact), and the local piece of a replicated one.
+    sums = yield shard.sum(partial_sums)            # the elementwise sum over ranks
+    pieces = yield shard.gather(block)              # every rank's block, stacked in rank order
+    before, total = yield from shard.exclusive_scan(block)
+    full = yield from shard.to_full_rows(rows)
 
-Every rank calls the same collectives in the same order: the decisions a program takes before a
-collective (renormalise or not, which units) must come from replicated values, never from the
-local shard alone. The collectives run on the parameter's device mesh (its process group); one
-call per sharded parameter and use (docs/distributed.md lists them and their bytes).
+and queues it with ``ctx.run_sharded(program)``. The runtime runs all programs queued in one
+stage of a step together, in lock-step rounds (``run_together``): each round, every waiting
+program's request is answered at once, with ONE all-reduce for all the sums and ONE all-gather for
+all the gathers (per process group, dtype and device), not one per parameter. Outside a step
+(install) ``run_now`` answers a program's requests one by one.
+
+Every rank runs the same programs in the same order and yields the same requests (same shapes) in
+the same rounds: the decisions a program takes before a request (renormalise or not, stop
+iterating) must come from replicated values, never from the local shard alone.
 
 Only ``Shard(0)`` on a one-dimensional mesh is supported; any other placement (``Replicate``,
 hybrid sharding's 2-d mesh, ``Shard(1)``) is refused at install with the parameter's name.
@@ -57,6 +62,91 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class Collective:
+    """A sharded program's request (see the module docstring): kind "sum" (all-reduce) or "gather"
+    (all-gather, answered stacked in rank order) of `tensor` over the ranks of `group`."""
+
+    kind: str
+    tensor: torch.Tensor
+    group: object
+    world: int
+
+
+# The two collectives the runtime issues for sharded programs (module-level so a test can count them).
+def _all_reduce(flat: torch.Tensor, group) -> None:
+    import torch.distributed as dist
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+
+
+def _all_gather(flat: torch.Tensor, group, world: int) -> torch.Tensor:
+    import torch.distributed as dist
+    pieces = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(pieces, flat, group=group)
+    return torch.stack(pieces)
+
+
+def _answer(requests: list[Collective]) -> list[torch.Tensor]:
+    """The answers to one round's requests: per (kind, process group, dtype, device), in the order of
+    first appearance (the same on every rank), the tensors flattened into one buffer and sent in one
+    collective, then split back."""
+    batches: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        batches.setdefault((r.kind, id(r.group), r.tensor.dtype, r.tensor.device), []).append(i)
+    answers: list = [None] * len(requests)
+    for (kind, _, _, _), members in batches.items():
+        tensors = [requests[i].tensor for i in members]
+        sizes = [t.numel() for t in tensors]
+        flat = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1).clone()
+        first = requests[members[0]]
+        if kind == "sum":
+            _all_reduce(flat, first.group)
+            for i, t, piece in zip(members, tensors, flat.split(sizes)):
+                answers[i] = piece.reshape(t.shape)
+        elif kind == "gather":
+            stacked = _all_gather(flat, first.group, first.world)
+            for i, t, piece in zip(members, tensors, stacked.split(sizes, dim=1)):
+                answers[i] = piece.reshape(first.world, *t.shape)
+        else:
+            raise ValueError(f"unknown collective {kind!r}")
+    return answers
+
+
+def run_together(programs: list) -> list:
+    """Run sharded programs (generators yielding Collective requests) in lock-step rounds, each
+    round's requests answered by one collective per kind (``_answer``); the programs' return values,
+    in order. A program that raises stops the run: the ranks' collectives may be out of step, so it
+    is not caught."""
+    results: list = [None] * len(programs)
+    waiting: dict[int, Collective] = {}
+
+    def advance(i: int, value) -> None:
+        try:
+            waiting[i] = programs[i].send(value)
+        except StopIteration as stop:
+            results[i] = stop.value
+            waiting.pop(i, None)
+
+    for i in range(len(programs)):
+        advance(i, None)
+    while waiting:
+        order = sorted(waiting)
+        for i, answer in zip(order, _answer([waiting[i] for i in order])):
+            advance(i, answer)
+    return results
+
+
+def copy_result(target: torch.Tensor, program):
+    """A sharded program that writes `program`'s result (e.g. the transformed local gradient) into
+    `target` in place."""
+    target.copy_((yield from program))
+
+
+def run_now(program):
+    """Run one sharded program alone (outside a step, e.g. at install); its return value."""
+    return run_together([program])[0]
+
+
+@dataclass(frozen=True)
 class ShardInfo:
     """Where one parameter's local shard sits in the whole tensor, and the collectives over its ranks.
 
@@ -75,34 +165,32 @@ class ShardInfo:
     def rows(self) -> int:
         return self.stop - self.start
 
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """The elementwise sum of `t` over the ranks (a new tensor; every rank gets the same bits)."""
-        import torch.distributed as dist
-        out = t.detach().clone().contiguous()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
-        return out
+    def sum(self, t: torch.Tensor) -> "Collective":
+        """Request: the elementwise sum of `t` over the ranks (every rank gets the same bits)."""
+        return Collective("sum", t.detach(), self.group, self.world)
 
-    def exclusive_scan(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Σ of `t` over the ranks before this one, Σ over all ranks), from one all-gather.
+    def gather(self, t: torch.Tensor) -> "Collective":
+        """Request: every rank's `t`, stacked in rank order: shape (world, *t.shape)."""
+        return Collective("gather", t.detach(), self.group, self.world)
 
-        Both sums run in rank order on every rank, so the total is the same bits everywhere."""
-        import torch.distributed as dist
-        t = t.detach().contiguous()
-        pieces = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(pieces, t, group=self.group)
-        stacked = torch.stack(pieces)
+    def exclusive_scan(self, t: torch.Tensor):
+        """(Σ of `t` over the ranks before this one, Σ over all ranks), from one gather (a generator:
+        ``before, total = yield from shard.exclusive_scan(t)``). Both sums run in rank order on every
+        rank, so the total is the same bits everywhere."""
+        stacked = yield self.gather(t)
         return stacked[: self.rank].sum(dim=0), stacked.sum(dim=0)
 
     def global_rows(self, device=None) -> torch.Tensor:
         """Indices of the local rows in the whole tensor (int64, shape (rows,))."""
         return torch.arange(self.start, self.stop, device=device)
 
-    def to_full_rows(self, t: torch.Tensor) -> torch.Tensor:
+    def to_full_rows(self, t: torch.Tensor):
         """Per-row values of the local rows (rows, ...) -> those of every row (global rows, ...), on
-        every rank: zeros outside the local rows, then a sum over ranks (exact)."""
+        every rank: zeros outside the local rows, then a sum over ranks (exact). A generator:
+        ``full = yield from shard.to_full_rows(t)``."""
         full = t.new_zeros((self.global_shape[0], *t.shape[1:]))
         full[self.start:self.stop] = t
-        return self.all_reduce_sum(full)
+        return (yield self.sum(full))
 
     def local_rows(self, t: torch.Tensor) -> torch.Tensor:
         """The local rows of a replicated tensor laid out along dim 0 like the parameter; a tensor of
@@ -154,4 +242,8 @@ def any_on_some_rank(flag: bool, shards: dict[str, ShardInfo]) -> bool:
     if not shards:
         return flag
     info = next(iter(shards.values()))
-    return bool(info.all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
+    return bool(run_now(_sum_program(info, torch.tensor([float(flag)]))).item() > 0)
+
+
+def _sum_program(info: ShardInfo, t: torch.Tensor):
+    return (yield info.sum(t))

@@ -146,6 +146,7 @@ class Installation:
         self.ctx.stepped = stepped if stepped and not self._is_initialisation_step(stepped) else frozenset()
         if self.ctx.stepped:
             self.backend.pre_step(self.items, self.state_of, self.ctx)
+            self.ctx.run_queued()          # sharded programs a backend left queued (eager runs its own)
             if self.clip_grad_norm is not None:
                 grads = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
                 torch.nn.utils.clip_grad_norm_(grads, self.clip_grad_norm)
@@ -194,7 +195,8 @@ class Installation:
         if not self.ctx.stepped:
             return
         with torch.no_grad():
-            rescales = self.backend.post_step(self.items, self.state_of, self.ctx) or []
+            rescales = list(self.backend.post_step(self.items, self.state_of, self.ctx) or [])
+            rescales += self.ctx.run_queued()
             for event in rescales:
                 self._apply_consequences(event)
         self.state.steps.add_(1)
