@@ -159,7 +159,7 @@ def _reference_run(case: str, optimizer: str, steps: int, world: int) -> dict:
 
 
 # ---- inside the workers ------------------------------------------------------------------------
-def _sharded(plan_first: bool, case: str, optimizer: str, world: int):
+def _sharded(plan_first: bool, case: str, optimizer: str, world: int, backend: str = "eager"):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh("cpu", (world,))
@@ -171,7 +171,7 @@ def _sharded(plan_first: bool, case: str, optimizer: str, world: int):
     if plan is None:
         plan = gc.plan(model, policy(case), example_inputs=example_inputs())
     opt = OPTIMIZERS[optimizer](model.parameters())
-    plan.install(opt)
+    plan.install(opt, backend=backend)
     return model, opt, plan
 
 
@@ -197,6 +197,23 @@ def fsdp_cases(rank: int, world: int, out: dict) -> None:
                 train(model, opt, range(STEPS), rank, world)
                 return {"result": gathered(model, opt), "notes": plan.notes}
             _run_case(out, ("fsdp", world, case, optimizer), run)
+
+
+# The compile backend on shards: psi's one-row units (conv1, conv3) and channel_directed's conv-transpose
+# columns (up) run compiled on the local shards; the other sharded units run their eager sharded programs.
+COMPILE_CASES = (("psi", "sgd_momentum"), ("channel_directed", "adamw"))
+
+
+def fsdp_compile_cases(rank: int, world: int, out: dict) -> None:
+    from geomcompile.runtime import compile_backend
+    for case, optimizer in COMPILE_CASES:
+        def run(case=case, optimizer=optimizer):
+            before = len(compile_backend._CACHE)
+            model, opt, plan = _sharded(True, case, optimizer, world, backend="compile")
+            train(model, opt, range(STEPS), rank, world)
+            return {"result": gathered(model, opt), "summary": plan.summary(),
+                    "compiled_functions": len(compile_backend._CACHE) - before}
+        _run_case(out, ("fsdp_compile", world, case, optimizer), run)
 
 
 def _ranks_differ(model) -> float:
@@ -341,7 +358,7 @@ def _renormalised(plan) -> float:
     return sum(v["psi"]["renormalised_units"] for v in plan.diagnostics().values() if "psi" in v)
 
 
-JOBS = {"fsdp": fsdp_cases, "ddp": ddp_cases, "refusal": refusal_cases, "collectives": collective_counts,
+JOBS = {"fsdp": fsdp_cases, "fsdp_compile": fsdp_compile_cases, "ddp": ddp_cases, "refusal": refusal_cases, "collectives": collective_counts,
         "dcp_save": dcp_save, "dcp_load": dcp_load}
 
 

@@ -77,7 +77,7 @@ def tables(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distributed")
     checkpoint = tmp / "ckpt"
     table = {}
-    table.update(spawn(2, ["fsdp", "ddp", "refusal", "collectives", "dcp_save"], tmp, checkpoint))
+    table.update(spawn(2, ["fsdp", "ddp", "refusal", "collectives", "fsdp_compile", "dcp_save"], tmp, checkpoint))
     table.update(spawn(4, ["fsdp", "dcp_load"], tmp, checkpoint))
     table.update(spawn(2, ["dcp_load"], tmp, checkpoint))
     return table
@@ -128,6 +128,16 @@ def test_fsdp2_equals_the_single_process_run(tables, world, case, optimizer):
     err, where = relative_error(entry["result"], _reference(case, optimizer, world))
     assert err <= FSDP_RTOL, f"FSDP2 world {world} {case} {optimizer}: relative error {err:.3g} at {where}"
     assert any("sharded (FSDP2 Shard(0))" in n for n in entry["notes"]), entry["notes"]
+
+
+@pytest.mark.parametrize("case,optimizer", cases.COMPILE_CASES)
+def test_fsdp2_compile_backend_equals_the_single_process_run(tables, case, optimizer):
+    """backend='compile' on shards: the shard-local units compiled, the others eager with collectives."""
+    entry = _result(tables, ("fsdp_compile", 2, case, optimizer))
+    err, where = relative_error(entry["result"], _reference(case, optimizer, 2))
+    assert err <= FSDP_RTOL, f"FSDP2 compile {case} {optimizer}: relative error {err:.3g} at {where}"
+    assert entry["compiled_functions"] > 0, "nothing ran compiled"
+    assert "runs its eager sharded program" in entry["summary"], entry["summary"]
 
 
 @pytest.mark.parametrize("case,optimizer", [(c, o) for c in cases.POLICIES for o in cases.OPTIMIZERS])

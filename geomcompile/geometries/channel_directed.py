@@ -153,6 +153,9 @@ class CompiledChannelDirected:
     def layout(self, geometry, facts):
         return facts.out_dim
 
+    def shard_local(self, geometry, facts):
+        return facts.out_dim != 0        # dim 0 then splits R: every column is transformed alone
+
     def transform(self, geometry, layouts, grads, weights):
         metric, o = METRICS[geometry.opts["metric"]], geometry.opts
         groups: dict[tuple, list[int]] = {}

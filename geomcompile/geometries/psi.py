@@ -99,10 +99,14 @@ def sharded_unit_norm_sq(weight: torch.Tensor, unit: str, dim: int, group_size: 
     w = weight.movedim(dim, 0).to(compute_dtype(weight.dtype))
     w = w.reshape(unit_of.numel(), math.prod(w.shape[1:]))      # explicit: a rank may hold no rows
     sums = torch.zeros(n_units, dtype=w.dtype, device=w.device).index_add_(0, unit_of, (w * w).sum(dim=1))
-    rows_are_units = unit == "row" or (unit == "group" and group_size == 1)
-    if complete or not (rows_are_units and dim == 0):
+    if complete or not units_are_rows(unit, dim, group_size):
         sums = yield shard.sum(sums)
     return sums, unit_of_all
+
+
+def units_are_rows(unit: str, dim: int, group_size: int | None) -> bool:
+    """Whether every PSI unit is one row along dim 0: then a dim-0 shard holds whole units."""
+    return dim == 0 and (unit == "row" or (unit == "group" and group_size == 1))
 
 
 def _local_along(values: torch.Tensor, like: torch.Tensor, dim: int, shard) -> torch.Tensor:
@@ -172,6 +176,9 @@ class CompiledPSI:
         near = geometry.opts["max_norm"] * (1.0 - RENORM_MARGIN)
         return torch.stack([(psi_renorm_factors(w, near, unit, dim, gs) != 1).any()
                             for w, (unit, dim, gs) in zip(weights, layouts)])
+
+    def shard_local(self, geometry, facts):
+        return units_are_rows(*psi_layout(facts))
 
 
 @register

@@ -245,5 +245,11 @@ def any_on_some_rank(flag: bool, shards: dict[str, ShardInfo]) -> bool:
     return bool(run_now(_sum_program(info, torch.tensor([float(flag)]))).item() > 0)
 
 
+def any_on_each_rank(flags: list[bool], info: ShardInfo) -> list[bool]:
+    """Each of `flags` or'ed over the ranks of `info`'s group (one all-reduce; every rank passes as many)."""
+    summed = run_now(_sum_program(info, torch.tensor([float(f) for f in flags])))
+    return [bool(x) for x in (summed > 0).tolist()]
+
+
 def _sum_program(info: ShardInfo, t: torch.Tensor):
     return (yield info.sum(t))
