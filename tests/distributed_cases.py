@@ -47,6 +47,13 @@ POLICIES = {
     "pom_po": [(CONV, {"pom": {"component": "kernel", "grouping": "PO", "group_size": 2, "radius": "init"}}),
                ({"kind": "linear"}, {"pom": {"component": "filter", "grouping": "PO"}})],
 }
+# Only for the compile backend case (fsdp_compile_cases): psi on the GroupNorm'd convs but `up`,
+# channel_directed on `up` (a conv-transpose) and fc.
+COMPILE_POLICIES = {
+    "psi_and_channel_directed": [
+        ({"scale_invariant": True, "kind": "conv"}, {"psi": {"max_norm": 0.62}}),
+        ({"kind": ["conv_transpose", "linear"]}, {"channel_directed": {"metric": "sobolev", "lam": 0.5, "mix": 0.5}})],
+}
 OPTIMIZERS = {
     "sgd_momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
     "adamw": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.0),
@@ -55,7 +62,8 @@ OPTIMIZERS = {
 
 def policy(case: str) -> dict:
     return {"version": 1, "validate": "warn",
-            "rules": [{"name": f"r{i}", "match": m, "use": u} for i, (m, u) in enumerate(POLICIES[case])]}
+            "rules": [{"name": f"r{i}", "match": m, "use": u}
+                      for i, (m, u) in enumerate({**POLICIES, **COMPILE_POLICIES}[case])]}
 
 
 class ShardNet(nn.Module):
@@ -199,9 +207,10 @@ def fsdp_cases(rank: int, world: int, out: dict) -> None:
             _run_case(out, ("fsdp", world, case, optimizer), run)
 
 
-# The compile backend on shards: psi's one-row units (conv1, conv3) and channel_directed's conv-transpose
-# columns (up) run compiled on the local shards; the other sharded units run their eager sharded programs.
-COMPILE_CASES = (("psi", "sgd_momentum"), ("channel_directed", "adamw"))
+# The compile backend on shards, one run through every path: psi's one-row units (conv1, conv3) and
+# channel_directed's conv-transpose columns (up) compiled on the local shards; psi's groups (conv2)
+# and channel_directed on fc (rows split over ranks) as eager sharded programs with collectives.
+COMPILE_CASES = (("psi_and_channel_directed", "sgd_momentum"),)
 
 
 def fsdp_compile_cases(rank: int, world: int, out: dict) -> None:
