@@ -137,11 +137,6 @@ class Plan:
         items = self.work_items(only=set(group_of))
         shards = shards_for(items, self.params)       # refuses geometries without a sharded form
         chosen, notes = select_backend(backend, [self.params[n] for i in items for n in i.unit.names])
-        if shards and chosen.name == "triton":
-            notes = notes + [f"backend triton -> eager: {len(shards)} parameter(s) are sharded (FSDP2) and the "
-                             f"Triton kernels do not run on shards yet; backend='compile' runs the shard-local "
-                             f"updates compiled (docs/distributed.md)"]
-            chosen = select_backend("eager", [])[0]
         if clip_grad_norm is not None and chosen.name == "triton":
             raise GeomCompileError("clip_grad_norm is not supported with the triton backend (its fused kernels "
                                    "step inside the transform). Fix: use backend='eager' or 'compile', or clip "

@@ -207,22 +207,25 @@ def fsdp_cases(rank: int, world: int, out: dict) -> None:
             _run_case(out, ("fsdp", world, case, optimizer), run)
 
 
-# The compile backend on shards, one run through every path: psi's one-row units (conv1, conv3) and
-# channel_directed's conv-transpose columns (up) compiled on the local shards; psi's groups (conv2)
-# and channel_directed on fc (rows split over ranks) as eager sharded programs with collectives.
-COMPILE_CASES = (("psi_and_channel_directed", "sgd_momentum"),)
+# The compile and triton backends on shards, one run each through every path: psi's one-row units
+# (conv1, conv3) and channel_directed's conv-transpose columns (up) run compiled / as kernels on the
+# local shards; psi's groups (conv2) and channel_directed on fc (rows split over ranks) as eager
+# sharded programs with collectives. Triton runs under its interpreter (TRITON_INTERPRET=1, set by
+# tests/conftest.py and inherited by the spawned workers).
+BACKEND_CASES = (("compile", "psi_and_channel_directed", "sgd_momentum"),
+                 ("triton", "psi_and_channel_directed", "sgd_momentum"))
 
 
-def fsdp_compile_cases(rank: int, world: int, out: dict) -> None:
+def fsdp_backend_cases(rank: int, world: int, out: dict) -> None:
     from geomcompile.runtime import compile_backend
-    for case, optimizer in COMPILE_CASES:
-        def run(case=case, optimizer=optimizer):
+    for backend, case, optimizer in BACKEND_CASES:
+        def run(backend=backend, case=case, optimizer=optimizer):
             before = len(compile_backend._CACHE)
-            model, opt, plan = _sharded(True, case, optimizer, world, backend="compile")
+            model, opt, plan = _sharded(True, case, optimizer, world, backend=backend)
             train(model, opt, range(STEPS), rank, world)
             return {"result": gathered(model, opt), "summary": plan.summary(),
                     "compiled_functions": len(compile_backend._CACHE) - before}
-        _run_case(out, ("fsdp_compile", world, case, optimizer), run)
+        _run_case(out, ("fsdp_" + backend, world, case, optimizer), run)
 
 
 def _ranks_differ(model) -> float:
@@ -367,7 +370,7 @@ def _renormalised(plan) -> float:
     return sum(v["psi"]["renormalised_units"] for v in plan.diagnostics().values() if "psi" in v)
 
 
-JOBS = {"fsdp": fsdp_cases, "fsdp_compile": fsdp_compile_cases, "ddp": ddp_cases, "refusal": refusal_cases, "collectives": collective_counts,
+JOBS = {"fsdp": fsdp_cases, "fsdp_backends": fsdp_backend_cases, "ddp": ddp_cases, "refusal": refusal_cases, "collectives": collective_counts,
         "dcp_save": dcp_save, "dcp_load": dcp_load}
 
 

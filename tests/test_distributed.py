@@ -77,7 +77,7 @@ def tables(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distributed")
     checkpoint = tmp / "ckpt"
     table = {}
-    table.update(spawn(2, ["fsdp", "ddp", "refusal", "collectives", "fsdp_compile", "dcp_save"], tmp, checkpoint))
+    table.update(spawn(2, ["fsdp", "ddp", "refusal", "collectives", "fsdp_backends", "dcp_save"], tmp, checkpoint))
     table.update(spawn(4, ["fsdp", "dcp_load"], tmp, checkpoint))
     table.update(spawn(2, ["dcp_load"], tmp, checkpoint))
     return table
@@ -130,14 +130,19 @@ def test_fsdp2_equals_the_single_process_run(tables, world, case, optimizer):
     assert any("sharded (FSDP2 Shard(0))" in n for n in entry["notes"]), entry["notes"]
 
 
-@pytest.mark.parametrize("case,optimizer", cases.COMPILE_CASES)
-def test_fsdp2_compile_backend_equals_the_single_process_run(tables, case, optimizer):
-    """backend='compile' on shards: the shard-local units compiled, the others eager with collectives."""
-    entry = _result(tables, ("fsdp_compile", 2, case, optimizer))
+@pytest.mark.parametrize("backend,case,optimizer", cases.BACKEND_CASES)
+def test_fsdp2_fast_backends_equal_the_single_process_run(tables, backend, case, optimizer):
+    """compile / triton on shards: the shard-local units on the fast path, the others eager with
+    collectives, against the single-process eager run."""
+    entry = _result(tables, ("fsdp_" + backend, 2, case, optimizer))
     err, where = relative_error(entry["result"], _reference(case, optimizer, 2))
-    assert err <= FSDP_RTOL, f"FSDP2 compile {case} {optimizer}: relative error {err:.3g} at {where}"
-    assert entry["compiled_functions"] > 0, "nothing ran compiled"
-    assert "runs its eager sharded program" in entry["summary"], entry["summary"]
+    assert err <= FSDP_RTOL, f"FSDP2 {backend} {case} {optimizer}: relative error {err:.3g} at {where}"
+    if backend == "compile":
+        assert entry["compiled_functions"] > 0, "nothing ran compiled"
+        assert "runs its eager sharded program" in entry["summary"], entry["summary"]
+    else:
+        assert "the kernel transforms the local shard" in entry["summary"], entry["summary"]
+        assert "its eager sharded program runs" in entry["summary"], entry["summary"]
 
 
 @pytest.mark.parametrize("case,optimizer", [(c, o) for c in cases.POLICIES for o in cases.OPTIMIZERS])

@@ -322,6 +322,12 @@ class Geometry:
         changes a weight, so a refusal leaves the model and the optimizer as they were."""
         return None
 
+    def shard_local(self, facts: ParamFacts) -> bool:
+        """Whether the update of this parameter, sharded on dim 0, needs no other rank's rows (so a
+        fast path may run it on the local shard alone, without collectives). Default False: the
+        runtime then runs the geometry's eager sharded program."""
+        return False
+
     def shard_check(self, facts: ParamFacts) -> str | None:
         """Why this geometry cannot run on the parameter sharded on dim 0, or None. Default: the class's
         ``shard_refusal``; a geometry with a sharded form for some layouts only refines it."""

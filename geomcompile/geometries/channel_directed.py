@@ -153,9 +153,6 @@ class CompiledChannelDirected:
     def layout(self, geometry, facts):
         return facts.out_dim
 
-    def shard_local(self, geometry, facts):
-        return facts.out_dim != 0        # dim 0 then splits R: every column is transformed alone
-
     def transform(self, geometry, layouts, grads, weights):
         metric, o = METRICS[geometry.opts["metric"]], geometry.opts
         groups: dict[tuple, list[int]] = {}
@@ -204,6 +201,9 @@ class ChannelDirected(Geometry):
                     f"(conv, conv_transpose or linear); {facts.name} is kind {facts.kind!r} "
                     f"with shape {tuple(facts.shape)}")
         return None
+
+    def shard_local(self, facts: ParamFacts) -> bool:
+        return facts.out_dim != 0        # dim 0 then splits R: every column is transformed alone
 
     def pre_step(self, unit: Unit, grads, state, ctx: StepContext) -> None:
         transform = METRICS[self.opts["metric"]]

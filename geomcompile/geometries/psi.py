@@ -177,9 +177,6 @@ class CompiledPSI:
         return torch.stack([(psi_renorm_factors(w, near, unit, dim, gs) != 1).any()
                             for w, (unit, dim, gs) in zip(weights, layouts)])
 
-    def shard_local(self, geometry, facts):
-        return units_are_rows(*psi_layout(facts))
-
 
 @register
 class PSI(Geometry):
@@ -246,6 +243,9 @@ class PSI(Geometry):
         from ..runtime.absorb import rescale_problem     # late: the runtime imports the geometries
         return [f"psi does not renormalise {f.name}: {why}" for f in unit.facts
                 if (why := rescale_problem(f))]
+
+    def shard_local(self, facts: ParamFacts) -> bool:
+        return units_are_rows(*psi_layout(facts))
 
     def pre_step(self, unit: Unit, grads, state, ctx: StepContext) -> None:
         for facts, grad in zip(unit.facts, grads):

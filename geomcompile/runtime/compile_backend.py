@@ -21,8 +21,8 @@ the results straight into ``p.grad``.
   bucket), and those run psi's eager ``post_step``, which decides exactly and rescales the
   optimizer state. Results match eager whatever the norms.
 * Sharded (FSDP2) parameters: a program whose ``shard_local(geometry, facts)`` says the transform
-  of that layout needs no other rank's rows (psi's one-row units along dim 0, channel_directed on
-  a conv-transpose's independent columns) runs compiled on the local shards; any other sharded unit
+  of that layout needs no other rank's rows (``Geometry.shard_local``: psi's one-row units along
+  dim 0, channel_directed on a conv-transpose's independent columns) runs compiled on the local shards; any other sharded unit
   runs its geometry's eager sharded program, queued and run with the stage's collectives batched
   (runtime/distributed.py). The retraction flags of a bucket with sharded parameters are or'ed
   over the ranks (one all-reduce), so every rank runs the same eager post_steps.
@@ -44,7 +44,8 @@ from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileWarning
 from ..geometries.base import STAGES, Geometry, StepContext
 from .distributed import any_on_each_rank, local
-from .fastpath import Backend, WorkItem, eager_post_step, fast_path, stage_items, stage_items_with_grads
+from .fastpath import (Backend, WorkItem, eager_post_step, fast_path, runs_on_local_shards, stage_items,
+                       stage_items_with_grads)
 
 # dynamic=False. Measured on ResNet-20 (9 distinct weight shapes), 2 CPU cores, empty inductor
 # cache: first step (compile) 12 s for channel_directed and 7 s for psi with static shapes, 24-27 s
@@ -63,8 +64,6 @@ class Program:
     needs_retraction(geometry, layouts, weights): a bool tensor with one entry per parameter, True
         where the geometry's eager post_step may change something. Only for ``retracts = True``,
         whose eager post_step must act on each parameter of a unit independently.
-    shard_local(geometry, facts): whether the transform (and the retraction test) of the parameter
-        computes the full-tensor result on a dim-0 shard alone (FSDP2); False by default.
     """
 
     name: str = ""
@@ -82,21 +81,13 @@ class Program:
                          weights: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
-    def shard_local(self, geometry: Geometry, facts: ParamFacts) -> bool:
-        return False
-
 
 def compiled_program(item: WorkItem, ctx: StepContext) -> Program | None:
     """The item's compile program, or None when the item runs its geometry's eager program: the
-    geometry has none, or a parameter of the unit is sharded in a layout the program cannot
-    transform on the local shard alone."""
+    geometry has none, or a parameter of the unit is sharded in a layout whose update needs other
+    ranks' rows (fastpath.runs_on_local_shards)."""
     program = fast_path(item.geometry, "compile")
-    if program is None:
-        return None
-    for name, facts in zip(item.unit.names, item.unit.facts):
-        if ctx.shard(name) is not None and not program.shard_local(item.geometry, facts):
-            return None
-    return program
+    return program if program is not None and runs_on_local_shards(item, ctx) else None
 
 
 # ---- compiled functions, cached for the process ------------------------------------------------
