@@ -21,6 +21,7 @@ from .geometries.base import STAGES, Geometry, StepContext
 from .policy import Policy, load_policy
 from .version import __version__
 from .runtime.backends import select_backend
+from .runtime.distributed import shards_for
 from .runtime.fastpath import WorkItem
 from .runtime.hooks import Installation, groups_by_name
 from .runtime.state import PlanState, make_fingerprint
@@ -44,6 +45,37 @@ class Plan:
         # Canonical names (wrappers such as torch.compile or DDP peeled): the Structure's keys.
         self.model, _ = unwrap_model(model)
         self.params: dict[str, nn.Parameter] = dict(canonical_named_parameters(model))
+
+    # -- binding -------------------------------------------------------------------------------
+    def bind(self, model: nn.Module | None = None) -> "Plan":
+        """Point the plan at `model`'s current parameters, by canonical name (default: the planned
+        model). ``fully_shard`` replaces every parameter by a DTensor after a plan was made; install()
+        re-binds by itself when it finds that, and says so in the notes. Returns the plan."""
+        if self._installation is not None:
+            raise GeomCompileError("plan.bind on an installed plan; call plan.remove() first")
+        model = self.model if model is None else model
+        current = dict(canonical_named_parameters(model))
+        missing = [n for n in self.structure if n not in current]
+        if missing:
+            raise GeomCompileError(f"plan.bind: the model has no parameter(s) {_short_list(missing)} of the plan; "
+                                   f"bind it to the model it was planned for (canonical names, wrappers peeled)")
+        shapes = [f"{n} {tuple(current[n].shape)} (planned {tuple(self.structure[n].shape)})"
+                  for n in self.structure if tuple(current[n].shape) != tuple(self.structure[n].shape)]
+        if shapes:
+            raise GeomCompileError(f"plan.bind: parameter shapes differ from the plan's: {_short_list(shapes)}; "
+                                   f"plan the model again (gc.plan)")
+        self.model, _ = unwrap_model(model)
+        self.params = current
+        return self
+
+    def _rebind_if_replaced(self) -> list[str]:
+        current = dict(canonical_named_parameters(self.model))
+        replaced = [n for n, p in self.params.items() if current.get(n) is not p]
+        if not replaced:
+            return []
+        self.bind(self.model)
+        return [f"re-bound {len(replaced)} parameter(s) to the model's current tensors by name (they were "
+                f"replaced after planning, e.g. by fully_shard): {_short_list(replaced)}"]
 
     # -- work items ----------------------------------------------------------------------------
     def work_items(self, only: set[str] | None = None) -> list[WorkItem]:
@@ -90,6 +122,7 @@ class Plan:
             raise GeomCompileError("this plan is already installed; call plan.remove() before installing again")
         if state_mismatch not in ("error", "reset", "load"):
             raise GeomCompileError(f"state_mismatch must be 'error', 'reset' or 'load', got {state_mismatch!r}")
+        rebound = self._rebind_if_replaced()
         owner, wrappers = unwrap_optimizer(optimizer)
         group_of = groups_by_name(owner, self.params)
         missing = [n for n in self.params if n not in group_of]
@@ -102,12 +135,13 @@ class Plan:
             install_warnings.append(f"geometries not installed for parameters missing from the optimizer "
                                     f"(an add_param_group later gives them their geometries): {_short_list(skipped)}")
         items = self.work_items(only=set(group_of))
+        shards = shards_for(items, self.params)       # refuses geometries without a sharded form
         chosen, notes = select_backend(backend, [self.params[n] for i in items for n in i.unit.names])
         if clip_grad_norm is not None and chosen.name == "triton":
             raise GeomCompileError("clip_grad_norm is not supported with the triton backend (its fused kernels "
                                    "step inside the transform). Fix: use backend='eager' or 'compile', or clip "
                                    "in your training loop (before the geometry)")
-        ctx = StepContext(optimizer=owner, params=self.params, group_of=group_of, model=self.model)
+        ctx = StepContext(optimizer=owner, params=self.params, group_of=group_of, model=self.model, shards=shards)
         for item in items:
             problem = item.geometry.check_install(item.unit, ctx)
             if problem:
@@ -115,7 +149,10 @@ class Plan:
                 raise GeomCompileError(f"{where}: {item.geometry.name} cannot run on the unit {item.unit.key}: {problem}")
         for item in items:
             install_warnings += [self._in_rule(w, item.geometry) for w in item.geometry.warnings(item.unit, ctx)]
-        notes = notes + _slow_eager_notes(chosen.name, items, self.params)
+        notes = rebound + notes + _slow_eager_notes(chosen.name, items, self.params)
+        if shards:
+            notes.append(f"{len(shards)} parameter(s) sharded (FSDP2 Shard(0)): their geometries run their sharded "
+                         f"forms on the local shards, with collectives (docs/distributed.md)")
         name_of = {id(p): n for n, p in self.params.items()}
         state = PlanState(make_fingerprint(__version__, self.assignments))
         installation = Installation(owner, wrappers, items, chosen, ctx, state, name_of, state_mismatch,

@@ -10,6 +10,7 @@ from .coupling import analyze_coupling
 from .facts import Absorber, ParamFacts, ScaleInvariance, Structure
 from .invariance import analyze_invariance
 from .layout import layout_facts, param_uses
+from .unshard import full_parameters
 
 __all__ = ["analyze", "Absorber", "ParamFacts", "ScaleInvariance", "Structure"]
 
@@ -35,6 +36,11 @@ def analyze(model: nn.Module, example_inputs=None) -> Structure:
     """
     if not isinstance(model, nn.Module):
         raise GeomCompileError(f"gc.analyze expects a torch.nn.Module, got {type(model).__name__}")
+    with full_parameters(model):      # FSDP2: analyse the unsharded structure (analysis/unshard.py)
+        return _analyze(model, example_inputs)
+
+
+def _analyze(model: nn.Module, example_inputs) -> Structure:
     cap = capture(model, example_inputs)          # peels the root's wrappers itself, and says so
     primary: dict[int, str] = {}
     aliases: dict[str, list[str]] = {}

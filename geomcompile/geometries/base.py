@@ -208,10 +208,31 @@ class StepContext:
     handles: list = field(default_factory=list)   # hooks a geometry registers at install, removed with the plan
     stepped: frozenset = frozenset()     # names of the parameters that had a gradient at this step's start
     rescale_observed: Callable[[str], bool] = lambda name: False   # does anything follow its rescales?
+    shards: dict = field(default_factory=dict)   # name -> runtime.distributed.ShardInfo (DTensor params)
+    queued: list = field(default_factory=list)   # sharded programs waiting for this stage's collectives
 
     def opt_state(self, name: str) -> dict:
         """The base optimizer's own state for a parameter (momentum_buffer, exp_avg, ...)."""
         return self.optimizer.state[self.params[name]]
+
+    def shard(self, name: str):
+        """The ShardInfo of a sharded (FSDP2 DTensor) parameter, or None: a geometry's program runs its
+        sharded form on the local shard when it is not None (runtime/distributed.py)."""
+        return self.shards.get(name)
+
+    def run_sharded(self, program) -> None:
+        """Queue a sharded program (a generator yielding runtime.distributed.Collective requests; what a
+        post_step's program returns is its list of Rescale events). The runtime runs the programs queued
+        in one stage together, with one collective per round for all of them (run_queued)."""
+        self.queued.append(program)
+
+    def run_queued(self) -> list:
+        """Run the queued sharded programs together; the Rescale events they return (runtime only)."""
+        if not self.queued:
+            return []
+        from ..runtime.distributed import run_together     # late: the runtime imports the geometries
+        programs, self.queued = self.queued, []
+        return [event for events in run_together(programs) for event in (events or [])]
 
     def has_grad(self, name: str) -> bool:
         """Whether the parameter takes part in this step (frozen or unused ones must not be touched)."""
@@ -238,6 +259,11 @@ class Geometry:
     # Weight decay works against this geometry (it breaks the scale invariance psi relies on, it pulls
     # pom's weights off their manifold): plan.param_groups() puts its parameters in a weight_decay=0 group.
     hurt_by_weight_decay: ClassVar[bool] = False
+
+    # Why the geometry cannot run on a sharded (FSDP2, Shard(0) DTensor) parameter, or None when its
+    # programs compute the full-tensor update on a shard (runtime/distributed.py). A geometry that
+    # does not say otherwise is refused at install on sharded parameters.
+    shard_refusal: ClassVar[str | None] = "has no sharded form yet"
 
     def __init__(self, **opts: Any):
         unknown = set(opts) - set(self.options)
@@ -295,6 +321,17 @@ class Geometry:
         plan adds the rule's file:line:column), or None. Called for every unit before any on_install
         changes a weight, so a refusal leaves the model and the optimizer as they were."""
         return None
+
+    def shard_local(self, facts: ParamFacts) -> bool:
+        """Whether the update of this parameter, sharded on dim 0, needs no other rank's rows (so a
+        fast path may run it on the local shard alone, without collectives). Default False: the
+        runtime then runs the geometry's eager sharded program."""
+        return False
+
+    def shard_check(self, facts: ParamFacts) -> str | None:
+        """Why this geometry cannot run on the parameter sharded on dim 0, or None. Default: the class's
+        ``shard_refusal``; a geometry with a sharded form for some layouts only refines it."""
+        return type(self).shard_refusal
 
     def warnings(self, unit: Unit, ctx: StepContext) -> list[str]:
         """Plan-time warnings (e.g. weight decay that breaks an invariance). A warning about one

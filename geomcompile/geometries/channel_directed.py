@@ -19,9 +19,12 @@ which costs O(O·R) time and O(R) extra memory per moment. ``mix`` adds mix·f t
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..analysis.facts import ParamFacts
+from ..runtime.distributed import copy_result, local
 from .base import Geometry, Option, Range, Unit, StepContext, compute_dtype, register
 
 
@@ -61,13 +64,58 @@ def sobolev(grad: torch.Tensor, lam: float, dim: int = 0, mix: float = 0.0) -> t
     S2 = (o * of).sum(dim=0, keepdim=True)
     C0 = f.cumsum(dim=0)                                                # (O, R)
     C1 = of.cumsum(dim=0)
+    return _from_rows(_sobolev_rows(f, o, O, S0, S1, S2, C0, C1, lam, mix), grad, dim)
+
+
+def _sobolev_rows(f, o, O: int, S0, S1, S2, C0, C1, lam: float, mix: float) -> torch.Tensor:
+    """(S f)_o + mix·f_o for the rows o of f, from the sums over all O rows and the prefix sums."""
     c = (1.0 - 1.0 / O**2) / 6.0
     bracket = ((o * o * S0 - 2 * o * S1 + S2) / O**2 + (o * S0 - S1) / O
                - 2 * (o * C0 - C1) / O + c * S0)
     g = S0 / O + bracket / (2.0 * lam * O)
     if mix:
         g = g + mix * f
-    return _from_rows(g, grad, dim)
+    return g
+
+
+# ---- the sharded form (FSDP2: the gradient's local rows of dim 0, runtime/distributed.py) ----------
+# With out_dim 0 the O rows are split over the ranks: the sums S0, S1, S2 are sums over ranks and
+# the prefix sums C0, C1 continue from the earlier ranks' totals (both from one all-gather of three
+# (1, R) rows per rank). With out_dim != 0 (conv-transpose) the shards split R, and both metrics act
+# on every column alone: the transform is local.
+def _local_rows(grad: torch.Tensor) -> torch.Tensor:
+    """_as_rows for dim 0 with R explicit: a rank may hold no rows."""
+    return grad.to(compute_dtype(grad.dtype)).reshape(grad.shape[0], math.prod(grad.shape[1:]))
+
+
+def reweighted_h0_sharded(grad: torch.Tensor, lam: float, dim: int, mix: float, shard):
+    """reweighted_h0 on the local shard of a gradient sharded on dim 0 (a sharded program returning
+    the transformed shard, runtime/distributed.py)."""
+    if dim != 0:
+        return reweighted_h0(grad, lam, dim, mix)
+    f = _local_rows(grad)
+    mean = (yield shard.sum(f.sum(dim=0, keepdim=True))) / shard.global_shape[0]
+    g = mean + (f - mean) / lam
+    if mix:
+        g = g + mix * f
+    return _from_rows(g, grad, 0)
+
+
+def sobolev_sharded(grad: torch.Tensor, lam: float, dim: int, mix: float, shard):
+    """sobolev on the local shard of a gradient sharded on dim 0 (a rank may hold no rows); a sharded
+    program returning the transformed shard."""
+    if dim != 0:
+        return sobolev(grad, lam, dim, mix)
+    f = _local_rows(grad)
+    O = shard.global_shape[0]
+    o = shard.global_rows(f.device).to(f.dtype).unsqueeze(1)               # global row indices
+    of = o * f
+    mine = torch.stack([f.sum(dim=0), of.sum(dim=0), (o * of).sum(dim=0)])   # (3, R)
+    before, total = yield from shard.exclusive_scan(mine)
+    S0, S1, S2 = total[0:1], total[1:2], total[2:3]
+    C0 = f.cumsum(dim=0) + before[0:1]
+    C1 = of.cumsum(dim=0) + before[1:2]
+    return _from_rows(_sobolev_rows(f, o, O, S0, S1, S2, C0, C1, lam, mix), grad, 0)
 
 
 def sobolev_dense_reference(grad: torch.Tensor, lam: float, dim: int = 0, mix: float = 0.0) -> torch.Tensor:
@@ -85,6 +133,7 @@ def sobolev_dense_reference(grad: torch.Tensor, lam: float, dim: int = 0, mix: f
 
 
 METRICS = {"h0": reweighted_h0, "sobolev": sobolev}
+SHARDED_METRICS = {"h0": reweighted_h0_sharded, "sobolev": sobolev_sharded}
 
 
 class CompiledChannelDirected:
@@ -124,6 +173,7 @@ class ChannelDirected(Geometry):
     name = "channel_directed"
     stage = "metric"
     match_hint = "add `kind: [conv, conv_transpose, linear]` to match"
+    shard_refusal = None      # sharded form: SHARDED_METRICS
     paper = "000_ce70f4ca5b877378.txt"
     fast_paths = {"compile": "geomcompile.geometries.channel_directed:CompiledChannelDirected",
                   "triton": "geomcompile.kernels.channel_directed:ChannelDirectedKernels"}
@@ -152,9 +202,18 @@ class ChannelDirected(Geometry):
                     f"with shape {tuple(facts.shape)}")
         return None
 
+    def shard_local(self, facts: ParamFacts) -> bool:
+        return facts.out_dim != 0        # dim 0 then splits R: every column is transformed alone
+
     def pre_step(self, unit: Unit, grads, state, ctx: StepContext) -> None:
         transform = METRICS[self.opts["metric"]]
         for facts, grad in zip(unit.facts, grads):
             if grad is None:
+                continue
+            shard = ctx.shard(facts.name)
+            if shard is not None:
+                g = local(grad)
+                ctx.run_sharded(copy_result(g, SHARDED_METRICS[self.opts["metric"]](
+                    g, self.opts["lam"], facts.out_dim, self.opts["mix"], shard)))
                 continue
             grad.copy_(transform(grad, self.opts["lam"], dim=facts.out_dim, mix=self.opts["mix"]))

@@ -37,6 +37,7 @@ from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileError
 from ..findings import Finding
 from ..names import get_canonical_submodule
+from ..runtime.distributed import local, run_now
 from .base import Geometry, Option, Range, StepContext, Unit, compute_dtype, register
 
 def _r(r, like: torch.Tensor) -> torch.Tensor | float:
@@ -204,6 +205,22 @@ def pom_direction(w: torch.Tensor, g: torch.Tensor, manifold: str, r, group_id: 
     return tangent / pom_zeta(R)[group_id].reshape(-1, 1, 1), R
 
 
+def pom_direction_sharded(w: torch.Tensor, g: torch.Tensor, manifold: str, r, group_id: torch.Tensor,
+                          n_groups: int, shard, groups_local: bool):
+    """pom_direction on the components of a parameter's local rows (dim 0 sharded): components never
+    straddle rows, so the projection is local; R_g² of groups that span ranks are summed over ranks
+    (one all-reduce of n_groups numbers). ``groups_local``: every group lies in one row (PI, none),
+    so no collective is needed; R then holds the local groups only. A sharded program (a generator,
+    runtime/distributed.py) returning (direction, R)."""
+    tangent = pom_proj(w, g, manifold, r)
+    sq = (tangent * tangent).sum(dim=(-2, -1))
+    R_sq = torch.zeros(n_groups, dtype=sq.dtype, device=sq.device).index_add_(0, group_id, sq)
+    if not groups_local:
+        R_sq = yield shard.sum(R_sq)
+    R = R_sq.sqrt()
+    return tangent / pom_zeta(R)[group_id].reshape(-1, 1, 1), R
+
+
 # ---- layout: components and groups ------------------------------------------------------------
 COMPONENTS = ("kernel", "filter")
 GROUPINGS = ("PI", "PO", "PIO", "none")
@@ -278,6 +295,19 @@ def _rms_norm(components: torch.Tensor) -> float:
     return float(_sq_norm(components).mean().sqrt()) if components.numel() else 0.0
 
 
+def _summed(shard, t: torch.Tensor):
+    return (yield shard.sum(t))
+
+
+def _rms_norm_of(components: torch.Tensor, shard=None) -> float:
+    """_rms_norm of the whole parameter; sharded: from the sum and count of all ranks' components."""
+    if shard is None:
+        return _rms_norm(components)
+    total = run_now(_summed(shard, torch.stack([_sq_norm(components).sum().to(torch.float64),
+                                                torch.tensor(float(components.shape[0]), dtype=torch.float64)])))
+    return float((total[0] / total[1]).sqrt()) if total[1] > 0 else 0.0
+
+
 def geometric_radius(fan_in: int, out_numel: int) -> float:
     """γ = (b + b̂)^{-1/2} (eq. 2): b = input channels × receptive field of one unit, b̂ = output
     channels × output feature-map size."""
@@ -309,6 +339,7 @@ class POM(Geometry):
     incompatible = ("psi",)
     hurt_by_weight_decay = True
     match_hint = "match only conv and linear weights whose components fit these options"
+    shard_refusal = None      # sharded form: pom_direction_sharded; the retraction is local
     options = {
         "manifold": Option(str, "sphere", "component manifold: sphere (‖W‖=r), oblique (every column "
                                           "norm r) or stiefel (WᵀW = r²I)", choices=tuple(MANIFOLDS)),
@@ -383,18 +414,18 @@ class POM(Geometry):
         if p is None or p.numel() == 0 or self.opts["radius"] == "init" or \
                 (self.opts["radius"] == "geometric" and facts.output_shape is None):
             return None
-        rms = _rms_norm(self._components(p))
+        rms = _rms_norm(self._components(local(p)))     # sharded: this rank's components
         return self._base_radius(facts)[0] / rms if rms > 0 else None
 
     # -- state ----------------------------------------------------------------------------------
-    def _base_radius(self, facts: ParamFacts, p: torch.Tensor | None = None) -> tuple[float, str]:
+    def _base_radius(self, facts: ParamFacts, p: torch.Tensor | None = None, shard=None) -> tuple[float, str]:
         radius = self.opts["radius"]
         if radius == "unit":
             return 1.0, "unit"
         if radius == "init":
             if p is None:
                 raise GeomCompileError(f"pom radius=init on {facts.name} needs the weight itself")
-            rms = _rms_norm(self._components(p))
+            rms = _rms_norm_of(self._components(local(p)), shard)
             if not rms > 0 or not math.isfinite(rms):
                 raise GeomCompileError(f"pom radius=init on {facts.name}: the weight's RMS component norm at "
                                        f"install is {rms}, not a usable radius. Fix: initialise the weight "
@@ -416,7 +447,7 @@ class POM(Geometry):
         # One stream per parameter, stable across runs: the seed mixed with the parameter's name.
         gen = torch.Generator().manual_seed((self.opts["seed"] * 1_000_003 + zlib.crc32(facts.name.encode())) % 2**63)
         group_id, n_groups = pom_membership(grid, self.opts["grouping"], self.opts["group_size"], gen)
-        base, _ = self._base_radius(facts, p)
+        base, _ = self._base_radius(facts, p, ctx.shard(facts.name))
         radius = base / max(1.0, self.opts["min_std"]) if self.opts["feature_std"] else base
         state = {"group_id": group_id.to(p.device), "n_groups": n_groups, "base_radius": base,
                  "radius": radius, "last_max_group_norm": 0.0, "normalised_groups": 0}
@@ -433,8 +464,8 @@ class POM(Geometry):
         p = ctx.params[facts.name]
         if not p.requires_grad:     # frozen: no geometry touches it, the install-time retraction neither
             return [f"pom {facts.name}: frozen (requires_grad=False), not retracted onto the manifold"]
-        moved, before = self._retract_off_manifold(p, state["radius"])
-        how = self._base_radius(facts, p)[1] if o["radius"] != "init" else "init: the RMS component norm at install"
+        moved, before = self._retract_off_manifold(local(p), state["radius"])   # sharded: the local rows
+        how = self._base_radius(facts, p, ctx.shard(facts.name))[1] if o["radius"] != "init" else "init: the RMS component norm at install"
         grid, n, k = component_grid(tuple(facts.shape), o["component"])
         same = " (one column: the same as a sphere)" if k == 1 and o["manifold"] != "sphere" else ""
         return [f"pom {facts.name}: {'x'.join(map(str, grid))} {o['component']} components {n}x{k} on "
@@ -464,6 +495,13 @@ class POM(Geometry):
         if ctx.model is None:
             raise GeomCompileError(f"pom feature_std on {facts.name} needs the model to hook its layer; "
                                    f"install the plan through gc.apply / plan.install")
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            raise GeomCompileError(
+                f"pom feature_std on {facts.name}: the input std is measured on this process's batch only, so "
+                f"under DDP or FSDP ({torch.distributed.get_world_size()} processes) every rank would retract "
+                f"onto a different radius and the ranks would drift apart. Fix: set `feature_std: false` (a "
+                f"fixed radius), or train on one process")
         module = get_canonical_submodule(ctx.model, facts.module)   # facts name modules canonically
 
         def measure(mod, args):
@@ -494,12 +532,29 @@ class POM(Geometry):
         facts, (grad,) = unit.single(self.name), grads
         if grad is None or grad.numel() == 0:
             return
+        shard = ctx.shard(facts.name)
+        if shard is not None:
+            ctx.run_sharded(self._pre_step_sharded(facts, local(grad), state, ctx, shard))
+            return
         w = self._components(ctx.params[facts.name])
         group_id = state["group_id"].to(w.device).reshape(-1)   # a loaded state keeps its checkpoint's device
         direction, R = pom_direction(w, self._components(grad), self.opts["manifold"], state["radius"],
                                      group_id, state["n_groups"])
         grad.copy_(direction.reshape(grad.shape).to(grad.dtype))
         state["last_max_group_norm"] = R.max()
+        state["normalised_groups"] = (pom_zeta(R) > 1).sum()
+
+    def _pre_step_sharded(self, facts: ParamFacts, grad: torch.Tensor, state, ctx: StepContext, shard):
+        """The FG-SGD direction on the local rows: the membership (drawn from the same seed on every
+        rank) is cut to the local rows of the component grid. A sharded program."""
+        w = self._components(local(ctx.params[facts.name]))
+        group_id = state["group_id"].to(w.device)[shard.start:shard.stop].reshape(-1)
+        groups_local = self.opts["grouping"] in ("PI", "none")   # a PI group lies in one output channel
+        direction, R = yield from pom_direction_sharded(w, self._components(grad), self.opts["manifold"],
+                                                        state["radius"], group_id, state["n_groups"], shard,
+                                                        groups_local)
+        grad.copy_(direction.reshape(grad.shape).to(grad.dtype))
+        state["last_max_group_norm"] = R.max() if R.numel() else R.new_zeros(())
         state["normalised_groups"] = (pom_zeta(R) > 1).sum()
 
     def post_step(self, unit: Unit, state, ctx: StepContext) -> None:
@@ -513,7 +568,7 @@ class POM(Geometry):
             # back (measured on digits, unit radius, no floor: r grew to 6e5 once the ReLUs had died).
             radius = radius / max(float(state["feature_std"]), self.opts["min_std"])
         state["radius"] = radius
-        self._retract(p, radius)
+        self._retract(local(p), radius)          # components never straddle dim 0's rows: local
 
     def diagnostics(self, unit: Unit, state) -> dict[str, float]:
         out = {"radius": float(state["radius"]), "max_group_grad_norm": float(state["last_max_group_norm"]),

@@ -13,11 +13,14 @@ square), so the run continues as the same point of the PSI manifold.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..analysis.facts import ParamFacts
 from ..findings import Finding
-from .base import Geometry, Option, Range, Rescale, StepContext, Unit, compute_dtype, positive, register
+from ..runtime.distributed import copy_result, local
+from .base import Geometry, Option, Rescale, StepContext, Unit, compute_dtype, positive, register
 
 
 def _unit_view(t: torch.Tensor, unit: str, dim: int, group_size: int | None) -> torch.Tensor:
@@ -67,6 +70,62 @@ def psi_renorm_factors(weight: torch.Tensor, max_norm: float, unit: str = "row",
     """Per-unit factors (n_units, 1): 1/‖w_u‖ where ‖w_u‖ > max_norm (renormalise to 1), else 1."""
     norm = _unit_norm_sq(weight, unit, dim, group_size).sqrt()
     return torch.where(norm > max_norm, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.ones_like(norm))
+
+
+# ---- the sharded form (FSDP2: the parameter's local rows of dim 0, runtime/distributed.py) ---------
+def sharded_unit_norm_sq(weight: torch.Tensor, unit: str, dim: int, group_size: int | None, shard,
+                         complete: bool = True):
+    """(‖w_u‖² of every unit (n_units,), the unit of every index along `dim` of the whole tensor) for
+    the local shard `weight` of a parameter sharded on dim 0. A sharded program (a generator:
+    ``sums, unit_of_all = yield from sharded_unit_norm_sq(...)``, runtime/distributed.py).
+
+    Each rank sums its part of every unit into a vector of all units and the ranks add them up (one
+    all-reduce of n_units numbers). Units of rows along the sharded dim 0 lie on one rank each, so
+    ``complete=False`` skips the collective for them: the sums then hold for the local units only
+    (what the gradient transform needs)."""
+    n_all = shard.global_shape[dim]
+    unit_of_all = torch.arange(n_all, device=weight.device)
+    if unit == "row":
+        n_units = n_all
+    elif unit == "group":
+        if not group_size or n_all % group_size:
+            raise ValueError(f"group unit needs group_size dividing {n_all}, got {group_size}")
+        unit_of_all, n_units = unit_of_all // group_size, n_all // group_size
+    elif unit == "tensor":
+        unit_of_all, n_units = torch.zeros_like(unit_of_all), 1
+    else:
+        raise ValueError(f"unknown PSI unit {unit!r}; expected row, group or tensor")
+    unit_of = unit_of_all[shard.start:shard.stop] if dim == 0 else unit_of_all
+    w = weight.movedim(dim, 0).to(compute_dtype(weight.dtype))
+    w = w.reshape(unit_of.numel(), math.prod(w.shape[1:]))      # explicit: a rank may hold no rows
+    sums = torch.zeros(n_units, dtype=w.dtype, device=w.device).index_add_(0, unit_of, (w * w).sum(dim=1))
+    if complete or not units_are_rows(unit, dim, group_size):
+        sums = yield shard.sum(sums)
+    return sums, unit_of_all
+
+
+def units_are_rows(unit: str, dim: int, group_size: int | None) -> bool:
+    """Whether every PSI unit is one row along dim 0: then a dim-0 shard holds whole units."""
+    return dim == 0 and (unit == "row" or (unit == "group" and group_size == 1))
+
+
+def _local_along(values: torch.Tensor, like: torch.Tensor, dim: int, shard) -> torch.Tensor:
+    """Values per index along `dim` of the whole tensor (n_all,) -> the local shard's, broadcastable
+    against the local tensor `like`."""
+    if dim == 0:
+        values = values[shard.start:shard.stop]
+    shape = [1] * like.dim()
+    shape[dim] = -1
+    return values.reshape(shape)
+
+
+def psi_grad_sharded(weight: torch.Tensor, grad: torch.Tensor, unit: str, dim: int, group_size: int | None,
+                     shard):
+    """psi_grad on the local shards of a parameter sharded on dim 0: ‖w_u‖²·∇_u with the norms of
+    whole units (all-reduced unless every unit is local). A sharded program returning the tensor."""
+    sums, unit_of_all = yield from sharded_unit_norm_sq(weight, unit, dim, group_size, shard, complete=False)
+    scale = _local_along(sums[unit_of_all], grad, dim, shard)
+    return (grad.to(compute_dtype(grad.dtype)) * scale).to(grad.dtype)
 
 
 # Optimizer state that scales like the gradient (power 1) or like its square (power 2) when a
@@ -123,6 +182,7 @@ class CompiledPSI:
 class PSI(Geometry):
     name = "psi"
     stage = "metric"
+    shard_refusal = None      # sharded form: psi_grad_sharded, _post_step_sharded
     match_hint = "add `scale_invariant: true` to match"
     paper = "003_e743018e4af99a60.txt"
     incompatible = ("pom",)
@@ -184,11 +244,19 @@ class PSI(Geometry):
         return [f"psi does not renormalise {f.name}: {why}" for f in unit.facts
                 if (why := rescale_problem(f))]
 
+    def shard_local(self, facts: ParamFacts) -> bool:
+        return units_are_rows(*psi_layout(facts))
+
     def pre_step(self, unit: Unit, grads, state, ctx: StepContext) -> None:
         for facts, grad in zip(unit.facts, grads):
             if grad is None:
                 continue
             u, dim, gs = psi_layout(facts)
+            shard = ctx.shard(facts.name)
+            if shard is not None:
+                ctx.run_sharded(copy_result(local(grad), psi_grad_sharded(
+                    local(ctx.params[facts.name]), local(grad), u, dim, gs, shard)))
+                continue
             grad.copy_(psi_grad(ctx.params[facts.name].detach(), grad, u, dim, gs))
 
     def post_step(self, unit: Unit, state, ctx: StepContext) -> list[Rescale]:
@@ -199,6 +267,9 @@ class PSI(Geometry):
             if p.numel() == 0 or not ctx.has_grad(facts.name) or rescale_problem(facts):
                 continue
             u, dim, gs = psi_layout(facts)
+            if ctx.shard(facts.name) is not None:
+                ctx.run_sharded(self._post_step_sharded(facts, p, state, ctx.shard(facts.name)))
+                continue
             factors = psi_renorm_factors(p.detach(), self.opts["max_norm"], u, dim, gs)
             # Eager: skip the common case (nothing to renormalise) with one host sync. Traced by
             # torch.compile(optimizer.step), the update is branch-free (factors of 1 change nothing).
@@ -209,6 +280,25 @@ class PSI(Geometry):
             state["renormalised"] += (factors != 1).sum().to(state["renormalised"].device)
             events.append(Rescale(facts.name, p, facts, channel_factors(factors, p, u, dim, gs)))
         return events
+
+    def _post_step_sharded(self, facts: ParamFacts, p, state, shard) -> list[Rescale]:
+        """The renormalisation on a shard: the norms of whole units (one all-reduce), so the decision
+        and the factors of every output channel are the same on every rank; each rank rescales its
+        rows, and the event carries the factors of all channels (running statistics are replicated).
+        A sharded program returning the events."""
+        u, dim, gs = psi_layout(facts)
+        w = local(p)
+        sums, unit_of_all = yield from sharded_unit_norm_sq(w, u, dim, gs, shard, complete=True)
+        norm = sums.sqrt()
+        factors = torch.where(norm > self.opts["max_norm"], 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny),
+                              torch.ones_like(norm))
+        if bool((factors == 1).all()):                # replicated: every rank takes the same branch
+            return []
+        channel = factors[unit_of_all]                # one factor per index along out_dim, every channel
+        scale = _local_along(channel, w, dim, shard)
+        w.copy_((w.to(scale.dtype) * scale).to(w.dtype))
+        state["renormalised"] += (factors != 1).sum().to(state["renormalised"].device)
+        return [Rescale(facts.name, p, facts, channel)]
 
     def diagnostics(self, unit: Unit, state) -> dict[str, float]:
         return {"renormalised_units": float(state.get("renormalised", 0))}

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileError
+from ..runtime.distributed import local
 from .base import Geometry, Option, Range, StepContext, Unit, compute_dtype, register
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -190,6 +191,17 @@ class TwoEnds:
 
 def two_end_solve(apply_G: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor, iters: int,
                   tol: float = 0.0) -> TwoEnds:
+    """two_end_solve_program with G applied by `apply_G` (a block (n, *shape) -> G of each row)."""
+    program = two_end_solve_program(V, iters, tol)
+    try:
+        block = next(program)
+        while True:
+            block = program.send(apply_G(block))
+    except StopIteration as stop:
+        return stop.value
+
+
+def two_end_solve_program(V: torch.Tensor, iters: int, tol: float = 0.0):
     """Block LOBPCG for the largest and the smallest eigenvalues of a symmetric G at once.
 
     V: (k, *shape), k even: a start block (warm start: the previous call's vectors). Each iteration
@@ -198,15 +210,18 @@ def two_end_solve(apply_G: Callable[[torch.Tensor], torch.Tensor], V: torch.Tens
     previous step's direction) keeps the k/2 largest and the k/2 smallest Ritz pairs. Unlike power
     iteration on G − αI, which follows only the end of largest |λ − α| and converges at the bottom
     of a clustered spectrum at the rate of the ratio of the clustered values, this converges at both
-    ends with the square root of the relative gap. Stops early once every residual is ≤ tol·θ_max."""
+    ends with the square root of the relative gap. Stops early once every residual is ≤ tol·θ_max.
+
+    A generator: it yields each block (n, *shape) that G must be applied to and is sent G of it (the
+    same shape); its return value is the TwoEnds. two_end_solve drives it with a function; a sharded
+    kernel drives it with collectives (spectral_penalty_step_sharded)."""
     if iters < 1:
         raise GeomCompileError(f"solver iterations must be >= 1, got {iters}")
     shape, k = V.shape, V.shape[0]
     half = k // 2
     drop = 1e3 * torch.finfo(V.dtype).eps
-    G = lambda X: apply_G(X.reshape(-1, *shape[1:])).reshape(X.shape[0], -1)
     X = _orthonormal_rows(V.reshape(k, -1))
-    GX = G(X)
+    GX = (yield X.reshape(-1, *shape[1:])).reshape(k, -1)
     P = GP = None
     done = 0
     while True:
@@ -224,7 +239,7 @@ def two_end_solve(apply_G: Callable[[torch.Tensor], torch.Tensor], V: torch.Tens
             W = W - (W @ X.T) @ X
             W = W / W.norm(dim=1, keepdim=True).clamp_min(torch.finfo(W.dtype).tiny)
         W, _ = _independent_rows(W, None, drop)
-        GW = G(W)
+        GW = (yield W.reshape(-1, *shape[1:])).reshape(W.shape[0], -1)
         basis, images = [X, W], [GX, GW]
         if P is not None:
             # G·P is carried by recombination, not recomputed: a step shorter than ~√eps would turn its
@@ -294,10 +309,44 @@ def spectral_penalty_step(weight: torch.Tensor, spec: ConvSpec, alpha: float, bl
     dtype = compute_dtype(weight.dtype)
     w = weight.detach().to(dtype)
     solve = two_end_solve(lambda X: gram_matvec(X, w, spec)[1], block.to(device=w.device, dtype=dtype), iters, tol)
+    return _penalty_from(solve, weight, w, spec, alpha, tie_tol)
+
+
+def spectral_penalty_step_sharded(weight: torch.Tensor, spec: ConvSpec, alpha: float, block: torch.Tensor,
+                                  iters: int, tol: float, tie_tol: float, shard):
+    """spectral_penalty_step when `weight` is the local shard (output channels, dim 0) of a sharded
+    kernel: a sharded program (runtime/distributed.py) returning the PenaltyStep, whose gradient is
+    that of the local shard (∇ of ‖M v‖² with respect to a row of the kernel needs only that row's
+    outputs: local).
+
+    M x restricted to the local output channels is the local convolution, so MᵀM x = Σ over ranks
+    of M_localᵀ (M_local x): one all-reduce of x's size per application. Every rank gets the same
+    bits, so the solver's vectors and its stopping decisions stay replicated. A rank without output
+    channels adds zeros."""
+    dtype = compute_dtype(weight.dtype)
+    w = weight.detach().to(dtype)
+    solver = two_end_solve_program(block.to(device=w.device, dtype=dtype), iters, tol)
+    try:
+        X = next(solver)
+        while True:
+            back = torch.zeros_like(X) if w.shape[0] == 0 else gram_matvec(X, w, spec)[1]
+            X = solver.send((yield shard.sum(back)))
+    except StopIteration as stop:
+        solve = stop.value
+    return _penalty_from(solve, weight, w, spec, alpha, tie_tol)
+
+
+def _penalty_from(solve: TwoEnds, weight: torch.Tensor, w: torch.Tensor, spec: ConvSpec, alpha: float,
+                  tie_tol: float) -> PenaltyStep:
+    """The PenaltyStep of a solve: the end, R, and ∇_K R in the weight's dtype (w: the kernel in the
+    compute dtype)."""
     end, ambiguous = choose_end(solve.theta, solve.residual, alpha, tie_tol)
     lam = solve.theta[end] - alpha
     sign = 1.0 if float(lam) >= 0 else -1.0
-    grad = penalty_grad(w, solve.vectors[end], sign, spec).to(weight.dtype)
+    if w.shape[0] == 0:                     # a rank without output channels of a sharded kernel
+        grad = torch.zeros_like(weight)
+    else:
+        grad = penalty_grad(w, solve.vectors[end], sign, spec).to(weight.dtype)
     return PenaltyStep(lam.abs(), lam, solve.residual[end], grad, solve, ambiguous)
 
 
@@ -369,6 +418,7 @@ class Spectral(Geometry):
     stage = "penalty"
     paper = "004_433ab1764c3faa0c.txt"
     match_hint = "add `kind: conv` to match"
+    shard_refusal = None      # sharded form: sharded_gram_matvec (groups=1; shard_check refines it)
     options = {
         "alpha": Option(float, 1.0, "α > 0: the penalty σ_max(MᵀM − αI) pulls the squared singular values "
                                     "of M towards α", check=Range(0, 1e6, low_open=True, why_high="beyond it αI swamps MᵀM and float32 cannot resolve its spectrum")),
@@ -403,6 +453,12 @@ class Spectral(Geometry):
         if "kernel_size" not in facts.layer:
             return (f"{facts.name} is used by a functional convolution ({facts.module}); its stride and padding "
                     f"are not known to the analysis. Use an nn.Conv module")
+        return None
+
+    def shard_check(self, facts: ParamFacts) -> str | None:
+        if facts.layer.get("groups", 1) != 1:
+            return (f"has a sharded form for groups=1 only ({facts.name} has groups={facts.layer['groups']}: the "
+                    f"local output channels would cut through its groups)")
         return None
 
     def input_size(self, facts: ParamFacts) -> tuple[tuple[int, ...], str]:
@@ -472,8 +528,20 @@ class Spectral(Geometry):
         if calls % self.opts["every"]:
             return
         iters = self.opts["power_iters"] if state["steps"] else max(self.opts["init_iters"], self.opts["power_iters"])
-        step = spectral_penalty_step(ctx.params[facts.name].detach(), self.spec(facts), self.opts["alpha"],
-                                     state["V"], iters, self.opts["tol"], self.opts["tie_tol"])
+        shard = ctx.shard(facts.name)
+        if shard is None:
+            self._take(spectral_penalty_step(ctx.params[facts.name].detach(), self.spec(facts), self.opts["alpha"],
+                                             state["V"], iters, self.opts["tol"], self.opts["tie_tol"]), grad, state)
+            return
+        ctx.run_sharded(self._sharded(spectral_penalty_step_sharded(
+            local(ctx.params[facts.name]).detach(), self.spec(facts), self.opts["alpha"], state["V"], iters,
+            self.opts["tol"], self.opts["tie_tol"], shard), local(grad), state))
+
+    def _sharded(self, program, grad: torch.Tensor, state: dict):
+        self._take((yield from program), grad, state)
+
+    def _take(self, step: PenaltyStep, grad: torch.Tensor, state: dict) -> None:
+        """Keep the solve (warm start, diagnostics) and add coef·∇R to the gradient."""
         state.update(V=step.solve.vectors, theta=step.solve.theta, residual=step.solve.residual,
                      steps=state["steps"] + 1, ambiguous=state.get("ambiguous", 0) + int(step.ambiguous))
         if self.opts["coef"]:

@@ -31,6 +31,7 @@ from torch import nn
 from ..analysis.facts import Absorber, ParamFacts
 from ..errors import GeomCompileError
 from ..geometries.base import compute_dtype
+from .distributed import is_sharded
 
 
 def rescale_problem(facts: ParamFacts) -> str | None:
@@ -107,6 +108,8 @@ def _rescale_one(model: nn.Module, absorber: Absorber, factors: torch.Tensor,
     bias = None
     if absorber.bias is not None:
         bias = params[absorber.bias] if absorber.bias in params else model.get_parameter(absorber.bias)
+        if is_sharded(bias):         # FSDP2: the statistics are replicated, the bias is sharded
+            bias = bias.full_tensor()
     channels = slice(absorber.offset, absorber.offset + absorber.channels)
     new_mean, new_var = rescaled_running_stats(mean[channels], var[channels], factors, bias)
     mean[channels].copy_(new_mean)

@@ -15,21 +15,39 @@ from .triton_backend import TritonBackend
 
 
 class EagerBackend(Backend):
-    """The reference: each geometry's own pre_step/post_step, one unit at a time."""
+    """The reference: each geometry's own pre_step/post_step, one unit at a time.
+
+    Sharded programs (FSDP2 parameters, runtime/distributed.py) that the units queue run together at
+    the end of each stage (the items come sorted by stage), their collectives batched; a stage sees
+    the gradients the earlier stages left, as unsharded."""
 
     name = "eager"
 
     def pre_step(self, items, states, ctx):
-        for item in items:
+        for item in _flushing_at_stage_ends(items, ctx):
             grads = unit_grads(item, ctx)
             if any(g is not None for g in grads):
                 item.geometry.pre_step(item.unit, grads, states(item), ctx)
+        ctx.run_queued()
 
     def post_step(self, items, states, ctx):
         rescales = []
-        for item in items:
+        for item in _flushing_at_stage_ends(items, ctx, rescales):
             rescales += eager_post_step(item, states, ctx)
-        return rescales
+        return rescales + ctx.run_queued()
+
+
+def _flushing_at_stage_ends(items, ctx, events: list | None = None):
+    """The items in order; before the first item of a new stage, the queued sharded programs of the
+    previous one run (their Rescale events appended to `events`)."""
+    stage = None
+    for item in items:
+        if item.geometry.stage != stage:
+            done = ctx.run_queued()
+            if events is not None:
+                events += done
+            stage = item.geometry.stage
+        yield item
 
 
 BACKENDS: dict[str, type[Backend]] = {"eager": EagerBackend, "triton": TritonBackend, "compile": CompileBackend}

@@ -20,6 +20,12 @@ the results straight into ``p.grad``.
   flags the parameters with a unit within ``psi.RENORM_MARGIN`` of the limit (one host sync per
   bucket), and those run psi's eager ``post_step``, which decides exactly and rescales the
   optimizer state. Results match eager whatever the norms.
+* Sharded (FSDP2) parameters: a program whose ``shard_local(geometry, facts)`` says the transform
+  of that layout needs no other rank's rows (``Geometry.shard_local``: psi's one-row units along
+  dim 0, channel_directed on a conv-transpose's independent columns) runs compiled on the local shards; any other sharded unit
+  runs its geometry's eager sharded program, queued and run with the stage's collectives batched
+  (runtime/distributed.py). The retraction flags of a bucket with sharded parameters are or'ed
+  over the ranks (one all-reduce), so every rank runs the same eager post_steps.
 * A geometry without a program runs its eager ``pre_step`` / ``post_step`` in its stage's turn, and
   ``describe()`` says so for ``plan.summary()``. A bucket whose compilation fails runs the same
   list function uncompiled, with a GeomCompileWarning that quotes the error.
@@ -37,7 +43,9 @@ import torch
 from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileWarning
 from ..geometries.base import STAGES, Geometry, StepContext
-from .fastpath import Backend, WorkItem, eager_post_step, fast_path, stage_items, stage_items_with_grads
+from .distributed import any_on_each_rank, local
+from .fastpath import (Backend, WorkItem, eager_post_step, fast_path, runs_on_local_shards, stage_items,
+                       stage_items_with_grads)
 
 # dynamic=False. Measured on ResNet-20 (9 distinct weight shapes), 2 CPU cores, empty inductor
 # cache: first step (compile) 12 s for channel_directed and 7 s for psi with static shapes, 24-27 s
@@ -72,6 +80,14 @@ class Program:
     def needs_retraction(self, geometry: Geometry, layouts: Sequence,
                          weights: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+
+def compiled_program(item: WorkItem, ctx: StepContext) -> Program | None:
+    """The item's compile program, or None when the item runs its geometry's eager program: the
+    geometry has none, or a parameter of the unit is sharded in a layout whose update needs other
+    ranks' rows (fastpath.runs_on_local_shards)."""
+    program = fast_path(item.geometry, "compile")
+    return program if program is not None and runs_on_local_shards(item, ctx) else None
 
 
 # ---- compiled functions, cached for the process ------------------------------------------------
@@ -134,9 +150,12 @@ class CompileBackend(Backend):
 
     # -- report ---------------------------------------------------------------------------------
     def describe(self, items: list[WorkItem], ctx: StepContext) -> list[str]:
-        compiled, eager = Counter(), Counter()
+        compiled, eager, sharded = Counter(), Counter(), Counter()
         for item in items:
-            (compiled if fast_path(item.geometry, "compile") else eager)[item.geometry.label()] += 1
+            if compiled_program(item, ctx) is not None:
+                compiled[item.geometry.label()] += 1
+            else:
+                (sharded if fast_path(item.geometry, "compile") else eager)[item.geometry.label()] += 1
         lines = []
         if compiled:
             what = ", ".join(f"{g} ({n} unit(s))" for g, n in compiled.items())
@@ -145,6 +164,9 @@ class CompileBackend(Backend):
                          f"(seconds to a minute on CPU, cached for the process)")
         lines += [f"backend compile: {g} has no compiled program; its eager program runs for {n} unit(s)"
                   for g, n in eager.items()]
+        lines += [f"backend compile: {g} runs its eager sharded program for {n} sharded unit(s) whose update "
+                  f"needs other ranks' rows (collectives batched per stage, docs/distributed.md)"
+                  for g, n in sharded.items()]
         return lines + self.failures
 
     # -- compiled calls -------------------------------------------------------------------------
@@ -186,20 +208,22 @@ class CompileBackend(Backend):
         for stage in STAGES:
             buckets: dict[Geometry, list[_Slot]] = defaultdict(list)
             for item, grads in stage_items_with_grads(items, stage, ctx):
-                if fast_path(item.geometry, "compile") is None:
+                if compiled_program(item, ctx) is None:
                     item.geometry.pre_step(item.unit, grads, states(item), ctx)
                     continue
                 for name, facts, grad in zip(item.unit.names, item.unit.facts, grads):
+                    grad = local(grad) if grad is not None else None      # sharded: this rank's rows
                     if grad is not None and grad.numel():      # the transforms are the identity on empty grads
                         buckets[item.geometry].append(_Slot(item, name, facts, grad))
             for geometry, slots in buckets.items():
                 self._transform(geometry, slots, ctx)
+            ctx.run_queued()            # the stage's sharded eager programs, collectives batched
 
     def _transform(self, geometry: Geometry, slots: list[_Slot], ctx: StepContext) -> None:
         program = fast_path(geometry, "compile")
         layouts = tuple(program.layout(geometry, s.facts) for s in slots)
         grads = [s.tensor for s in slots]
-        weights = [ctx.params[s.name].detach() for s in slots] if program.uses_weights else []
+        weights = [local(ctx.params[s.name]).detach() for s in slots] if program.uses_weights else []
         entry = self._function("transform", program, geometry, layouts, grads + weights, _transform_function)
         with torch.no_grad():
             self._call(entry, geometry, grads, weights)
@@ -210,16 +234,17 @@ class CompileBackend(Backend):
             for stage in STAGES:
                 buckets: dict[Geometry, list[_Slot]] = defaultdict(list)
                 for item in stage_items(items, stage):
-                    program = fast_path(item.geometry, "compile")
+                    program = compiled_program(item, ctx)
                     if program is None:
                         rescales += eager_post_step(item, states, ctx)
                     elif program.retracts:
                         for name, facts in zip(item.unit.names, item.unit.facts):
                             p = ctx.params[name]
-                            if p.numel() and ctx.has_grad(name):
-                                buckets[item.geometry].append(_Slot(item, name, facts, p.detach()))
+                            if p.numel() and ctx.has_grad(name):     # the whole tensor's: alike on every rank
+                                buckets[item.geometry].append(_Slot(item, name, facts, local(p).detach()))
                 for geometry, slots in buckets.items():
                     rescales += self._retract(geometry, slots, states, ctx)
+                rescales += ctx.run_queued()
         return rescales
 
     def _retract(self, geometry: Geometry, slots: list[_Slot], states, ctx: StepContext):
@@ -227,9 +252,17 @@ class CompileBackend(Backend):
         runs the geometry's exact eager post_step, whole (a unit is never split)."""
         program = fast_path(geometry, "compile")
         layouts = tuple(program.layout(geometry, s.facts) for s in slots)
-        weights = [s.tensor for s in slots]
-        entry = self._function("retract", program, geometry, layouts, weights, _check_function)
-        flags = self._call(entry, geometry, weights).tolist()     # the one host sync of the bucket
+        live = [i for i, s in enumerate(slots) if s.tensor.numel()]     # a shard may hold no rows
+        flags = [False] * len(slots)
+        if live:
+            weights = [slots[i].tensor for i in live]
+            entry = self._function("retract", program, geometry, tuple(layouts[i] for i in live), weights,
+                                   _check_function)
+            for i, f in zip(live, self._call(entry, geometry, weights).tolist()):   # the one host sync
+                flags[i] = f
+        sharded = [ctx.shard(s.name) for s in slots if ctx.shard(s.name) is not None]
+        if sharded:                      # every rank must run the same (collective) eager post_steps
+            flags = any_on_each_rank(flags, sharded[0])
         flagged = {id(slot.item): slot.item for slot, f in zip(slots, flags) if f}
         rescales = []
         for item in flagged.values():

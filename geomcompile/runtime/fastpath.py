@@ -73,6 +73,14 @@ def stage_items_with_grads(items: list[WorkItem], stage: str, ctx: StepContext):
             yield item, grads
 
 
+def runs_on_local_shards(item: WorkItem, ctx: StepContext) -> bool:
+    """Whether a fast path may run this unit: no parameter of it is sharded, or every sharded one is in
+    a layout whose update needs no other rank's rows (Geometry.shard_local); else the geometry's eager
+    sharded program runs it (runtime/distributed.py)."""
+    return all(ctx.shard(name) is None or item.geometry.shard_local(facts)
+               for name, facts in zip(item.unit.names, item.unit.facts))
+
+
 def eager_post_step(item: WorkItem, states, ctx: StepContext) -> list[Rescale]:
     """The geometry's reference post_step for a unit that took part in the step."""
     if not any(ctx.has_grad(n) for n in item.unit.names):

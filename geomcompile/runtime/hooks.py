@@ -31,6 +31,7 @@ from ..errors import GeomCompileError, GeomCompileWarning
 from ..geometries.base import STAGES, Rescale, StepContext
 from . import absorb
 from .backends import Backend, WorkItem
+from .distributed import any_on_some_rank, local
 from .state import ENTRY_KEY, PlanState, extract_entries, pids_by_name, stray_entries
 from .wrappers import WEIGHT_LIKE_STATE
 
@@ -145,6 +146,7 @@ class Installation:
         self.ctx.stepped = stepped if stepped and not self._is_initialisation_step(stepped) else frozenset()
         if self.ctx.stepped:
             self.backend.pre_step(self.items, self.state_of, self.ctx)
+            self.ctx.run_queued()          # sharded programs a backend left queued (eager runs its own)
             if self.clip_grad_norm is not None:
                 grads = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
                 torch.nn.utils.clip_grad_norm_(grads, self.clip_grad_norm)
@@ -193,7 +195,8 @@ class Installation:
         if not self.ctx.stepped:
             return
         with torch.no_grad():
-            rescales = self.backend.post_step(self.items, self.state_of, self.ctx) or []
+            rescales = list(self.backend.post_step(self.items, self.state_of, self.ctx) or [])
+            rescales += self.ctx.run_queued()
             for event in rescales:
                 self._apply_consequences(event)
         self.state.steps.add_(1)
@@ -204,7 +207,8 @@ class Installation:
         (torch.distributed.checkpoint.state_dict._init_optim_state): that step is not training."""
         if any(_lr(g) != 0 for g in self.optimizer.param_groups):
             return False
-        return all(not bool(self.ctx.params[n].grad.any()) for n in stepped)
+        nonzero = any(bool(local(self.ctx.params[n].grad).any()) for n in stepped)
+        return not any_on_some_rank(nonzero, self.ctx.shards)   # sharded: every rank decides alike
 
     def _adopt_new_params(self) -> None:
         """add_param_group after install: the new parameters get the geometries their names match."""
@@ -230,11 +234,15 @@ class Installation:
     # -- consequences of a function-preserving rescale ----------------------------------------
     def _apply_consequences(self, event: Rescale) -> None:
         p, scale = event.param, event.scale
+        shard = self.ctx.shard(event.name)
+        if shard is not None:                # sharded: the state's local rows take the local factors
+            scale = shard.local_rows(scale) if (event.facts.out_dim or 0) == 0 else scale
         geometry_powers = self._powers_of(event.name)
         state = self.optimizer.state.get(p, {})
         for key, buf in state.items():
             if not (isinstance(buf, torch.Tensor) and buf.shape == p.shape and buf.numel()):
                 continue
+            buf = local(buf)
             power = geometry_powers.get(key, 1 if key in WEIGHT_LIKE_STATE else None)
             if power is None:
                 if (event.name, key) not in self._unscaled_keys_warned:

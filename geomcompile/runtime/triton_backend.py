@@ -14,6 +14,11 @@ At each step, per stage (penalty → metric → manifold):
   psi's renormalisation then runs as a kernel in the post-step hook;
 * a unit with a parameter the kernels cannot take (float64, complex, sparse grad, a device the
   kernels do not run on) runs the geometry's eager program, for the whole unit (never split);
+* a sharded (FSDP2) parameter: when its geometry's update needs no other rank's rows
+  (``Geometry.shard_local``) the transform kernel runs on the local shards of weight and gradient
+  and the base optimizer steps the DTensor (never fused: torch keeps DTensor optimizer state), and
+  its retraction is the geometry's eager sharded post_step; any other sharded unit runs the eager
+  sharded program, with the stage's collectives batched (runtime/distributed.py);
 * a retraction inside a kernel emits no Rescale event, so a kernel retracts only parameters whose
   rescale has no consequence elsewhere (no running statistics to follow, no on_retract callback,
   no optimizer state the kernel does not rescale); the others are retracted by the eager
@@ -32,7 +37,9 @@ import torch
 from ..errors import GeomCompileError
 from ..names import short_list
 from ..geometries.base import STAGES, StepContext
-from .fastpath import Backend, WorkItem, eager_post_step, fast_path, stage_items, stage_items_with_grads
+from .distributed import local
+from .fastpath import (Backend, WorkItem, eager_post_step, fast_path, runs_on_local_shards, stage_items,
+                       stage_items_with_grads)
 from .buckets import KERNEL_DTYPES, BucketKey, Entry, bucketize, fused_kind, update_of
 
 
@@ -217,11 +224,18 @@ class TritonBackend(Backend):
                 continue
             index = STAGES.index(item.geometry.stage)
             problem = self.unit_problem(item, ctx)
+            if problem is None and not runs_on_local_shards(item, ctx):
+                problem = ("sharded (FSDP2) in a layout whose update needs other ranks' rows: its eager sharded "
+                           "program runs, collectives batched per stage")
             if problem:
                 eager[problem] += list(item.unit.names)
                 continue
             for name in item.unit.names:
                 p = ctx.params[name]
+                if ctx.shard(name) is not None:
+                    transform["sharded (FSDP2): the kernel transforms the local shard, the base optimizer "
+                              "steps the DTensor"].append(name)
+                    continue
                 kind, why = self.fused_kind(name, p, ctx, last[name] == index)
                 if kind:
                     fused[type(ctx.optimizer).__name__] += 1
@@ -243,13 +257,18 @@ class TritonBackend(Backend):
         for index, stage in enumerate(STAGES):
             transform, fused = [], []
             for item, grads in stage_items_with_grads(items, stage, ctx):
-                if fast_path(item.geometry, "triton") is None or self.unit_problem(item, ctx, grads):
+                if self._runs_eager(item, ctx, grads):
                     item.geometry.pre_step(item.unit, grads, states(item), ctx)
                     continue
                 for name, facts, grad in zip(item.unit.names, item.unit.facts, grads):
                     if grad is None:
                         continue
                     p = ctx.params[name]
+                    if ctx.shard(name) is not None:      # the local shards, transform only
+                        if local(grad).numel():
+                            transform.append(Entry(name, local(p), facts, item, local(grad),
+                                                   {"kind": None, "retract": False}))
+                        continue
                     kind, _ = self.fused_kind(name, p, ctx, last[name] == index)
                     retract = self.kernel_may_retract(item.geometry, name, p, kind, ctx)
                     entry = Entry(name, p, facts, item, grad, {"kind": kind, "retract": retract})
@@ -258,6 +277,13 @@ class TritonBackend(Backend):
                 fast_path(key.geometry, "triton").transform(key.geometry, entries, self.cache, key.slot(entries))
             for key, entries in bucketize(fused, lambda e: _fused_key(e, ctx)).items():
                 self._fused_step(key, entries, states, ctx)
+            ctx.run_queued()            # the stage's sharded eager programs, collectives batched
+
+    def _runs_eager(self, item: WorkItem, ctx: StepContext, grads=None) -> bool:
+        """Whether the unit runs its geometry's eager program: no kernel family, a parameter the kernels
+        cannot take, or a sharded parameter whose update needs other ranks' rows."""
+        return (fast_path(item.geometry, "triton") is None or self.unit_problem(item, ctx, grads) is not None
+                or not runs_on_local_shards(item, ctx))
 
     def kernel_may_retract(self, geometry, name: str, p: torch.Tensor, kind: str | None, ctx: StepContext) -> bool:
         """Whether a kernel may do this parameter's retraction itself: nothing outside the kernel must
@@ -321,8 +347,8 @@ class TritonBackend(Backend):
                 retract = []
                 for item in stage_items(items, stage):
                     family = fast_path(item.geometry, "triton")
-                    if family is None or self.unit_problem(item, ctx):
-                        rescales += eager_post_step(item, states, ctx)
+                    if self._runs_eager(item, ctx) or any(ctx.shard(n) is not None for n in item.unit.names):
+                        rescales += eager_post_step(item, states, ctx)    # sharded: exact, with collectives
                         continue
                     if not family.retracts:
                         continue
@@ -344,6 +370,7 @@ class TritonBackend(Backend):
                     geometry = key.geometry
                     powers = tuple(geometry.state_powers[k] for k in key.extra)
                     fast_path(geometry, "triton").retract(geometry, entries, powers, self.cache, key.slot(entries))
+                rescales += ctx.run_queued()
         self._retracted = set()
         return rescales
 
