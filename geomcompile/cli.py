@@ -76,7 +76,8 @@ def cmd_schema(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    run_demo(policy=args.policy, epochs=args.epochs, out_dir=args.out)
+    run_demo(policy=args.policy, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, out_dir=args.out,
+             seed=args.seed)
     return 0
 
 
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--policy", default="resnet",
                    help="policy for the second run: file, shipped name or YAML text (default: resnet)")
     d.add_argument("--epochs", type=int, default=12, help="passes over the training set per run, >= 1 (default: 12)")
+    d.add_argument("--batch-size", type=int, default=64, help="images per step, >= 1 (default: 64)")
+    d.add_argument("--lr", type=float, default=0.05, help="learning rate of both runs, > 0 (default: 0.05)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the init, split and batches, >= 0 (default: 0)")
     d.add_argument("--out", default="demo_out", help="folder for the loss-curve PNG")
     d.set_defaults(func=cmd_demo)
     r = sub.add_parser("reproduce", help="rerun a small-scale experiment of a seed paper: claim, measured table, "

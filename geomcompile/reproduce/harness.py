@@ -162,6 +162,7 @@ class Report:
     figures: list[str] = field(default_factory=list)
     results: dict = field(default_factory=dict)
     wall_s: float = 0.0
+    cpu_s: float = 0.0          # process CPU time: the cost on an idle machine (wall grows with others' load)
 
     def __post_init__(self):
         if self.verdict not in VERDICTS:     # a programming error in an experiment module, not user input
@@ -176,13 +177,13 @@ class Report:
         out += [f"  - {c}" for c in self.criteria]
         out += ["", f"verdict: {self.verdict.upper()}"]
         out += [f"  {r}" for r in self.reasons]
-        out += ["", f"wall {self.wall_s:.0f} s; wrote " + ", ".join(self.figures)]
+        out += ["", f"wall {self.wall_s:.0f} s, CPU {self.cpu_s:.0f} s (1 thread); wrote " + ", ".join(self.figures)]
         return "\n".join(out)
 
     def as_dict(self) -> dict:
         return {"paper": self.paper, "title": self.title, "claim": self.claim, "setup": self.setup,
                 "criteria": self.criteria, "tables": [t.as_dict() for t in self.tables], "verdict": self.verdict,
-                "reasons": self.reasons, "budget": self.budget, "figures": self.figures, "wall_s": self.wall_s,
+                "reasons": self.reasons, "budget": self.budget, "figures": self.figures, "wall_s": self.wall_s, "cpu_s": self.cpu_s,
                 "results": self.results, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
