@@ -124,7 +124,7 @@ def theorem1(budget: dict, data, bar) -> dict:
                 loss = nn.functional.cross_entropy(m(x_train[idx]), y_train[idx])
                 loss.backward()
                 opt.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
             loss_gap = max(loss_gap, abs(losses[0] - losses[1]))
             for layer, a in (("fc1", a1), ("fc2", a2)):
                 expected = getattr(first, layer).weight * a[:, None]
