@@ -107,7 +107,7 @@ def verdict(ex1: dict, ex2: dict) -> tuple[str, list[str]]:
 
 
 def table(title: str, runs: dict[str, list[dict]]) -> Table:
-    t = Table(title, ["kernel", "R_0", f"R_end exact", "R_end method", "R falls", "κ start -> end",
+    t = Table(title, ["kernel", "R_0", "R_end exact", "R_end method", "R falls", "κ start -> end",
                       "σmin start -> end", "σmax start -> end"])
     for label, h in runs.items():
         first, last = h[0], h[-1]
