@@ -190,7 +190,7 @@ BUDGETS = {"full": {"hs": (8, 16, 32, 64, 128), "seeds": 3, "epochs": 20},
 
 
 def verdict(rows) -> tuple[str, list[str]]:
-    identity = [p for p in check(rows, "identity")]
+    identity = check(rows, "identity")
     trend = [p for p in check(rows, "trend") if p not in identity]
     test_err = [f"h={r['h']}: gsgd/skel1 test error {r['err gsgd/skel1']:.1f}% is not below sgd/skel1's "
                 f"{r['err sgd/skel1']:.1f}%" for r in rows if not r["err gsgd/skel1"] < r["err sgd/skel1"]]

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..demo import batches
 from ..errors import GeomCompileError
 
 VERDICTS = ("reproduced", "trend reproduced", "not reproduced at this scale")
@@ -63,7 +64,6 @@ def paired_gain(arm, base) -> PairedGain:
 # ---- training on digits -------------------------------------------------------------------------
 def batch_schedule(n: int, batch_size: int, epochs: int, seed: int) -> list[torch.Tensor]:
     """The index batches of `epochs` shuffled passes (drop-last): every arm of a seed gets the same."""
-    from ..demo import batches
     return list(batches(n, batch_size, epochs, seed))
 
 
