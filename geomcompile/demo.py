@@ -19,8 +19,8 @@ from torch import nn
 
 from . import plan as make_plan
 from .errors import GeomCompileError
-from .policy import load_policy
 from .models import small_resnet
+from .policy import load_policy
 
 
 @dataclass

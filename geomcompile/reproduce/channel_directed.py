@@ -61,7 +61,6 @@ def arms(paper_lams) -> dict[str, dict | None]:
         out[f"h0, library lam={lam:g}"] = {"metric": "h0", "lam": lam, "mix": 0.0, "lr_scale": 1.0}
     out["sobolev lam=1 mix=0"] = {"metric": "sobolev", "lam": 1.0, "mix": 0.0, "lr_scale": 1.0}
     out["sobolev lam=1 mix=1"] = {"metric": "sobolev", "lam": 1.0, "mix": 1.0, "lr_scale": 1.0}
-    out["sobolev lam=5 mix=1"] = {"metric": "sobolev", "lam": 5.0, "mix": 1.0, "lr_scale": 1.0}
     return out
 
 
