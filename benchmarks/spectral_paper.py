@@ -8,6 +8,9 @@ The paper's K = rand(3,3,g,h) is a kernel with k×k = 3×3 taps, g input and h o
 K.permute(3, 2, 0, 1) of shape (h, g, 3, 3), entries uniform in [0, 1], on a 15×15×g input with
 "same" zero padding (padding 1). Gradient descent K ← K − 0.01·∇R_α(K) on R alone, 20 steps.
 
+The runs and the plots are those of `geomcompile reproduce 004` (geomcompile/reproduce/spectral.py),
+which adds a verdict; this script keeps the table at iterations 0/5/10/20 and the --cost timing.
+
 R and ∇R come from the library (gc.functional.spectral_penalty, warm-started two-end LOBPCG
 iteration). The paper computes the top singular triplet exactly before the first step (Algorithm
 2.1, step 2) and updates it by the power method afterwards; here the start takes 200 iterations
@@ -32,44 +35,11 @@ from pathlib import Path
 import torch
 
 import geomcompile as gc
-from geomcompile.geometries.spectral import conv_matrix, conv_spec, spectral_penalty_step
+from geomcompile.geometries.spectral import spectral_penalty_step
+from geomcompile.reproduce.spectral import EXAMPLE1, EXAMPLE2, LR, descend, paper_kernel, plot
 
-N, ALPHA, LR, STEPS = 15, 1.0, 0.01, 20
+ALPHA, STEPS = 1.0, 20
 REPORT_AT = (0, 5, 10, 20)
-EXAMPLE1 = [(3, 1), (1, 3), (3, 6), (6, 3)]          # (g, h)
-EXAMPLE2 = [0.1, 1.0, 5.0, 10.0]                      # α for the (3, 1) kernel
-
-
-def paper_kernel(g: int, h: int, seed: int = 1) -> torch.Tensor:
-    """rand(3,3,g,h) as a PyTorch conv weight (h, g, 3, 3), float64."""
-    K = torch.rand(3, 3, g, h, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return K.permute(3, 2, 0, 1).contiguous()
-
-
-def dense_measures(weight: torch.Tensor, alpha: float) -> dict[str, float]:
-    """R_α, σ_max, σ_min, κ of M from its dense matrix (the check, not the method)."""
-    M = conv_matrix(weight, conv_spec(weight.shape, (N, N), padding=1))
-    # the min(m, n) singular values as square roots of the eigenvalues of the smaller Gram matrix:
-    # equal to svdvals(M) to ~1e-13 here (κ < 100) and 2-3x faster, which keeps the script < 3 min
-    gram = M @ M.T if M.shape[0] < M.shape[1] else M.T @ M
-    sv = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
-    lam_min = 0.0 if M.shape[0] < M.shape[1] else float(sv.min()) ** 2      # λ_min(MᵀM)
-    R = max(float(sv.max()) ** 2 - alpha, alpha - lam_min)
-    return {"R": R, "smax": float(sv.max()), "smin": float(sv.min()), "kappa": float(sv.max() / sv.min())}
-
-
-def descend(weight: torch.Tensor, alpha: float, iters: int) -> list[dict[str, float]]:
-    """Algorithm 2.1: gradient descent on R_α alone; measures at every iteration 0..STEPS."""
-    history = [{**dense_measures(weight, alpha), "R_est": float("nan")}]
-    value, grad, state = gc.functional.spectral_penalty(weight, (N, N), alpha, padding=1, iters=200)
-    for _ in range(STEPS):
-        weight = weight - LR * grad
-        history[-1]["R_est"] = float(value)
-        history.append(dense_measures(weight, alpha))
-        value, grad, state = gc.functional.spectral_penalty(weight, (N, N), alpha, padding=1,
-                                                            state=state, iters=iters)
-    history[-1]["R_est"] = float(value)
-    return history
 
 
 def print_table(title: str, runs: dict[str, list[dict]]) -> None:
@@ -84,38 +54,13 @@ def print_table(title: str, runs: dict[str, list[dict]]) -> None:
               f"{hist[-1]['kappa']:.2f}, σmin {hist[0]['smin']:.4f} -> {hist[-1]['smin']:.4f}")
 
 
-def plot(runs: dict[str, list[dict]], title: str, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for ax, (label, hist) in zip(axes.flat, runs.items()):
-        its = range(len(hist))
-        ax.plot(its, [h["smax"] for h in hist], "b-", label="σmax(M)")
-        ax.plot(its, [h["smin"] for h in hist], "b--", label="σmin(M)")
-        ax.plot(its, [h["kappa"] for h in hist], "b:", label="κ(M)")
-        ax.set_yscale("log")
-        ax.set_xlabel("iteration")
-        right = ax.twinx()
-        right.plot(its, [h["R"] for h in hist], "r-", label="σmax(MᵀM − αI)")
-        right.set_yscale("log")
-        ax.set_title(label)
-        if ax is axes.flat[0]:
-            ax.legend(loc="upper right", fontsize=8)
-            right.legend(loc="center right", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def examples(out: Path, iters: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)     # tiny operators: OpenMP start-up costs more than it saves (13x on 2 busy cores)
-    ex1 = {f"3x3x{g}x{h}": descend(paper_kernel(g, h), ALPHA, iters) for g, h in EXAMPLE1}
+    ex1 = {f"3x3x{g}x{h}": descend(paper_kernel(g, h), ALPHA, iters, STEPS) for g, h in EXAMPLE1}
     print_table(f"Example 1 (Figure 3.1): α = 1, input 15x15xg, zero padding 1, step {LR}, "
                 f"{iters} warm-started solver iterations per step", ex1)
-    ex2 = {f"3x3x3x1 α={a:g}": descend(paper_kernel(3, 1), a, iters) for a in EXAMPLE2}
+    ex2 = {f"3x3x3x1 α={a:g}": descend(paper_kernel(3, 1), a, iters, STEPS) for a in EXAMPLE2}
     print()
     print_table("Example 2 (Figure 3.2): 3x3x3x1 kernel, different α", ex2)
     print("\nthe paper's observations:")

@@ -1,4 +1,4 @@
-"""Command line: `geomcompile plan|suggest|validate|schema|demo|bench` (also `python -m geomcompile`)."""
+"""Command line: `geomcompile plan|suggest|validate|schema|demo|reproduce|bench` (also `python -m geomcompile`)."""
 from __future__ import annotations
 
 import argparse
@@ -107,7 +107,14 @@ def cmd_schema(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    run_demo(policy=args.policy, epochs=args.epochs, out_dir=args.out)
+    run_demo(policy=args.policy, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, out_dir=args.out,
+             seed=args.seed)
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .reproduce import run_experiments
+    run_experiments(args.paper, budget=args.budget, out_dir=args.out, progress=not args.no_progress)
     return 0
 
 
@@ -158,8 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--policy", default="resnet",
                    help="policy for the second run: file, shipped name or YAML text (default: resnet)")
     d.add_argument("--epochs", type=int, default=12, help="passes over the training set per run, >= 1 (default: 12)")
+    d.add_argument("--batch-size", type=int, default=64, help="images per step, >= 1 (default: 64)")
+    d.add_argument("--lr", type=float, default=0.05, help="learning rate of both runs, > 0 (default: 0.05)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the init, split and batches, >= 0 (default: 0)")
     d.add_argument("--out", default="demo_out", help="folder for the loss-curve PNG")
     d.set_defaults(func=cmd_demo)
+    r = sub.add_parser("reproduce", help="rerun a small-scale experiment of a seed paper: claim, measured table, "
+                                         "verdict, PNGs and JSON")
+    r.add_argument("paper", choices=["000", "001", "002", "003", "004", "all"],
+                   help="000 channel_directed, 001 FG-SGD (pom), 002 G-SGD (gspace), 003 PSI, 004 spectral, all")
+    r.add_argument("--budget", default="full", choices=["full", "tiny"],
+                   help="full: the committed runs (about 1-2 min each on 2 CPU cores); tiny: a smoke test")
+    r.add_argument("--out", default=os.path.join("benchmarks", "results", "reproduce"),
+                   help="folder for the JSON and PNG results (default: benchmarks/results/reproduce)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    r.set_defaults(func=cmd_reproduce)
     b = sub.add_parser("bench", help="time optimizer and training steps: plain torch, geometry eager/compile/triton, "
                                      "copy bound")
     b.add_argument("--model", default="resnet20", choices=["resnet20", "resnet56", "resnet50", "vgg16", "synthetic"],

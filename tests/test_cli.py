@@ -24,7 +24,7 @@ def test_demo_with_zero_epochs_is_an_error():
 def test_demo_with_an_unknown_policy_fails_before_training(monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("the baseline was trained before the policy was checked")
-    monkeypatch.setattr(demo, "train", no_training)
+    monkeypatch.setattr(demo, "train_side_by_side", no_training)
     with pytest.raises(GeomCompileError, match="nosuch"):
         demo.run_demo(policy="nosuch", epochs=1)
 
