@@ -166,6 +166,7 @@ def test_host_overhead_json_structure(tmp_path, capsys):
             assert row["status"] == "ok", row["reason"]
             assert row["n"] == 3 and row["median_ms"] > 0 and row["p90_ms"] >= row["median_ms"]
             assert row["launches_per_step"] >= 1 and row["pre_step_median_ms"] is not None
+            assert row["python_calls_per_step"] > 0
             # the stack's conv feeds a BN with running statistics, which must follow psi's rescale:
             # the backend renormalises it with psi's eager post_step (stubbed and counted here)
             assert row["eager_fallbacks_per_step"] == (1 if geometry == "psi" else 0)

@@ -21,7 +21,9 @@ backend decides whether the GPU waits for Python. This measures it without a GPU
 Each is timed with cached gradients (the same grad tensors every step) and with fresh ones
 (``zero_grad(set_to_none=True)`` between steps, then new gradient tensors from two alternating
 pools, so every pointer changes at every step: the worst case for cached tables). Median and p90
-over ``steps`` steps (``time.perf_counter``), after ``warmup`` untimed ones.
+over ``steps`` steps (``time.perf_counter``), after ``warmup`` untimed ones. The triton rows also
+give ``python_calls_per_step``: cProfile's count of Python calls over 5 further steps, which unlike
+the times does not depend on the machine or its load.
 """
 from __future__ import annotations
 
@@ -164,6 +166,20 @@ def torch_foreach_rows(params: list[torch.Tensor], optimizer: str, steps: int, w
     return rows
 
 
+def python_calls_per_step(step: Callable[[], object], grads: Gradients, steps: int = 5) -> float:
+    """Python function calls (cProfile's count, builtins included) per step: a measure of the host
+    path that, unlike its time, does not depend on the machine or its load."""
+    import cProfile
+    import pstats
+    profile = cProfile.Profile()
+    for _ in range(steps):
+        grads.before_step()
+        profile.enable()
+        step()
+        profile.disable()
+    return pstats.Stats(profile).total_calls / steps
+
+
 def _stats(timing: Timing, phases: dict[str, list[float]] | None = None) -> dict:
     out = {"median_ms": timing.median, "p90_ms": timing.quantile(0.9), "n": len(timing.samples_ms)}
     for name, values in (phases or {}).items():
@@ -222,6 +238,7 @@ def triton_rows(structure, model0, geometry: str, optimizer: str, steps: int, wa
             timing = _time_steps(opt.step, grads, steps, warmup, phases)
             per_step = len(launched) / (steps + warmup)
             eager_per_step = len(eager) / (steps + warmup)
+            calls = python_calls_per_step(opt.step, grads)
         notes = _unique([str(w.message) for w in caught if "backend" in str(w.message)] + plan.backend_notes())
         notes.append("kernel launches stubbed (no-ops)")
         if eager:
@@ -230,6 +247,7 @@ def triton_rows(structure, model0, geometry: str, optimizer: str, steps: int, wa
                          f"few launches of the geometry's eager program")
         rows.append(_row(geometry, optimizer, "triton", mode, **_stats(timing, phases),
                          launches_per_step=per_step, eager_fallbacks_per_step=eager_per_step,
+                         python_calls_per_step=calls,
                          table_builds=plan.backend.cache.builds, notes=notes))
     return rows
 
