@@ -128,13 +128,42 @@ def cmd_bench(args) -> int:
     command = "geomcompile bench " + " ".join(
         f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items()
         if key not in ("command", "func", "no_progress") and value is not None)
-    config = BenchConfig(model=args.model, geometries=_comma_list(args.geometry), policy=args.policy,
+    if args.host_overhead:
+        return _bench_host_overhead(args, command)
+    config = BenchConfig(model=args.model, geometries=_comma_list(args.geometry or DEFAULT_GEOMETRIES),
+                         policy=args.policy,
                          backends=_comma_list(args.backends), device=args.device, optimizer=args.optimizer,
                          steps=args.steps, warmup=args.warmup, train_steps=args.train_steps,
                          train_warmup=args.train_warmup, batch_size=args.batch_size,
                          synthetic=args.synthetic or DEFAULT_SYNTHETIC,
                          progress=not args.no_progress, command=command)
     run_and_report(config, json_path=args.json, png_path=args.png)
+    return 0
+
+
+DEFAULT_GEOMETRIES = "channel_directed,psi"
+
+
+def _bench_host_overhead(args, command: str) -> int:
+    if args.device != "cpu" or args.policy:
+        raise GeomCompileError("--host-overhead runs on CPU with the kernel launches stubbed and takes "
+                               "--geometry GEOMETRY[:OPTIMIZER],...; drop --device/--policy")
+    if "geomcompile.kernels.psi" not in sys.modules:
+        # The backend takes CPU tensors only in interpreter mode; the stubbed kernels never run.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .bench.host_overhead import DEFAULT_SUBJECTS, HostOverheadConfig, format_host_table, parse_subjects
+    from .bench.report import write_json
+    from .bench.workloads import DEFAULT_SYNTHETIC
+    subjects = parse_subjects(args.geometry, args.optimizer) if args.geometry else DEFAULT_SUBJECTS
+    config = HostOverheadConfig(model=args.model, subjects=subjects, backends=_comma_list(args.backends),
+                                steps=args.steps or 200, warmup=10 if args.warmup is None else args.warmup,
+                                synthetic=args.synthetic or DEFAULT_SYNTHETIC, command=command)
+    from .bench.host_overhead import run_host_overhead
+    result = run_host_overhead(config, echo=(lambda *_: None) if args.no_progress else print)
+    print(format_host_table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -184,9 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "copy bound")
     b.add_argument("--model", default="resnet20", choices=["resnet20", "resnet56", "resnet50", "vgg16", "synthetic"],
                    help="parameter set; synthetic = a sweep of conv stacks (see --synthetic)")
-    b.add_argument("--geometry", default="channel_directed,psi",
+    b.add_argument("--geometry",
                    help="comma list of geometries, each applied by its bench policy: channel_directed = sobolev "
-                        "on convs and linears, psi = scale-invariant convs (default: both)")
+                        "on convs and linears, psi = scale-invariant convs (default: both); with --host-overhead "
+                        "GEOMETRY[:OPTIMIZER],... (default: psi:sgd_momentum,channel_directed:adam)")
+    b.add_argument("--host-overhead", action="store_true",
+                   help="instead: the host time per optimizer step of each backend with the kernel launches "
+                        "stubbed, cached and fresh gradients, beside torch's foreach step (CPU; default 200 steps)")
     b.add_argument("--policy", help="a policy (file, shipped name or YAML) to benchmark instead of --geometry")
     b.add_argument("--backends", default="eager,compile,triton",
                    help="comma list; one that cannot run here is skipped with the reason")

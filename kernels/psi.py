@@ -426,7 +426,7 @@ class PSIKernels:
             self._layouts(geometry, entries), update=update,
             states=[e.extra["states"] for e in entries], first=[e.extra["first"] for e in entries],
             max_norm=geometry.opts["max_norm"] if retract else float("inf"),
-            counters=[e.extra["counter"] for e in entries] if retract else None,
+            counters=[e.extra["counter"] for e in entries],      # the units' own: the cached table stays valid
             cache=cache, slot=slot)
 
     def retract(self, geometry, entries, powers, cache, slot) -> None:

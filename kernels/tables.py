@@ -76,9 +76,13 @@ class Operand:
     counter: torch.Tensor | None = None
     dense: bool = False              # set_layout: read through the kernels' contiguous, aligned path
     rows_dense: bool = False         # set_layout: described as (1, O, numel/O) (``dense_rows``)
+    layout_known: bool = False       # set_layout already ran on these tensors (Staged knows it)
 
     def set_layout(self) -> None:
         """Choose how the kernels read this operand (``dense_rows``, ``aligned``)."""
+        if self.layout_known:
+            return
+        self.layout_known = True
         tensors = [t for t in self.tensors if t is not None]
         a, o, b = self.shape
         self.rows_dense = dense_rows(tensors, self.dim)
@@ -102,14 +106,20 @@ class Staged:
         for op in operands:
             tensors = []
             present = [t for t in op.tensors if t is not None]
+            in_rows = dense_rows(present, op.dim)      # once per operand: it is the per-step hot spot
             for role, t in enumerate(op.tensors):
-                if t is not None and not dense_rows(present, op.dim) and rows_strides(t, op.dim) is None:
+                if t is not None and not in_rows and rows_strides(t, op.dim) is None:
                     tmp = t.contiguous()
                     if role in written_roles:
                         self._copies.append((t, tmp))
                     t = tmp
                 tensors.append(t)
-            self.operands.append(Operand(tensors, op.dim, op.gs, op.flag, op.counter))
+            staged = Operand(tensors, op.dim, op.gs, op.flag, op.counter)
+            if in_rows:                                # nothing copied: the layout is known
+                a, o, b = staged.shape
+                staged.rows_dense, staged.dense = True, aligned(present, a * b)
+                staged.layout_known = True
+            self.operands.append(staged)
 
     def finish(self) -> None:
         for original, tmp in self._copies:
@@ -148,7 +158,7 @@ def aligned(tensors: Sequence[torch.Tensor], row: int) -> bool:
 
 def vector_width(dtype: torch.dtype) -> int:
     """Elements per 128-bit access."""
-    return 16 // torch.empty((), dtype=dtype).element_size()
+    return 16 // dtype.itemsize
 
 
 def warps_for(tile: int, dense: bool, vec: int, vectors: int = 2) -> int:

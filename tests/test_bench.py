@@ -141,3 +141,74 @@ def test_synthetic_stack_is_what_the_docs_say():
     shapes = [tuple(p.shape) for p in model.parameters()]
     assert shapes == [(4, 4, 3, 3), (4,), (4,), (4, 4, 3, 3), (4,), (4,), (10, 4), (10,)]
     assert model(torch.randn(2, 4, 8, 8)).shape == (2, 10)
+
+
+# ---- --host-overhead ---------------------------------------------------------------------------------
+def test_host_overhead_json_structure(tmp_path, capsys):
+    """Structure only (no timing thresholds): every subject x backend x grads mode has a row; the
+    triton rows ran with launches stubbed (launches counted, no kernel ran), the others say why not;
+    torch's foreach step is beside them."""
+    path = tmp_path / "host.json"
+    code = main(["bench", "--host-overhead", "--model", "synthetic", "--synthetic", "1x4", "--steps", "3",
+                 "--warmup", "1", "--geometry", "psi:sgd_momentum,channel_directed:adam", "--no-progress",
+                 "--json", str(path)])
+    assert code == 0
+    result = json.loads(path.read_text())
+    assert result["schema"] == "geomcompile-host-overhead/1"
+    rows = {(r["geometry"], r["optimizer"], r["variant"], r["grads"]): r for r in result["results"]}
+    for geometry, optimizer in (("psi", "sgd_momentum"), ("channel_directed", "adam")):
+        for grads in ("cached", "fresh"):
+            assert rows[(geometry, optimizer, "torch foreach", grads)]["n"] == 3
+            for backend in ("eager", "compile"):
+                row = rows[(geometry, optimizer, backend, grads)]
+                assert row["status"] == "not applicable" and row["reason"]
+            row = rows[(geometry, optimizer, "triton", grads)]
+            assert row["status"] == "ok", row["reason"]
+            assert row["n"] == 3 and row["median_ms"] > 0 and row["p90_ms"] >= row["median_ms"]
+            assert row["launches_per_step"] >= 1 and row["pre_step_median_ms"] is not None
+            assert row["python_calls_per_step"] > 0
+            # the stack's conv feeds a BN with running statistics, which must follow psi's rescale:
+            # the backend renormalises it with psi's eager post_step (stubbed and counted here)
+            assert row["eager_fallbacks_per_step"] == (1 if geometry == "psi" else 0)
+            foreach = rows[(geometry, optimizer, "torch foreach", grads)]
+            assert row["x_torch_foreach"] == row["median_ms"] / foreach["median_ms"]
+    # fresh gradients change every pointer at every step: the tables are rebuilt, cached ones are not
+    assert rows[("psi", "sgd_momentum", "triton", "fresh")]["table_builds"] > \
+        rows[("psi", "sgd_momentum", "triton", "cached")]["table_builds"]
+    out = capsys.readouterr().out
+    assert "host time per optimizer step" in out and "torch foreach" in out
+
+
+def test_host_overhead_bad_arguments(capsys):
+    assert main(["bench", "--host-overhead", "--device", "cuda"]) == 2
+    assert "--host-overhead runs on CPU" in capsys.readouterr().err
+    assert main(["bench", "--host-overhead", "--model", "synthetic", "--geometry", "psi:lbfgs"]) == 2
+    assert "unknown optimizer" in capsys.readouterr().err
+
+
+# ---- benchmarks/gpu.sh ---------------------------------------------------------------------------------
+GPU_SH = __import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh"
+
+
+def test_gpu_script_parses_and_asks_for_its_folder():
+    import subprocess
+    assert subprocess.run(["bash", "-n", str(GPU_SH)]).returncode == 0
+    run = subprocess.run(["bash", str(GPU_SH)], capture_output=True, text=True)
+    assert run.returncode == 2 and "usage: bash benchmarks/gpu.sh OUT_DIR" in run.stderr
+
+
+def test_gpu_parity_part_runs_on_cpu():
+    """The parity part of gpu.sh on CPU (kernels interpreted): psi's in-kernel and eager-fallback
+    renormalisations and channel_directed, fp32 over several steps, bf16 one step."""
+    from geomcompile.bench.gpu import _parity_case
+    for geometry, dtype in (("psi", torch.float32), ("channel_directed sobolev", torch.bfloat16)):
+        case = _parity_case(torch.device("cpu"), geometry, "sgd_momentum", dtype, channels_last=False)
+        assert case["ok"], case
+        assert case["worst_error_over_tolerance"] <= 1.0
+        assert any("fused" in n for n in case["triton_notes"]), case["triton_notes"]
+
+
+def test_gpu_main_needs_cuda_or_a_dry_run(tmp_path, capsys):
+    from geomcompile.bench.gpu import main as gpu_main
+    assert gpu_main(["--out", str(tmp_path), "--device", "cpu"]) == 2
+    assert "add --quick" in capsys.readouterr().err

@@ -318,8 +318,9 @@ def test_retraction_events_report_the_factors():
     torch.testing.assert_close(factors, 1 / stepped.flatten(1).norm(dim=1), rtol=1e-5, atol=0)
     torch.testing.assert_close(model.conv1.weight.detach(), stepped * factors.reshape(-1, 1, 1, 1), rtol=1e-5, atol=1e-6)
     handle.remove()
+    seen = len(events)        # the eager renormalisation reports every psi parameter (factors 1 if unchanged)
     _force_renormalisations(model, opt, steps=1)
-    assert len(events) == 1
+    assert len(events) == seen
 
 
 def test_compiled_and_ddp_wrapped_models_use_the_users_names(tmp_path):

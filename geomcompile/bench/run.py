@@ -208,6 +208,12 @@ class Runner:
         variants.append(self.ready(Variant(None, "plain", describe_optimizer(opt), opt.step,
                                            bytes=traffic.step_bytes(params0, c.optimizer).bytes),
                                    model, opt, grads0, x, y))
+        if device.type == "cuda":        # torch's other fast path beside fused=True (the anchors)
+            model = copy.deepcopy(model0)
+            opt = make_optimizer(c.optimizer, model.parameters(), device, "foreach")
+            variants.append(self.ready(Variant(None, "plain foreach", describe_optimizer(opt), opt.step,
+                                               bytes=traffic.step_bytes(params0, c.optimizer).bytes),
+                                       model, opt, grads0, x, y))
         for label, policy in subjects:
             for backend in c.backends:
                 self._set_bar(f"{load.name}: install {label} {backend}")
@@ -225,7 +231,7 @@ class Runner:
             rows += self.time_phase(load, "train_step", [v for v in variants if v.train_step],
                                     c.train_steps, c.train_warmup)
         rows += skipped
-        planned = [(None, "plain")] + [(label, b) for label, _ in subjects for b in c.backends] + [(None, "copy")]
+        planned = [(None, "plain"), (None, "plain foreach")] + [(label, b) for label, _ in subjects for b in c.backends] + [(None, "copy")]
         order = {key: i for i, key in enumerate(planned)}
         rows.sort(key=lambda r: (PHASES.index(r["phase"]), order[(r["geometry"], r["variant"])]))
         _ratios(rows)

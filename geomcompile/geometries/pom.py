@@ -566,7 +566,8 @@ class POM(Geometry):
         if self.opts["feature_std"]:
             # λ ≥ min_std: a layer whose input dies (std -> 0) would otherwise get r -> ∞, which feeds
             # back (measured on digits, unit radius, no floor: r grew to 6e5 once the ReLUs had died).
-            radius = radius / max(float(state["feature_std"]), self.opts["min_std"])
+            # A 0-d tensor on the device (float() here would be a host sync per layer and step).
+            radius = radius / state["feature_std"].clamp_min(self.opts["min_std"])
         state["radius"] = radius
         self._retract(local(p), radius)          # components never straddle dim 0's rows: local
 

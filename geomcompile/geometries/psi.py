@@ -271,10 +271,8 @@ class PSI(Geometry):
                 ctx.run_sharded(self._post_step_sharded(facts, p, state, ctx.shard(facts.name)))
                 continue
             factors = psi_renorm_factors(p.detach(), self.opts["max_norm"], u, dim, gs)
-            # Eager: skip the common case (nothing to renormalise) with one host sync. Traced by
-            # torch.compile(optimizer.step), the update is branch-free (factors of 1 change nothing).
-            if not torch.compiler.is_compiling() and bool((factors == 1).all()):
-                continue
+            # Branch-free, so no host sync: factors of 1 (the common case) change nothing, bit for
+            # bit, in the weight, the optimizer state and the running statistics the event rescales.
             scale = _expand_per_unit(factors, p, u, dim, gs)
             p.detach().copy_((p.detach().to(scale.dtype) * scale).to(p.dtype))
             state["renormalised"] += (factors != 1).sum().to(state["renormalised"].device)

@@ -247,9 +247,11 @@ class Installation:
             if power is None:
                 if (event.name, key) not in self._unscaled_keys_warned:
                     self._unscaled_keys_warned.add((event.name, key))
-                    warnings.warn(f"{event.name}: optimizer state {key!r} was not rescaled with its renormalised "
-                                  f"units (geomcompile does not know how it scales); the run may no longer be "
-                                  f"equivalent to the unrescaled one", GeomCompileWarning, stacklevel=3)
+                    # Rescale events come at every step (factors of 1 where nothing was renormalised:
+                    # deciding that on the host would be a sync), so this says "when".
+                    warnings.warn(f"{event.name}: optimizer state {key!r} is not rescaled when its units are "
+                                  f"renormalised (geomcompile does not know how it scales); the run may then no "
+                                  f"longer be equivalent to the unrescaled one", GeomCompileWarning, stacklevel=3)
                 continue
             buf.copy_((buf.to(scale.dtype) * scale**power).to(buf.dtype))
         if self.ctx.model is not None:

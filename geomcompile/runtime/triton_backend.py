@@ -326,7 +326,9 @@ class TritonBackend(Backend):
             launches += [(dataclasses.replace(key.update, step=s), group) for s, group in by_step.items()]
         retract = family.retracts and key.extra == ("retract",)
         for e in entries:
-            if retract:
+            if family.retracts:
+                # Also without retract: the kernel then adds 0 to it, and a counter that stays the same
+                # tensor keeps the bucket's cached table valid (a scratch one would change every step).
                 e.extra["counter"] = _counter(states(e.item), e.param.device)
         for update, group in launches:
             family.fused(key.geometry, group, update, self.cache, key.slot(group), retract=retract)
