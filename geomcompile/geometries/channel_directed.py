@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..analysis.facts import ParamFacts
-from .base import Geometry, Option, Range, Unit, StepContext, compute_dtype, register
+from .base import Geometry, Option, Range, Unit, StepContext, compute_dtype, pass_nonfinite, register
 
 
 def _as_rows(grad: torch.Tensor, dim: int) -> torch.Tensor:
@@ -112,7 +112,8 @@ class CompiledChannelDirected:
         out: list[torch.Tensor] = [None] * len(grads)  # type: ignore[list-item]
         for index in groups.values():
             rows = [grads[i].movedim(layouts[i], 0).reshape(grads[i].shape[layouts[i]], -1) for i in index]
-            new = metric(torch.cat(rows, dim=1), o["lam"], dim=0, mix=o["mix"])
+            # non-finite entries pass through, the metric mixes only the finite ones (see ChannelDirected)
+            new = pass_nonfinite(lambda f: metric(f, o["lam"], dim=0, mix=o["mix"]), torch.cat(rows, dim=1))
             for i, piece in zip(index, new.split([r.shape[1] for r in rows], dim=1)):
                 moved = grads[i].movedim(layouts[i], 0)
                 out[i] = piece.reshape(moved.shape).movedim(0, layouts[i])
@@ -153,8 +154,12 @@ class ChannelDirected(Geometry):
         return None
 
     def pre_step(self, unit: Unit, grads, state, ctx: StepContext) -> None:
+        # The metric mixes the rows of each column: a NaN/Inf entry would spread over its column. It
+        # passes through instead (base.pass_nonfinite), so the weight becomes non-finite exactly where
+        # plain torch's step would make it so.
         transform = METRICS[self.opts["metric"]]
         for facts, grad in zip(unit.facts, grads):
             if grad is None:
                 continue
-            grad.copy_(transform(grad, self.opts["lam"], dim=facts.out_dim, mix=self.opts["mix"]))
+            grad.copy_(pass_nonfinite(
+                lambda f: transform(f, self.opts["lam"], dim=facts.out_dim, mix=self.opts["mix"]), grad))

@@ -37,7 +37,8 @@ from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileError
 from ..findings import Finding
 from ..names import get_canonical_submodule
-from .base import Geometry, Option, Range, StepContext, Unit, compute_dtype, register
+from .base import (Geometry, Option, Range, StepContext, Unit, compute_dtype, count_nonfinite, finite_entries,
+                   pass_nonfinite, register)
 
 def _r(r, like: torch.Tensor) -> torch.Tensor | float:
     """A radius as a float, or as a tensor shaped to broadcast over (…, n, k) components."""
@@ -165,12 +166,23 @@ def pom_retract(x: torch.Tensor, manifold: str, r=1.0, method: str = "polar") ->
     """φ(x, 𝔑): every component onto its manifold of radius r (Algorithm 1, line 7).
 
     float16/bfloat16 components are retracted in float32 (torch has no half-precision SVD or QR on
-    CPU, and their norms lose digits) and the result is returned in x's dtype."""
+    CPU, and their norms lose digits) and the result is returned in x's dtype.
+
+    A component with a non-finite entry (NaN, ±Inf) has no point to project to: it is returned
+    unchanged, so the bad entries stay where a plain optimizer step put them and do not spread over
+    the component (nor make the SVD fail to converge). Branch free: no host sync."""
     work = compute_dtype(x.dtype)
     xw = x.to(work)
     rw = r.to(work) if isinstance(r, torch.Tensor) else r
-    y = retract_stiefel(xw, rw, method) if manifold == "stiefel" else _manifold(manifold).retract(xw, rw)
-    return y.to(x.dtype)
+    bad = nonfinite_components(xw)
+    safe = torch.where(bad, torch.zeros((), dtype=work, device=xw.device), xw)
+    y = retract_stiefel(safe, rw, method) if manifold == "stiefel" else _manifold(manifold).retract(safe, rw)
+    return torch.where(bad, xw, y).to(x.dtype)
+
+
+def nonfinite_components(x: torch.Tensor) -> torch.Tensor:
+    """(…, 1, 1) bool: True for the components of x (…, n, k) with a NaN or ±Inf entry."""
+    return ~torch.isfinite(x).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
 
 
 def pom_distance(w: torch.Tensor, manifold: str, r=1.0) -> torch.Tensor:
@@ -418,8 +430,11 @@ class POM(Geometry):
         group_id, n_groups = pom_membership(grid, self.opts["grouping"], self.opts["group_size"], gen)
         base, _ = self._base_radius(facts, p)
         radius = base / max(1.0, self.opts["min_std"]) if self.opts["feature_std"] else base
+        # nonfinite_steps: steps whose gradient or weight had a NaN/Inf entry (passed through as plain
+        # torch would, without spreading over components and groups; docs/pom.md).
         state = {"group_id": group_id.to(p.device), "n_groups": n_groups, "base_radius": base,
-                 "radius": radius, "last_max_group_norm": 0.0, "normalised_groups": 0}
+                 "radius": radius, "last_max_group_norm": 0.0, "normalised_groups": 0,
+                 "nonfinite_steps": torch.zeros((), dtype=torch.int64, device=p.device)}
         if self.opts["feature_std"]:
             # λ = 1 until the first measurement (the paper's t = 1); the hook keeps an EMA after that.
             state["feature_std"] = torch.ones((), dtype=torch.float64, device=p.device)
@@ -494,11 +509,22 @@ class POM(Geometry):
         facts, (grad,) = unit.single(self.name), grads
         if grad is None or grad.numel() == 0:
             return
-        w = self._components(ctx.params[facts.name])
+        # Non-finite entries of the gradient pass through (the projection and ζ would spread one
+        # over its component and its group); those of the weight read as 0 (a component left
+        # non-finite by an earlier step is not retracted, see pom_retract).
+        weight = ctx.params[facts.name].detach()
+        count_nonfinite(state, "nonfinite_steps", grad, weight)
+        w = finite_entries(self._components(weight))
         group_id = state["group_id"].to(w.device).reshape(-1)   # a loaded state keeps its checkpoint's device
-        direction, R = pom_direction(w, self._components(grad), self.opts["manifold"], state["radius"],
-                                     group_id, state["n_groups"])
-        grad.copy_(direction.reshape(grad.shape).to(grad.dtype))
+        R = None
+
+        def direction_of(g: torch.Tensor) -> torch.Tensor:
+            nonlocal R
+            direction, R = pom_direction(w, self._components(g), self.opts["manifold"], state["radius"],
+                                         group_id, state["n_groups"])
+            return direction.reshape(grad.shape).to(grad.dtype)
+
+        grad.copy_(pass_nonfinite(direction_of, grad))
         state["last_max_group_norm"] = R.max()
         state["normalised_groups"] = (pom_zeta(R) > 1).sum()
 
@@ -517,7 +543,8 @@ class POM(Geometry):
 
     def diagnostics(self, unit: Unit, state) -> dict[str, float]:
         out = {"radius": float(state["radius"]), "max_group_grad_norm": float(state["last_max_group_norm"]),
-               "normalised_groups": float(state["normalised_groups"])}
+               "normalised_groups": float(state["normalised_groups"]),
+               "nonfinite_steps": float(state.get("nonfinite_steps", 0))}
         if "feature_std" in state:
             out["feature_std"] = float(state["feature_std"])
         return out

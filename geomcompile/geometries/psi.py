@@ -64,9 +64,13 @@ def psi_grad(weight: torch.Tensor, grad: torch.Tensor, unit: str = "row", dim: i
 
 def psi_renorm_factors(weight: torch.Tensor, max_norm: float, unit: str = "row", dim: int = 0,
                        group_size: int | None = None) -> torch.Tensor:
-    """Per-unit factors (n_units, 1): 1/‖w_u‖ where ‖w_u‖ > max_norm (renormalise to 1), else 1."""
+    """Per-unit factors (n_units, 1): 1/‖w_u‖ where ‖w_u‖ > max_norm (renormalise to 1), else 1.
+
+    A unit with a NaN/Inf entry (its norm is not finite) keeps factor 1: rescaling it by 1/∞ = 0
+    would zero its finite entries and its optimizer state; it stays as plain torch's step left it."""
     norm = _unit_norm_sq(weight, unit, dim, group_size).sqrt()
-    return torch.where(norm > max_norm, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.ones_like(norm))
+    renormalise = (norm > max_norm) & torch.isfinite(norm)
+    return torch.where(renormalise, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.ones_like(norm))
 
 
 # Optimizer state that scales like the gradient (power 1) or like its square (power 2) when a
