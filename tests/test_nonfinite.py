@@ -150,3 +150,155 @@ def _model_like(model):
     for p in plain.parameters():
         p.grad = None
     return plain
+
+
+# ---- R1: pom's Stiefel retraction on a non-finite gradient -----------------------------------------
+def _stiefel_policy(method):
+    return {"version": 1, "rules": [{"name": "convs", "match": {"kind": "conv", "depthwise": False},
+                                     "use": {"pom": {"manifold": "stiefel", "component": "kernel",
+                                                     "stiefel_retraction": method}}}]}
+
+
+@pytest.mark.parametrize("backend", ["eager", "compile", "triton"])
+@pytest.mark.parametrize("method", ["polar", "qr"])
+def test_pom_stiefel_retraction_survives_a_nonfinite_gradient(method, backend):
+    """Before: `linalg.svd ... failed to converge because the input matrix contained non-finite values`,
+    raised in the post-step hook after the base optimizer had stepped. Now the component with the NaN
+    keeps it (one non-finite weight, as plain SGD), every other component is retracted, the step is
+    counted in diagnostics, and after restoring finite weights the next step lands on the manifold."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    plan = gc.apply(model, _stiefel_policy(method), opt, example_inputs=(INPUTS[0],), backend=backend)
+    good = model.conv1.weight.detach().clone()
+    _set_grads(model, 1)
+    model.conv1.weight.grad.view(-1)[4] = float("nan")
+    opt.step()
+    w = model.conv1.weight.detach()
+    assert int((~torch.isfinite(w)).sum()) == 1 and not torch.isfinite(w.view(-1)[4])
+    components = w.reshape(-1, 3, 3)
+    finite = torch.isfinite(components).flatten(1).all(1)
+    gram = components[finite].mT @ components[finite]
+    torch.testing.assert_close(gram, torch.eye(3).expand_as(gram), atol=1e-5, rtol=0)
+    assert plan.diagnostics()["conv1.weight"]["pom"]["nonfinite_steps"] == 1
+    with torch.no_grad():
+        model.conv1.weight.copy_(good)
+    _set_grads(model, 2)
+    opt.step()
+    components = model.conv1.weight.detach().reshape(-1, 3, 3)
+    torch.testing.assert_close(components.mT @ components, torch.eye(3).expand_as(components), atol=1e-5, rtol=0)
+    assert plan.diagnostics()["conv1.weight"]["pom"]["nonfinite_steps"] == 1
+
+
+@pytest.mark.parametrize("manifold,method", [("sphere", "polar"), ("oblique", "polar"), ("stiefel", "polar"),
+                                             ("stiefel", "qr")])
+def test_functional_pom_retract_leaves_nonfinite_components_as_they_are(manifold, method):
+    x = torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(0))
+    x[1, 0, 2] = float("nan")
+    x[3, 2, 2] = float("inf")
+    y = pom_retract(x, manifold, 2.0, method)
+    assert torch.equal(y[1].isnan(), x[1].isnan()) and torch.equal(y[1][~x[1].isnan()], x[1][~x[1].isnan()])
+    assert torch.equal(y[3], x[3])
+    for i in (0, 2):
+        torch.testing.assert_close(y[i], pom_retract(x[i:i + 1], manifold, 2.0, method)[0])
+        assert torch.isfinite(y[i]).all()
+
+
+# ---- R2: spectral's warm-started vectors and one NaN step ------------------------------------------
+SPECTRAL = {"version": 1, "rules": [{"name": "convs", "match": {"kind": "conv", "depthwise": False},
+                                     "use": {"spectral": {"coef": 0.1, "power_iters": 2, "init_iters": 3}}}]}
+
+
+def test_one_nonfinite_step_does_not_poison_spectral_vectors():
+    """Before: a NaN gradient made a weight NaN, the next solve ran on it and the warm-started
+    vectors stayed NaN for good: after restoring finite weights, plain SGD had 0 NaN weights and
+    spectral 462 (here 297: every conv weight). Now the solve reads non-finite weight entries as 0,
+    the vectors stay finite, the NaN step is counted, and the NaN entries themselves stay non-finite
+    exactly where plain SGD leaves them."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    plan = gc.apply(model, SPECTRAL, opt, example_inputs=(INPUTS[0],))
+    plain = _model_like(model)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.05)
+    good = [p.detach().clone() for p in model.parameters()]
+    for step in range(2):       # the NaN step, then a step on the NaN weights (before a loop notices)
+        for m in (model, plain):
+            _set_grads(m, step)
+            if step == 0:
+                m.conv2.weight.grad.view(-1)[7] = float("nan")
+        opt.step()
+        plain_opt.step()
+        for p, q in zip(model.parameters(), plain.parameters()):
+            assert torch.equal(torch.isfinite(p), torch.isfinite(q))
+    assert plan.diagnostics()["conv2.weight"]["spectral"]["nonfinite_steps"] == 1
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), good):
+            p.copy_(w)
+    _set_grads(model, 2)
+    opt.step()
+    bad = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
+    assert bad == 0, f"{bad} non-finite weights after restoring finite ones"
+    diagnostics = plan.diagnostics()["conv2.weight"]["spectral"]
+    assert all(v == v for v in diagnostics.values()), diagnostics
+
+
+# ---- the Triton kernels, across their block boundaries ----------------------------------------------
+# Small forced blocks: channel_directed in two passes over chunks of 4 rows and tiles of 8 columns;
+# psi's multi-pass path in chunks of 8 elements. NaN/Inf sit on both sides of a boundary.
+CD_BAD = ((3, 7, float("nan")), (4, 8, float("inf")), (0, 0, float("-inf")), (8, 19, float("nan")))
+
+
+@pytest.mark.parametrize("metric", ["h0", "sobolev"])
+@pytest.mark.parametrize("fused", [False, True], ids=["transform", "fused_sgd_momentum"])
+def test_channel_directed_kernel_passes_nonfinite_entries_across_block_boundaries(metric, fused):
+    from geomcompile.geometries.base import pass_nonfinite
+    from geomcompile.geometries.channel_directed import METRICS
+    from geomcompile.kernels.channel_directed import channel_directed
+    from geomcompile.kernels.optim_updates import SGDUpdate
+    gen = torch.Generator().manual_seed(3)
+    w0, g = torch.randn(9, 20, generator=gen), torch.randn(9, 20, generator=gen)
+    for r, c, v in CD_BAD:
+        g[r, c] = v
+    want = pass_nonfinite(lambda f: METRICS[metric](f, 0.5, dim=0, mix=0.25), g)
+    assert int((~torch.isfinite(want)).sum()) == len(CD_BAD)
+    got = g.clone()
+    if not fused:
+        channel_directed([got], [0], metric, 0.5, 0.25, block_o=4, block_r=8)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+        return
+    ref = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.SGD([ref], lr=0.1, momentum=0.9)
+    ref.grad = want
+    opt.step()
+    w, buf = w0.clone(), torch.zeros_like(w0)
+    channel_directed([got], [0], metric, 0.5, 0.25, weights=[w], states=[[buf]], first=[True],
+                     update=SGDUpdate(0.1, 0.9), block_o=4, block_r=8)
+    for got_t, want_t in ((w, ref.detach()), (buf, opt.state[ref]["momentum_buffer"])):
+        assert torch.equal(torch.isfinite(got_t), torch.isfinite(want_t))
+        torch.testing.assert_close(got_t, want_t, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_psi_kernel_renormalises_around_nonfinite_units_across_block_boundaries():
+    """A unit with an Inf entry is not renormalised (by 1/∞ = 0 its finite entries and state would
+    become 0): it stays as torch's step left it; the other units are renormalised as in eager."""
+    from geomcompile.geometries.psi import psi_grad, psi_renorm_factors
+    from geomcompile.kernels.optim_updates import SGDUpdate
+    from geomcompile.kernels.psi import psi
+    gen = torch.Generator().manual_seed(4)
+    w0, g = 2.0 * torch.randn(4, 20, generator=gen), torch.randn(4, 20, generator=gen)
+    g[1, 7], g[1, 8], g[3, 15] = float("nan"), float("inf"), float("-inf")
+    ref = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.SGD([ref], lr=0.1, momentum=0.9)
+    ref.grad = psi_grad(w0, g)
+    opt.step()
+    factors = psi_renorm_factors(ref.detach(), 3.0)
+    assert factors[1] == 1 and factors[3] == 1 and (factors[[0, 2]] != 1).all()
+    want_w, want_buf = ref.detach() * factors, opt.state[ref]["momentum_buffer"] * factors
+    w, buf, counter = w0.clone(), torch.zeros_like(w0), torch.zeros((), dtype=torch.int64)
+    psi([w], [g.clone()], [("row", 0, None)], update=SGDUpdate(0.1, 0.9), states=[[buf]], first=[True],
+        max_norm=3.0, counters=[counter], block=8)
+    for got_t, want_t in ((w, want_w), (buf, want_buf)):
+        assert torch.equal(torch.isfinite(got_t), torch.isfinite(want_t))
+        torch.testing.assert_close(got_t, want_t, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert int(counter) == 2
