@@ -137,3 +137,49 @@ def test_resumed_and_scheduled_lr_reach_every_backend(backend):
     for a, b in zip(moved["eager"], moved[backend]):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-7)
     assert max(moved[backend]) < 0.05       # an lr of 0.05 (the install-time value) would move far more
+
+
+# ---- R11: a model changed after gc.plan() --------------------------------------------------------
+@pytest.mark.parametrize("change,named", [
+    ("added", "extra.weight"), ("removed", "8.weight"), ("replaced", "3.weight")])
+def test_a_model_changed_since_plan_is_refused_at_install_naming_the_parameters(change, named):
+    """Before: a layer added (or replaced) after gc.plan() silently got no geometry and no warning."""
+    model = bn_cnn()
+    plan = gc.plan(model, PSI)
+    if change == "added":
+        model.add_module("extra", nn.Linear(2, 2))
+    elif change == "removed":
+        model[8] = nn.Identity()
+    else:
+        model[3] = nn.Conv2d(6, 4, 3, padding=1, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(GeomCompileError, match=rf"changed since gc.plan\(\): {change} .*{named}.*gc.plan"):
+        plan.install(optimizer)
+    assert not optimizer._optimizer_step_pre_hooks
+
+
+def test_a_model_wrapped_after_plan_is_the_same_model():
+    """DataParallel (like DDP) prefixes names with `module.`; canonical names make it the same model."""
+    model = bn_cnn()
+    plan = gc.plan(model, PSI)
+    wrapped = nn.DataParallel(model)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    plan.install(optimizer)
+    step(model, optimizer)
+    assert plan.steps == 1
+    planned_wrapped = gc.plan(nn.DataParallel(bn_cnn()), PSI)
+    planned_wrapped.install(torch.optim.SGD(planned_wrapped.model.parameters(), lr=0.1))
+
+
+def test_parameters_added_to_the_optimizer_after_a_model_change_are_named_at_the_step():
+    """A layer replaced after install and given to the optimizer (add_param_group): the next step
+    warns, naming it, instead of training it silently without a geometry."""
+    model = bn_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plan = gc.apply(model, PSI, optimizer)
+    step(model, optimizer)
+    model[3] = nn.Conv2d(6, 4, 3, padding=1, bias=False)      # a new layer in place of a psi conv
+    optimizer.add_param_group({"params": list(model[3].parameters())})
+    with pytest.warns(gc.GeomCompileWarning, match=r"add_param_group brought 1 parameter.*3\.weight.*gc\.plan"):
+        step(model, optimizer)
+    assert plan.steps == 2
