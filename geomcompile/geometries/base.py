@@ -333,6 +333,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def fit_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A result computed in float32/float64 (``compute_dtype``) in the parameter's `dtype`. A finite
+    value beyond that dtype's range (float16 above 65504) saturates at its largest finite value
+    instead of overflowing to ±Inf inside optimizer.step, where GradScaler cannot see it; NaN and ±Inf
+    stay as they are (README, precision). A no-op cast for dtypes as wide as x's."""
+    if x.dtype == dtype or not dtype.is_floating_point or torch.finfo(dtype).max >= torch.finfo(x.dtype).max:
+        return x.to(dtype)
+    big = torch.finfo(dtype).max
+    return torch.where(torch.isfinite(x), x.clamp(-big, big), x).to(dtype)
+
+
 def finite_entries(t: torch.Tensor) -> torch.Tensor:
     """`t` with its non-finite entries (NaN, ±Inf) read as 0: what a geometry's mixing transforms and
     iterative state see, so one bad entry cannot spread over its unit, its group or the next steps."""

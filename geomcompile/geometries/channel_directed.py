@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..analysis.facts import ParamFacts
-from .base import Geometry, Option, Range, Unit, StepContext, compute_dtype, pass_nonfinite, register
+from .base import Geometry, Option, Range, Unit, StepContext, compute_dtype, fit_dtype, pass_nonfinite, register
 
 
 def _as_rows(grad: torch.Tensor, dim: int) -> torch.Tensor:
@@ -33,7 +33,7 @@ def _as_rows(grad: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _from_rows(g: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
     moved_shape = like.movedim(dim, 0).shape
-    return g.reshape(moved_shape).movedim(0, dim).to(like.dtype).contiguous()
+    return fit_dtype(g.reshape(moved_shape).movedim(0, dim), like.dtype).contiguous()
 
 
 def reweighted_h0(grad: torch.Tensor, lam: float, dim: int = 0, mix: float = 0.0) -> torch.Tensor:

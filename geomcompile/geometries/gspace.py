@@ -32,7 +32,8 @@ import torch
 
 from ..errors import GeomCompileError, GeomCompileWarning
 from ..findings import Finding
-from .base import Geometry, Option, StepContext, Unit, compute_dtype, count_nonfinite, finite_entries, register
+from .base import (Geometry, Option, StepContext, Unit, compute_dtype, count_nonfinite, finite_entries,
+                   fit_dtype, register)
 
 
 class GSpaceGrad(NamedTuple):
@@ -597,7 +598,7 @@ class GSpace(Geometry):
             return
         for name, d in new.items():
             g = grad_of[name]
-            g.copy_(torch.where(torch.isfinite(g), d.reshape(g.shape).to(g.dtype), g))
+            g.copy_(torch.where(torch.isfinite(g), fit_dtype(d.reshape(g.shape), g.dtype), g))
 
     def _skip(self, unit: Unit, state, ctx: StepContext, why: str | None = None) -> None:
         """The chain takes no step: its gradients are dropped (the base optimizer skips them)."""

@@ -38,7 +38,7 @@ from ..errors import GeomCompileError
 from ..findings import Finding
 from ..names import get_canonical_submodule
 from .base import (Geometry, Option, Range, StepContext, Unit, compute_dtype, count_nonfinite, finite_entries,
-                   pass_nonfinite, register)
+                   fit_dtype, pass_nonfinite, register)
 
 def _r(r, like: torch.Tensor) -> torch.Tensor | float:
     """A radius as a float, or as a tensor shaped to broadcast over (…, n, k) components."""
@@ -522,7 +522,7 @@ class POM(Geometry):
             nonlocal R
             direction, R = pom_direction(w, self._components(g), self.opts["manifold"], state["radius"],
                                          group_id, state["n_groups"])
-            return direction.reshape(grad.shape).to(grad.dtype)
+            return fit_dtype(direction.reshape(grad.shape), grad.dtype)
 
         grad.copy_(pass_nonfinite(direction_of, grad))
         state["last_max_group_norm"] = R.max()

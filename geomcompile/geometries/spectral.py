@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileError
-from .base import Geometry, Option, Range, StepContext, Unit, compute_dtype, count_nonfinite, finite_entries, register
+from .base import (Geometry, Option, Range, StepContext, Unit, compute_dtype, count_nonfinite, finite_entries,
+                   fit_dtype, register)
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -489,7 +490,10 @@ class Spectral(Geometry):
                      steps=state["steps"] + 1, ambiguous=state.get("ambiguous", 0) + int(step.ambiguous))
         if self.opts["coef"]:
             penalty = torch.where(solved & torch.isfinite(step.grad), step.grad, 0.0)
-            grad.add_(penalty.to(grad.dtype), alpha=self.opts["coef"])
+            # the sum in float32, stored in grad's dtype (saturating, base.fit_dtype)
+            work = compute_dtype(grad.dtype)
+            total = grad.to(work).add(penalty.to(work), alpha=self.opts["coef"])
+            grad.copy_(fit_dtype(total, grad.dtype))
 
     def diagnostics(self, unit: Unit, state) -> dict[str, float]:
         if not state.get("steps"):
