@@ -211,3 +211,51 @@ def test_fp16_psi_gradient_beyond_fp16_range_saturates_instead_of_overflowing(ba
         assert torch.isfinite(p).all(), f"{name}: {int((~torch.isfinite(p)).sum())} non-finite weights"
     want = (w - 1e-6 * (exact if backend == "triton" else exact.clamp(-65504, 65504))).half()
     torch.testing.assert_close(model[0].weight.detach(), want, rtol=2e-3, atol=0)
+
+
+# ---- R5: what user step hooks see, per backend (README "user step hooks", docs/triton.md) ----------
+# When each hook runs relative to geomcompile's (torch runs step hooks in registration order), and the
+# conv1.weight.grad it sees: "raw" (the loss gradient), "transformed" (the geometry's), None (hidden:
+# the Triton kernel already stepped that parameter, so torch's step must skip it).
+HOOK_VIEW = {
+    "eager": {"pre_before": "raw", "pre_after": "transformed", "post_before": "transformed",
+              "post_after": "transformed", "after_step": "transformed"},
+    "triton": {"pre_before": "raw", "pre_after": None, "post_before": None, "post_after": "raw",
+               "after_step": "raw"},
+}
+HOOK_VIEW["compile"] = HOOK_VIEW["eager"]
+
+
+@pytest.mark.parametrize("backend", list(HOOK_VIEW))
+def test_user_step_hooks_see_the_documented_gradients_on_every_backend(backend):
+    """Before: undocumented; on triton a user pre-hook registered after install found .grad None while
+    eager showed the transformed gradient. The behaviour is now documented per backend; this pins it."""
+    from geomcompile.geometries.channel_directed import sobolev
+    from tests.test_triton_backend import INPUTS, Net
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    weight, seen = model.conv1.weight, {}
+
+    def record(when):
+        def hook(*args):
+            seen[when] = None if weight.grad is None else weight.grad.clone()
+        return hook
+
+    optimizer.register_step_pre_hook(record("pre_before"))
+    optimizer.register_step_post_hook(record("post_before"))
+    gc.apply(model, CD, optimizer, example_inputs=INPUTS, backend=backend)
+    optimizer.register_step_pre_hook(record("pre_after"))
+    optimizer.register_step_post_hook(record("post_after"))
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape)
+    raw = weight.grad.clone()
+    transformed = sobolev(raw, 2.0, 0)
+    optimizer.step()
+    seen["after_step"] = weight.grad
+
+    def kind(g):
+        if g is None:
+            return None
+        return "raw" if torch.equal(g, raw) else "transformed" if torch.allclose(g, transformed, atol=1e-6) else "other"
+    assert {k: kind(v) for k, v in seen.items()} == HOOK_VIEW[backend]
