@@ -259,3 +259,71 @@ def test_user_step_hooks_see_the_documented_gradients_on_every_backend(backend):
             return None
         return "raw" if torch.equal(g, raw) else "transformed" if torch.allclose(g, transformed, atol=1e-6) else "other"
     assert {k: kind(v) for k, v in seen.items()} == HOOK_VIEW[backend]
+
+
+# ---- R8: pom feature_std and copies of the model / data parallelism ---------------------------------
+class _BNSmallCNN(nn.Module):
+    """A BatchNorm layer, so that update_bn runs the copy's forwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv2(torch.relu(self.bn(self.conv1(x))))).mean(dim=(2, 3))
+
+
+def _feature_std_run():
+    from tests.test_pom import policy
+    torch.manual_seed(0)
+    model = _BNSmallCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    plan = gc.apply(model, policy({"radius": 2.0, "feature_std": True, "std_momentum": 0.5, "min_std": 0.01}),
+                    optimizer)
+    optimizer.zero_grad()
+    model(3.0 * torch.randn(8, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    return model, optimizer, plan
+
+
+@pytest.mark.parametrize("copy_with", ["deepcopy", "averaged_model"])
+def test_feature_std_of_a_copy_of_the_model_does_not_touch_the_live_statistics(copy_with):
+    """Before: the forward pre-hook (and its captured state) was copied by deepcopy / AveragedModel, so
+    update_bn on the copy rewrote the live run's input std and radius (0.58 -> 1.11). Now a run whose
+    model was copied takes the same next step as one whose model was not."""
+    import copy
+    from torch.optim.swa_utils import AveragedModel, update_bn
+    (model, optimizer, plan), (control, control_opt, control_plan) = _feature_std_run(), _feature_std_run()
+    loader = [0.1 * torch.randn(8, 3, 8, 8) for _ in range(3)]     # inputs of a very different std
+    if copy_with == "deepcopy":
+        twin = copy.deepcopy(model).train()
+        for x in loader:
+            twin(x)
+    else:
+        update_bn(loader, AveragedModel(model))
+    x = 2.0 * torch.randn(8, 3, 8, 8)
+    for m, o in ((model, optimizer), (control, control_opt)):
+        o.zero_grad()
+        m(x).sum().backward()
+        o.step()
+    got, want = plan.diagnostics()["conv1.weight"]["pom"], control_plan.diagnostics()["conv1.weight"]["pom"]
+    assert (got["feature_std"], got["radius"]) == (want["feature_std"], want["radius"])
+    torch.testing.assert_close(model.conv1.weight, control.conv1.weight, rtol=0, atol=0)
+
+
+def test_feature_std_is_refused_under_data_parallelism(monkeypatch):
+    """Before: each rank measured its own inputs, so DDP replicas' radii diverged (ranks 2.0e-2 apart).
+    Refused at install when torch.distributed runs with world size > 1 (checked without spawning)."""
+    from geomcompile.geometries.pom import feature_std_distributed_problem
+    from tests.test_pom import SmallCNN, policy
+    assert feature_std_distributed_problem() is None               # not initialised here
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    assert "world size 2" in feature_std_distributed_problem()
+    model = SmallCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(GeomCompileError, match=r"feature_std.*world size 2.*feature_std: false"):
+        gc.apply(model, policy({"feature_std": True}), optimizer)
+    gc.apply(model, policy({"feature_std": False}), optimizer)     # the rest of pom is fine distributed

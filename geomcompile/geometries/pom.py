@@ -27,6 +27,7 @@ Stiefel n×k component (all times r), so zero-initialised weights start on the m
 from __future__ import annotations
 
 import math
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Callable
@@ -296,6 +297,18 @@ def geometric_radius(fan_in: int, out_numel: int) -> float:
     return 1.0 / math.sqrt(fan_in + out_numel)
 
 
+def feature_std_distributed_problem() -> str | None:
+    """Why feature_std cannot run in this process, or None. Each rank would measure only its own
+    inputs, so the replicas' radii (and weights) would drift apart under DDP; refused rather than
+    all-reduced at every forward of every layer."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return None
+    return (f"feature_std measures the input std of each rank's own batches, so under data parallelism "
+            f"(world size {dist.get_world_size()}) the replicas' radii would differ and their weights drift "
+            f"apart. Fix: set `feature_std: false` (or a numeric radius) for distributed training")
+
+
 # ---- the geometry -----------------------------------------------------------------------------
 RADIUS = Range(0, 65504, low_open=True, why_high="float16's largest value: a larger radius overflows a "
                                                 "half-precision weight, and its square float32 soon after")
@@ -371,6 +384,9 @@ class POM(Geometry):
                 f"in eq. 2), which the analysis only has with example inputs. Fix: pass example_inputs, "
                 f"e.g. gc.apply(model, policy, optimizer, example_inputs=(x,)), or use radius: unit or a number")
         return None
+
+    def check_install(self, unit: Unit, ctx: StepContext) -> str | None:
+        return feature_std_distributed_problem() if self.opts["feature_std"] else None
 
     def warnings(self, unit: Unit, ctx: StepContext) -> list[str]:
         out = []
@@ -480,9 +496,14 @@ class POM(Geometry):
             raise GeomCompileError(f"pom feature_std on {facts.name} needs the model to hook its layer; "
                                    f"install the plan through gc.apply / plan.install")
         module = get_canonical_submodule(ctx.model, facts.module)   # facts name modules canonically
+        live = weakref.ref(module)
 
         def measure(mod, args):
             # `state` is the plan's live dict for this unit: a loaded checkpoint is copied into it.
+            # copy.deepcopy / AveragedModel copy a module's hooks as they are (the same function):
+            # only the live layer measures, so update_bn on a copy cannot move the live radius.
+            if mod is not live():
+                return
             if not mod.training or not args or not isinstance(args[0], torch.Tensor) or args[0].numel() < 2:
                 return
             with torch.no_grad():
