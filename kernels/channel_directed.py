@@ -29,7 +29,11 @@ Bytes moved per element (e = element size of the parameter dtype; tables and sta
     Adam / AdamW                      7e          8e
     ================================  ==========  ===========
 
-(read f once or twice, read and write the weight and each state tensor once.) The eager path
+(read f once or twice, read and write the weight and each state tensor once.)
+
+Non-finite entries of f (NaN, ±Inf) are read as 0 by the column statistics and passed through to the
+result unchanged, as ``geometries.base.pass_nonfinite`` does for the eager metric: the weight becomes
+non-finite exactly where plain torch's step would make it so, and nowhere else in its column. The eager path
 moves several times that: each metric alone runs ~10 elementwise/reduction ops over (O, R), then
 the base optimizer reads and writes everything again.
 """

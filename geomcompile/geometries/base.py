@@ -337,8 +337,9 @@ def fit_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A result computed in float32/float64 (``compute_dtype``) in the parameter's `dtype`. A finite
     value beyond that dtype's range (float16 above 65504) saturates at its largest finite value
     instead of overflowing to ±Inf inside optimizer.step, where GradScaler cannot see it; NaN and ±Inf
-    stay as they are (README, precision). A no-op cast for dtypes as wide as x's."""
-    if x.dtype == dtype or not dtype.is_floating_point or torch.finfo(dtype).max >= torch.finfo(x.dtype).max:
+    stay as they are (README, precision). A plain cast for dtypes with float32's exponent range (bf16,
+    float32, float64), where a finite float32 value cannot overflow."""
+    if x.dtype == dtype or not dtype.is_floating_point or torch.finfo(dtype).max > 1e38:
         return x.to(dtype)
     big = torch.finfo(dtype).max
     return torch.where(torch.isfinite(x), x.clamp(-big, big), x).to(dtype)
