@@ -7,6 +7,7 @@ is the one a run that never saw the bad value takes.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -145,7 +146,6 @@ def _plain_copy(model, opt, base):
 
 
 def _model_like(model):
-    import copy
     plain = copy.deepcopy(model)           # deepcopy keeps no hook of the plan (they live on the optimizer)
     for p in plain.parameters():
         p.grad = None
