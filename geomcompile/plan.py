@@ -21,7 +21,7 @@ from .geometries.base import STAGES, Geometry, StepContext
 from .policy import Policy, load_policy
 from .version import __version__
 from .runtime.backends import select_backend
-from .runtime.distributed import shards_for
+from .runtime.distributed import is_sharded, shards_for
 from .runtime.fastpath import WorkItem
 from .runtime.hooks import Installation, groups_by_name
 from .runtime.state import PlanState, make_fingerprint
@@ -69,9 +69,12 @@ class Plan:
         return self
 
     def _rebind_if_replaced(self) -> list[str]:
+        """fully_shard after plan() replaces every parameter by a DTensor of the same name and global
+        shape: re-bind to those. Any other replacement (a layer swapped by hand) is left for install's
+        parameter_changes to refuse; plan.bind(model) does it deliberately."""
         current = dict(canonical_named_parameters(self.model))
         replaced = [n for n, p in self.params.items() if current.get(n) is not p]
-        if not replaced:
+        if not replaced or not all(is_sharded(current.get(n)) for n in replaced):
             return []
         self.bind(self.model)
         return [f"re-bound {len(replaced)} parameter(s) to the model's current tensors by name (they were "
@@ -122,7 +125,14 @@ class Plan:
             raise GeomCompileError("this plan is already installed; call plan.remove() before installing again")
         if state_mismatch not in ("error", "reset", "load"):
             raise GeomCompileError(f"state_mismatch must be 'error', 'reset' or 'load', got {state_mismatch!r}")
-        rebound = self._rebind_if_replaced()
+        rebound = self._rebind_if_replaced()         # fully_shard after plan(): the same names, new tensors
+        changed = parameter_changes(self.params, self.model)
+        if changed:
+            raise GeomCompileError(
+                f"the model's parameters changed since gc.plan(): {changed}. The plan's analysis and geometries "
+                f"are for the model as it was, so these would get no geometry (or run it on a tensor that no "
+                f"longer trains). Fix: build the plan after the model is final: gc.plan(model, policy) or "
+                f"gc.apply(...) again")
         owner, wrappers = unwrap_optimizer(optimizer)
         group_of = groups_by_name(owner, self.params)
         missing = [n for n in self.params if n not in group_of]
@@ -180,6 +190,14 @@ class Plan:
 
     def _items_for_new_params(self, new_ids: set[int]) -> list[WorkItem]:
         """Work items for parameters that add_param_group brought in after install (policy re-applied)."""
+        unplanned = new_ids - {id(p) for p in self.params.values()}
+        if unplanned:
+            names = {id(p): n for n, p in canonical_named_parameters(self.model)}
+            listed = _short_list(sorted(names.get(i, "a tensor that is not a model parameter") for i in unplanned))
+            warnings.warn(f"add_param_group brought {len(unplanned)} parameter(s) that were not in the model when "
+                          f"the plan was made: {listed}; they get no geometry (the model changed since gc.plan()). "
+                          f"Fix: build the plan after the model is final (gc.plan / gc.apply again)",
+                          GeomCompileWarning, stacklevel=4)
         names = {n for n, p in self.params.items() if id(p) in new_ids and self.assignments.get(n)}
         items = self.work_items(only=names) if names else []
         if items:
@@ -357,6 +375,20 @@ def plan(model: nn.Module, policy, example_inputs=None) -> Plan:
     structure = analyze(model, example_inputs)
     pol = load_policy(policy)
     return Plan(model, structure, pol, pol.resolve(structure))
+
+
+def parameter_changes(planned: dict[str, nn.Parameter], model: nn.Module) -> str:
+    """What differs between the parameters a plan was made for (canonical name -> parameter) and the
+    model's now, in words naming them ("" when nothing did): layers added, removed or replaced since
+    gc.plan(). Canonical names, so a model wrapped after planning (DDP's ``module.``, torch.compile)
+    is the same model. A dict comparison: no tensor is read."""
+    now = dict(canonical_named_parameters(model))
+    added = [n for n in now if n not in planned]
+    removed = [n for n in planned if n not in now]
+    replaced = [n for n, p in now.items() if n in planned and planned[n] is not p]
+    parts = [f"{what} {_short_list(names)}" for what, names in
+             (("added", added), ("removed", removed), ("replaced", replaced)) if names]
+    return "; ".join(parts)
 
 
 def apply(model: nn.Module, policy, optimizer: torch.optim.Optimizer, example_inputs=None,

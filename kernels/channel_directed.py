@@ -29,7 +29,11 @@ Bytes moved per element (e = element size of the parameter dtype; tables and sta
     Adam / AdamW                      7e          8e
     ================================  ==========  ===========
 
-(read f once or twice, read and write the weight and each state tensor once.) The eager path
+(read f once or twice, read and write the weight and each state tensor once.)
+
+Non-finite entries of f (NaN, ±Inf) are read as 0 by the column statistics and passed through to the
+result unchanged, as ``geometries.base.pass_nonfinite`` does for the eager metric: the weight becomes
+non-finite exactly where plain torch's step would make it so, and nowhere else in its column. The eager path
 moves several times that: each metric alone runs ~10 elementwise/reduction ops over (O, R), then
 the base optimizer reads and writes everything again.
 """
@@ -65,6 +69,13 @@ def _metric_rows(f, o, S0, S1, S2, C0, C1, Of, lam, sob_c, sob_den, mix,
     if HAS_MIX:
         g = g + mix * f
     return g
+
+
+@triton.jit
+def _finite(x):
+    """x with NaN and ±Inf read as 0, as geometries.base.pass_nonfinite: the metric mixes only finite
+    entries; the caller passes the non-finite ones through (where raw != _finite(raw))."""
+    return tl.where(tl.abs(x) <= 3.4028234663852886e38, x, 0.0)
 
 
 @triton.jit
@@ -159,7 +170,8 @@ def _channel_directed_kernel(
     if ONE_TILE:
         r = rows[:, None]
         mask = (r < O) & cmask[None, :]
-        f = tl.load(g_col + r * g_so, mask=mask, other=0.0).to(tl.float32)
+        raw = tl.load(g_col + r * g_so, mask=mask, other=0.0).to(tl.float32)
+        f = _finite(raw)
         o = rows.to(tl.float32)
         of = o[:, None] * f
         S0 = tl.sum(f, axis=0)
@@ -167,6 +179,7 @@ def _channel_directed_kernel(
         S2 = tl.sum(o[:, None] * of, axis=0)
         g = _metric_rows(f, o, S0, S1, S2, tl.cumsum(f, axis=0), tl.cumsum(of, axis=0), Of, lam, sob_c,
                          sob_den, mix, SOBOLEV, HAS_MIX)
+        g = tl.where(raw == f, g, raw)
         _write_rows(g, r, mask, g_col, g_so, w_col, w_so, s1_col, s1_so, s2_col, s2_so, first,
                     lr, momentum, one_minus_dampening, weight_decay, lerp_w, beta2, one_minus_beta2, eps,
                     neg_step_size, bc2_sqrt, decay,
@@ -178,7 +191,7 @@ def _channel_directed_kernel(
         S2 = tl.zeros([BLOCK_R], tl.float32)
         for o0 in range(0, O, BLOCK_O):
             r = o0 + rows[:, None]
-            f = tl.load(g_col + r * g_so, mask=(r < O) & cmask[None, :], other=0.0).to(tl.float32)
+            f = _finite(tl.load(g_col + r * g_so, mask=(r < O) & cmask[None, :], other=0.0).to(tl.float32))
             o = (o0 + rows).to(tl.float32)
             of = o[:, None] * f
             S0 += tl.sum(f, axis=0)
@@ -190,7 +203,8 @@ def _channel_directed_kernel(
         for o0 in range(0, O, BLOCK_O):
             r = o0 + rows[:, None]
             mask = (r < O) & cmask[None, :]
-            f = tl.load(g_col + r * g_so, mask=mask, other=0.0).to(tl.float32)
+            raw = tl.load(g_col + r * g_so, mask=mask, other=0.0).to(tl.float32)
+            f = _finite(raw)
             o = (o0 + rows).to(tl.float32)
             of = o[:, None] * f
             P0 = tl.cumsum(f, axis=0) + C0[None, :]
@@ -198,6 +212,7 @@ def _channel_directed_kernel(
             C0 += tl.sum(f, axis=0)
             C1 += tl.sum(of, axis=0)
             g = _metric_rows(f, o, S0, S1, S2, P0, P1, Of, lam, sob_c, sob_den, mix, SOBOLEV, HAS_MIX)
+            g = tl.where(raw == f, g, raw)
             _write_rows(g, r, mask, g_col, g_so, w_col, w_so, s1_col, s1_so, s2_col, s2_so, first,
                         lr, momentum, one_minus_dampening, weight_decay, lerp_w, beta2, one_minus_beta2, eps,
                         neg_step_size, bc2_sqrt, decay,

@@ -58,7 +58,7 @@ def _unit_elements(idx, u, GS, B):
 @triton.jit
 def _renorm_scale(sum_sq, max_norm):
     norm = tl.sqrt(sum_sq)
-    renorm = norm > max_norm
+    renorm = (norm > max_norm) & (norm <= 3.4028234663852886e38)   # a NaN/Inf norm: unit left as it is
     return renorm, tl.where(renorm, 1.0 / tl.maximum(norm, _TINY), 1.0)
 
 

@@ -370,6 +370,54 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def fit_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A result computed in float32/float64 (``compute_dtype``) in the parameter's `dtype`. A finite
+    value beyond that dtype's range (float16 above 65504) saturates at its largest finite value
+    instead of overflowing to ±Inf inside optimizer.step, where GradScaler cannot see it; NaN and ±Inf
+    stay as they are (README, precision). A plain cast for dtypes with float32's exponent range (bf16,
+    float32, float64), where a finite float32 value cannot overflow."""
+    if x.dtype == dtype or not dtype.is_floating_point or torch.finfo(dtype).max > 1e38:
+        return x.to(dtype)
+    big = torch.finfo(dtype).max
+    return torch.where(torch.isfinite(x), x.clamp(-big, big), x).to(dtype)
+
+
+def finite_entries(t: torch.Tensor) -> torch.Tensor:
+    """`t` with its non-finite entries (NaN, ±Inf) read as 0: what a geometry's mixing transforms and
+    iterative state see, so one bad entry cannot spread over its unit, its group or the next steps."""
+    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def pass_nonfinite(transform: Callable[[torch.Tensor], torch.Tensor], grad: torch.Tensor) -> torch.Tensor:
+    """A gradient transform that treats non-finite entries as plain torch does: ``transform`` runs on
+    the finite entries (the others read as 0) and the non-finite entries pass through unchanged, so
+    the base optimizer makes exactly those entries of the weight non-finite, and no others. Branch
+    free (no host sync): on a finite gradient it is ``transform(grad)``."""
+    finite = torch.isfinite(grad)
+    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    return torch.where(finite, transform(torch.where(finite, grad, zero)), grad)
+
+
+def pass_nonfinite_sharded(program_of, grad: torch.Tensor):
+    """pass_nonfinite for a sharded program (runtime/distributed.py): ``program_of(finite grad)`` is the
+    transform's program on the local shard; a sharded program returning the result."""
+    finite = torch.isfinite(grad)
+    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    out = yield from program_of(torch.where(finite, grad, zero))
+    return torch.where(finite, out, grad)
+
+
+def count_nonfinite(state: dict, key: str, *tensors: torch.Tensor) -> None:
+    """state[key] += 1 when any of `tensors` has a non-finite entry (an int64 0-d tensor; no host sync)."""
+    bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any() if tensors else None
+    if bad is None:
+        return
+    counter = state.get(key)
+    if not isinstance(counter, torch.Tensor):
+        counter = state[key] = torch.tensor(int(counter or 0), dtype=torch.int64, device=bad.device)
+    counter.add_(bad.to(counter.device, torch.int64))
+
+
 REGISTRY: dict[str, type[Geometry]] = {}
 
 

@@ -25,7 +25,8 @@ import torch
 
 from ..analysis.facts import ParamFacts
 from ..runtime.distributed import copy_result, local
-from .base import Geometry, Option, Range, Unit, StepContext, compute_dtype, register
+from .base import (Geometry, Option, Range, Unit, StepContext, compute_dtype, fit_dtype, pass_nonfinite,
+                   pass_nonfinite_sharded, register)
 
 
 def _as_rows(grad: torch.Tensor, dim: int) -> torch.Tensor:
@@ -36,7 +37,7 @@ def _as_rows(grad: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _from_rows(g: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
     moved_shape = like.movedim(dim, 0).shape
-    return g.reshape(moved_shape).movedim(0, dim).to(like.dtype).contiguous()
+    return fit_dtype(g.reshape(moved_shape).movedim(0, dim), like.dtype).contiguous()
 
 
 def reweighted_h0(grad: torch.Tensor, lam: float, dim: int = 0, mix: float = 0.0) -> torch.Tensor:
@@ -161,7 +162,8 @@ class CompiledChannelDirected:
         out: list[torch.Tensor] = [None] * len(grads)  # type: ignore[list-item]
         for index in groups.values():
             rows = [grads[i].movedim(layouts[i], 0).reshape(grads[i].shape[layouts[i]], -1) for i in index]
-            new = metric(torch.cat(rows, dim=1), o["lam"], dim=0, mix=o["mix"])
+            # non-finite entries pass through, the metric mixes only the finite ones (see ChannelDirected)
+            new = pass_nonfinite(lambda f: metric(f, o["lam"], dim=0, mix=o["mix"]), torch.cat(rows, dim=1))
             for i, piece in zip(index, new.split([r.shape[1] for r in rows], dim=1)):
                 moved = grads[i].movedim(layouts[i], 0)
                 out[i] = piece.reshape(moved.shape).movedim(0, layouts[i])
@@ -206,6 +208,9 @@ class ChannelDirected(Geometry):
         return facts.out_dim != 0        # dim 0 then splits R: every column is transformed alone
 
     def pre_step(self, unit: Unit, grads, state, ctx: StepContext) -> None:
+        # The metric mixes the rows of each column: a NaN/Inf entry would spread over its column. It
+        # passes through instead (base.pass_nonfinite), so the weight becomes non-finite exactly where
+        # plain torch's step would make it so.
         transform = METRICS[self.opts["metric"]]
         for facts, grad in zip(unit.facts, grads):
             if grad is None:
@@ -213,7 +218,8 @@ class ChannelDirected(Geometry):
             shard = ctx.shard(facts.name)
             if shard is not None:
                 g = local(grad)
-                ctx.run_sharded(copy_result(g, SHARDED_METRICS[self.opts["metric"]](
-                    g, self.opts["lam"], facts.out_dim, self.opts["mix"], shard)))
+                ctx.run_sharded(copy_result(g, pass_nonfinite_sharded(lambda f: SHARDED_METRICS[self.opts["metric"]](
+                    f, self.opts["lam"], facts.out_dim, self.opts["mix"], shard), g)))
                 continue
-            grad.copy_(transform(grad, self.opts["lam"], dim=facts.out_dim, mix=self.opts["mix"]))
+            grad.copy_(pass_nonfinite(
+                lambda f: transform(f, self.opts["lam"], dim=facts.out_dim, mix=self.opts["mix"]), grad))

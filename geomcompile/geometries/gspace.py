@@ -32,7 +32,8 @@ import torch
 
 from ..errors import GeomCompileError, GeomCompileWarning
 from ..findings import Finding
-from .base import Geometry, Option, StepContext, Unit, compute_dtype, register
+from .base import (Geometry, Option, StepContext, Unit, compute_dtype, count_nonfinite, finite_entries,
+                   fit_dtype, register)
 
 
 class GSpaceGrad(NamedTuple):
@@ -494,7 +495,10 @@ class GSpace(Geometry):
 
     def init_state(self, unit: Unit, ctx: StepContext) -> dict:
         device = ctx.params[unit.names[0]].device
+        # nonfinite_steps: steps whose gradients or weights had a NaN/Inf entry (passed through as
+        # plain torch would; the chain's step is computed without them).
         return {"skipped_steps": torch.zeros((), dtype=torch.int64, device=device),
+                "nonfinite_steps": torch.zeros((), dtype=torch.int64, device=device),
                 "chain_sign_flips": torch.zeros((), dtype=torch.int64, device=device),
                 "max_lr_lambda": torch.zeros((), dtype=torch.float64, device=device),
                 "min_abs_V": torch.full((), math.inf, dtype=torch.float64, device=device),
@@ -556,10 +560,14 @@ class GSpace(Geometry):
         grad_of = dict(zip(unit.names, grads))
         lr = _lr(ctx.group_of[unit.names[0]])
         centres = [la.centre for la in layers]
-        E = [ctx.params[la.weight].detach().reshape(la.out, la.inputs, la.taps) for la in layers]
-        b = [ctx.params[la.bias].detach() if la.bias else None for la in layers]
-        gE = [grad_of[la.weight].reshape(la.out, la.inputs, la.taps) for la in layers]
-        gb = [grad_of[la.bias] if la.bias else None for la in layers]
+        # One NaN/Inf entry would spread over the whole chain (skeleton products, class ratios): the
+        # step is computed with the non-finite entries of weights and gradients read as 0, and _write
+        # passes the gradient's own non-finite entries through, as plain torch would (no host sync).
+        count_nonfinite(state, "nonfinite_steps", *grads, *(ctx.params[n].detach() for n in unit.names))
+        E = [finite_entries(ctx.params[la.weight].detach()).reshape(la.out, la.inputs, la.taps) for la in layers]
+        b = [finite_entries(ctx.params[la.bias].detach()) if la.bias else None for la in layers]
+        gE = [finite_entries(grad_of[la.weight]).reshape(la.out, la.inputs, la.taps) for la in layers]
+        gb = [finite_entries(grad_of[la.bias]) if la.bias else None for la in layers]
         self._record_skeleton(E, centres, state)
         if self.opts["step"] == "tangent":
             dE, db = gspace_direction(E, b, gE, gb, centres)
@@ -590,7 +598,7 @@ class GSpace(Geometry):
             return
         for name, d in new.items():
             g = grad_of[name]
-            g.copy_(d.reshape(g.shape).to(g.dtype))
+            g.copy_(torch.where(torch.isfinite(g), fit_dtype(d.reshape(g.shape), g.dtype), g))
 
     def _skip(self, unit: Unit, state, ctx: StepContext, why: str | None = None) -> None:
         """The chain takes no step: its gradients are dropped (the base optimizer skips them)."""
@@ -615,7 +623,8 @@ class GSpace(Geometry):
         return {"invariant_ratio": H / m, "classes": float(classes),
                 "min_abs_V": float(state["min_abs_V"]), "min_abs_kappa": float(state["min_abs_kappa"]),
                 "max_lr_lambda": float(state["max_lr_lambda"]), "chain_sign_flips": float(state["chain_sign_flips"]),
-                "skipped_steps": float(state["skipped_steps"])}
+                "skipped_steps": float(state["skipped_steps"]),
+                "nonfinite_steps": float(state.get("nonfinite_steps", 0))}
 
 
 def _paper_initialised(E, centres) -> bool:

@@ -27,6 +27,7 @@ Stiefel n×k component (all times r), so zero-initialised weights start on the m
 from __future__ import annotations
 
 import math
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Callable
@@ -38,7 +39,8 @@ from ..errors import GeomCompileError
 from ..findings import Finding
 from ..names import get_canonical_submodule
 from ..runtime.distributed import local, run_now
-from .base import Geometry, Option, Range, StepContext, Unit, compute_dtype, register
+from .base import (Geometry, Option, Range, StepContext, Unit, compute_dtype, count_nonfinite, finite_entries,
+                   fit_dtype, pass_nonfinite, pass_nonfinite_sharded, register)
 
 def _r(r, like: torch.Tensor) -> torch.Tensor | float:
     """A radius as a float, or as a tensor shaped to broadcast over (…, n, k) components."""
@@ -166,12 +168,23 @@ def pom_retract(x: torch.Tensor, manifold: str, r=1.0, method: str = "polar") ->
     """φ(x, 𝔑): every component onto its manifold of radius r (Algorithm 1, line 7).
 
     float16/bfloat16 components are retracted in float32 (torch has no half-precision SVD or QR on
-    CPU, and their norms lose digits) and the result is returned in x's dtype."""
+    CPU, and their norms lose digits) and the result is returned in x's dtype.
+
+    A component with a non-finite entry (NaN, ±Inf) has no point to project to: it is returned
+    unchanged, so the bad entries stay where a plain optimizer step put them and do not spread over
+    the component (nor make the SVD fail to converge). Branch free: no host sync."""
     work = compute_dtype(x.dtype)
     xw = x.to(work)
     rw = r.to(work) if isinstance(r, torch.Tensor) else r
-    y = retract_stiefel(xw, rw, method) if manifold == "stiefel" else _manifold(manifold).retract(xw, rw)
-    return y.to(x.dtype)
+    bad = nonfinite_components(xw)
+    safe = torch.where(bad, torch.zeros((), dtype=work, device=xw.device), xw)
+    y = retract_stiefel(safe, rw, method) if manifold == "stiefel" else _manifold(manifold).retract(safe, rw)
+    return torch.where(bad, xw, y).to(x.dtype)
+
+
+def nonfinite_components(x: torch.Tensor) -> torch.Tensor:
+    """(…, 1, 1) bool: True for the components of x (…, n, k) with a NaN or ±Inf entry."""
+    return ~torch.isfinite(x).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
 
 
 def pom_distance(w: torch.Tensor, manifold: str, r=1.0) -> torch.Tensor:
@@ -314,6 +327,18 @@ def geometric_radius(fan_in: int, out_numel: int) -> float:
     return 1.0 / math.sqrt(fan_in + out_numel)
 
 
+def feature_std_distributed_problem() -> str | None:
+    """Why feature_std cannot run in this process, or None. Each rank would measure only its own
+    inputs, so the replicas' radii (and weights) would drift apart under DDP; refused rather than
+    all-reduced at every forward of every layer."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return None
+    return (f"feature_std measures the input std of each rank's own batches, so under data parallelism "
+            f"(world size {dist.get_world_size()}) the replicas' radii would differ and their weights drift "
+            f"apart. Fix: set `feature_std: false` (or a numeric radius) for distributed training")
+
+
 # ---- the geometry -----------------------------------------------------------------------------
 RADIUS = Range(0, 65504, low_open=True, why_high="float16's largest value: a larger radius overflows a "
                                                 "half-precision weight, and its square float32 soon after")
@@ -391,6 +416,9 @@ class POM(Geometry):
                 f"e.g. gc.apply(model, policy, optimizer, example_inputs=(x,)), or use radius: unit or a number")
         return None
 
+    def check_install(self, unit: Unit, ctx: StepContext) -> str | None:
+        return feature_std_distributed_problem() if self.opts["feature_std"] else None
+
     def warnings(self, unit: Unit, ctx: StepContext) -> list[str]:
         out = []
         for facts in unit.facts:
@@ -449,8 +477,11 @@ class POM(Geometry):
         group_id, n_groups = pom_membership(grid, self.opts["grouping"], self.opts["group_size"], gen)
         base, _ = self._base_radius(facts, p, ctx.shard(facts.name))
         radius = base / max(1.0, self.opts["min_std"]) if self.opts["feature_std"] else base
+        # nonfinite_steps: steps whose gradient or weight had a NaN/Inf entry (passed through as plain
+        # torch would, without spreading over components and groups; docs/pom.md).
         state = {"group_id": group_id.to(p.device), "n_groups": n_groups, "base_radius": base,
-                 "radius": radius, "last_max_group_norm": 0.0, "normalised_groups": 0}
+                 "radius": radius, "last_max_group_norm": 0.0, "normalised_groups": 0,
+                 "nonfinite_steps": torch.zeros((), dtype=torch.int64, device=p.device)}
         if self.opts["feature_std"]:
             # λ = 1 until the first measurement (the paper's t = 1); the hook keeps an EMA after that.
             state["feature_std"] = torch.ones((), dtype=torch.float64, device=p.device)
@@ -503,9 +534,14 @@ class POM(Geometry):
                 f"onto a different radius and the ranks would drift apart. Fix: set `feature_std: false` (a "
                 f"fixed radius), or train on one process")
         module = get_canonical_submodule(ctx.model, facts.module)   # facts name modules canonically
+        live = weakref.ref(module)
 
         def measure(mod, args):
             # `state` is the plan's live dict for this unit: a loaded checkpoint is copied into it.
+            # copy.deepcopy / AveragedModel copy a module's hooks as they are (the same function):
+            # only the live layer measures, so update_bn on a copy cannot move the live radius.
+            if mod is not live():
+                return
             if not mod.training or not args or not isinstance(args[0], torch.Tensor) or args[0].numel() < 2:
                 return
             with torch.no_grad():
@@ -536,24 +572,44 @@ class POM(Geometry):
         if shard is not None:
             ctx.run_sharded(self._pre_step_sharded(facts, local(grad), state, ctx, shard))
             return
-        w = self._components(ctx.params[facts.name])
+        # Non-finite entries of the gradient pass through (the projection and ζ would spread one
+        # over its component and its group); those of the weight read as 0 (a component left
+        # non-finite by an earlier step is not retracted, see pom_retract).
+        weight = ctx.params[facts.name].detach()
+        count_nonfinite(state, "nonfinite_steps", grad, weight)
+        w = finite_entries(self._components(weight))
         group_id = state["group_id"].to(w.device).reshape(-1)   # a loaded state keeps its checkpoint's device
-        direction, R = pom_direction(w, self._components(grad), self.opts["manifold"], state["radius"],
-                                     group_id, state["n_groups"])
-        grad.copy_(direction.reshape(grad.shape).to(grad.dtype))
+        R = None
+
+        def direction_of(g: torch.Tensor) -> torch.Tensor:
+            nonlocal R
+            direction, R = pom_direction(w, self._components(g), self.opts["manifold"], state["radius"],
+                                         group_id, state["n_groups"])
+            return fit_dtype(direction.reshape(grad.shape), grad.dtype)
+
+        grad.copy_(pass_nonfinite(direction_of, grad))
         state["last_max_group_norm"] = R.max()
         state["normalised_groups"] = (pom_zeta(R) > 1).sum()
 
     def _pre_step_sharded(self, facts: ParamFacts, grad: torch.Tensor, state, ctx: StepContext, shard):
         """The FG-SGD direction on the local rows: the membership (drawn from the same seed on every
-        rank) is cut to the local rows of the component grid. A sharded program."""
-        w = self._components(local(ctx.params[facts.name]))
+        rank) is cut to the local rows of the component grid. A sharded program; non-finite entries
+        as in pre_step."""
+        weight = local(ctx.params[facts.name]).detach()
+        count_nonfinite(state, "nonfinite_steps", grad, weight)
+        w = finite_entries(self._components(weight))
         group_id = state["group_id"].to(w.device)[shard.start:shard.stop].reshape(-1)
         groups_local = self.opts["grouping"] in ("PI", "none")   # a PI group lies in one output channel
-        direction, R = yield from pom_direction_sharded(w, self._components(grad), self.opts["manifold"],
-                                                        state["radius"], group_id, state["n_groups"], shard,
-                                                        groups_local)
-        grad.copy_(direction.reshape(grad.shape).to(grad.dtype))
+        R = None
+
+        def direction_of(g: torch.Tensor):
+            nonlocal R
+            direction, R = yield from pom_direction_sharded(w, self._components(g), self.opts["manifold"],
+                                                            state["radius"], group_id, state["n_groups"], shard,
+                                                            groups_local)
+            return fit_dtype(direction.reshape(grad.shape), grad.dtype)
+
+        grad.copy_((yield from pass_nonfinite_sharded(direction_of, grad)))
         state["last_max_group_norm"] = R.max() if R.numel() else R.new_zeros(())
         state["normalised_groups"] = (pom_zeta(R) > 1).sum()
 
@@ -573,7 +629,8 @@ class POM(Geometry):
 
     def diagnostics(self, unit: Unit, state) -> dict[str, float]:
         out = {"radius": float(state["radius"]), "max_group_grad_norm": float(state["last_max_group_norm"]),
-               "normalised_groups": float(state["normalised_groups"])}
+               "normalised_groups": float(state["normalised_groups"]),
+               "nonfinite_steps": float(state.get("nonfinite_steps", 0))}
         if "feature_std" in state:
             out["feature_std"] = float(state["feature_std"])
         return out

@@ -20,7 +20,7 @@ import torch
 from ..analysis.facts import ParamFacts
 from ..findings import Finding
 from ..runtime.distributed import copy_result, local
-from .base import Geometry, Option, Rescale, StepContext, Unit, compute_dtype, positive, register
+from .base import Geometry, Option, Rescale, StepContext, Unit, compute_dtype, fit_dtype, positive, register
 
 
 def _unit_view(t: torch.Tensor, unit: str, dim: int, group_size: int | None) -> torch.Tensor:
@@ -55,21 +55,26 @@ def _expand_per_unit(values: torch.Tensor, like: torch.Tensor, unit: str, dim: i
 
 def psi_grad(weight: torch.Tensor, grad: torch.Tensor, unit: str = "row", dim: int = 0,
              group_size: int | None = None) -> torch.Tensor:
-    """Riemannian gradient on the PSI manifold: g_u = ‖w_u‖²·∇_u. Pure; fp32 math, grad's dtype out."""
+    """Riemannian gradient on the PSI manifold: g_u = ‖w_u‖²·∇_u. Pure; fp32 math, grad's dtype out
+    (a finite value beyond a float16 grad's range saturates, base.fit_dtype)."""
     if grad.numel() == 0:
         return grad.clone()
     if weight.shape != grad.shape:
         raise ValueError(f"weight {tuple(weight.shape)} and grad {tuple(grad.shape)} differ in shape")
     norm_sq = _unit_norm_sq(weight, unit, dim, group_size)
     scale = _expand_per_unit(norm_sq, grad, unit, dim, group_size)
-    return (grad.to(compute_dtype(grad.dtype)) * scale).to(grad.dtype)
+    return fit_dtype(grad.to(compute_dtype(grad.dtype)) * scale, grad.dtype)
 
 
 def psi_renorm_factors(weight: torch.Tensor, max_norm: float, unit: str = "row", dim: int = 0,
                        group_size: int | None = None) -> torch.Tensor:
-    """Per-unit factors (n_units, 1): 1/‖w_u‖ where ‖w_u‖ > max_norm (renormalise to 1), else 1."""
+    """Per-unit factors (n_units, 1): 1/‖w_u‖ where ‖w_u‖ > max_norm (renormalise to 1), else 1.
+
+    A unit with a NaN/Inf entry (its norm is not finite) keeps factor 1: rescaling it by 1/∞ = 0
+    would zero its finite entries and its optimizer state; it stays as plain torch's step left it."""
     norm = _unit_norm_sq(weight, unit, dim, group_size).sqrt()
-    return torch.where(norm > max_norm, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.ones_like(norm))
+    renormalise = (norm > max_norm) & torch.isfinite(norm)
+    return torch.where(renormalise, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.ones_like(norm))
 
 
 # ---- the sharded form (FSDP2: the parameter's local rows of dim 0, runtime/distributed.py) ---------

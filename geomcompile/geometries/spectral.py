@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileError
 from ..runtime.distributed import local
-from .base import Geometry, Option, Range, StepContext, Unit, compute_dtype, register
+from .base import (Geometry, Option, Range, StepContext, Unit, compute_dtype, count_nonfinite, finite_entries,
+                   fit_dtype, register)
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -517,7 +518,9 @@ class Spectral(Geometry):
         zeros = torch.zeros(block.shape[0], dtype=block.dtype)
         # calls: optimizer steps this unit took part in (for `every`); steps: penalty evaluations;
         # ambiguous: steps whose two ends were within their error of each other.
-        return {"V": block, "theta": zeros, "residual": zeros.clone(), "steps": 0, "calls": 0, "ambiguous": 0}
+        # nonfinite_steps: evaluations whose weight had a NaN/Inf entry or whose solve overflowed.
+        return {"V": block, "theta": zeros, "residual": zeros.clone(), "steps": 0, "calls": 0, "ambiguous": 0,
+                "nonfinite_steps": torch.zeros((), dtype=torch.int64, device=weight.device)}
 
     def pre_step(self, unit: Unit, grads, state, ctx: StepContext) -> None:
         facts, (grad,) = unit.single(self.name), grads
@@ -528,27 +531,44 @@ class Spectral(Geometry):
         if calls % self.opts["every"]:
             return
         iters = self.opts["power_iters"] if state["steps"] else max(self.opts["init_iters"], self.opts["power_iters"])
+        # A NaN/Inf entry of the weight (left by an earlier non-finite step) would turn the warm-started
+        # vectors NaN for good: the solve sees it as 0, and a solve that still comes out non-finite
+        # (overflow) keeps the previous vectors and adds no penalty. The entry itself stays as the
+        # base optimizer leaves it, as in plain torch. Branch free (torch.where): no host sync.
         shard = ctx.shard(facts.name)
         if shard is None:
-            self._take(spectral_penalty_step(ctx.params[facts.name].detach(), self.spec(facts), self.opts["alpha"],
-                                             state["V"], iters, self.opts["tol"], self.opts["tie_tol"]), grad, state)
+            weight = ctx.params[facts.name].detach()
+            self._take(spectral_penalty_step(finite_entries(weight), self.spec(facts), self.opts["alpha"],
+                                             state["V"], iters, self.opts["tol"], self.opts["tie_tol"]),
+                       grad, state, weight)
             return
+        weight = local(ctx.params[facts.name]).detach()       # sharded: the local output channels
         ctx.run_sharded(self._sharded(spectral_penalty_step_sharded(
-            local(ctx.params[facts.name]).detach(), self.spec(facts), self.opts["alpha"], state["V"], iters,
-            self.opts["tol"], self.opts["tie_tol"], shard), local(grad), state))
+            finite_entries(weight), self.spec(facts), self.opts["alpha"], state["V"], iters,
+            self.opts["tol"], self.opts["tie_tol"], shard), local(grad), state, weight))
 
-    def _sharded(self, program, grad: torch.Tensor, state: dict):
-        self._take((yield from program), grad, state)
+    def _sharded(self, program, grad: torch.Tensor, state: dict, weight: torch.Tensor):
+        self._take((yield from program), grad, state, weight)
 
-    def _take(self, step: PenaltyStep, grad: torch.Tensor, state: dict) -> None:
-        """Keep the solve (warm start, diagnostics) and add coef·∇R to the gradient."""
-        state.update(V=step.solve.vectors, theta=step.solve.theta, residual=step.solve.residual,
+    def _take(self, step: PenaltyStep, grad: torch.Tensor, state: dict, weight: torch.Tensor) -> None:
+        """Keep the solve (warm start, diagnostics) unless it came out non-finite, and add coef·∇R
+        to the gradient. Sharded, the vectors and θ are replicated, so every rank decides alike."""
+        solved = torch.isfinite(step.solve.vectors).all() & torch.isfinite(step.solve.theta).all()
+        count_nonfinite(state, "nonfinite_steps", weight, step.solve.vectors, step.solve.theta)
+        keep = lambda new, old: torch.where(solved, new, old.to(new))
+        state.update(V=keep(step.solve.vectors, state["V"]), theta=keep(step.solve.theta, state["theta"]),
+                     residual=keep(step.solve.residual, state["residual"]),
                      steps=state["steps"] + 1, ambiguous=state.get("ambiguous", 0) + int(step.ambiguous))
         if self.opts["coef"]:
-            grad.add_(step.grad.to(grad.dtype), alpha=self.opts["coef"])
+            penalty = torch.where(solved & torch.isfinite(step.grad), step.grad, 0.0)
+            # the sum in float32, stored in grad's dtype (saturating, base.fit_dtype)
+            work = compute_dtype(grad.dtype)
+            total = grad.to(work).add(penalty.to(work), alpha=self.opts["coef"])
+            grad.copy_(fit_dtype(total, grad.dtype))
 
     def diagnostics(self, unit: Unit, state) -> dict[str, float]:
         if not state.get("steps"):
             return {}
         return {**spectral_estimates(state["theta"], state["residual"], self.opts["alpha"]),
-                "steps": float(state["steps"]), "ambiguous_steps": float(state.get("ambiguous", 0))}
+                "steps": float(state["steps"]), "ambiguous_steps": float(state.get("ambiguous", 0)),
+                "nonfinite_steps": float(state.get("nonfinite_steps", 0))}

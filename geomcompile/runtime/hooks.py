@@ -17,6 +17,10 @@ Gradient accumulation needs nothing special: whatever number of backwards ran, t
 sees their sum in p.grad once, at the step. Under ``torch.amp.GradScaler`` the hooks run inside
 ``optimizer.step``, after unscaling; a step the scaler skips runs no hook at all.
 
+User step hooks run in registration order with ours: registered before install they see the loss
+gradients, after it the transformed ones (on the triton backend a fused parameter's ``.grad`` is None
+in between; docs/triton.md has the table, tests/test_reliability.py pins it).
+
 State: ``runtime/state.py`` (owned by the plan, carried inside the optimizer's state dict).
 """
 from __future__ import annotations
