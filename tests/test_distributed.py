@@ -205,4 +205,4 @@ def test_refusals_name_the_parameter_and_the_reason(tables):
     assert "test_only_unsharded" in refused["no_sharded_form"]
     assert "groups=1 only" in refused["spectral_groups"] and "0.weight" in refused["spectral_groups"]
     assert refused["control_spectral"] is None          # the same conv without groups is accepted
-    assert "feature_std" in refused["pom_feature_std_ddp"] and "2 processes" in refused["pom_feature_std_ddp"]
+    assert "feature_std" in refused["pom_feature_std_ddp"] and "world size 2" in refused["pom_feature_std_ddp"]

@@ -526,13 +526,6 @@ class POM(Geometry):
         if ctx.model is None:
             raise GeomCompileError(f"pom feature_std on {facts.name} needs the model to hook its layer; "
                                    f"install the plan through gc.apply / plan.install")
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-                torch.distributed.get_world_size() > 1:
-            raise GeomCompileError(
-                f"pom feature_std on {facts.name}: the input std is measured on this process's batch only, so "
-                f"under DDP or FSDP ({torch.distributed.get_world_size()} processes) every rank would retract "
-                f"onto a different radius and the ranks would drift apart. Fix: set `feature_std: false` (a "
-                f"fixed radius), or train on one process")
         module = get_canonical_submodule(ctx.model, facts.module)   # facts name modules canonically
         live = weakref.ref(module)
 
