@@ -295,8 +295,7 @@ class PSI(Geometry):
         norm = sums.sqrt()
         factors = torch.where(norm > self.opts["max_norm"], 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny),
                               torch.ones_like(norm))
-        if bool((factors == 1).all()):                # replicated: every rank takes the same branch
-            return []
+        # Branch-free like the unsharded post_step (no host sync): factors of 1 change nothing.
         channel = factors[unit_of_all]                # one factor per index along out_dim, every channel
         scale = _local_along(channel, w, dim, shard)
         w.copy_((w.to(scale.dtype) * scale).to(w.dtype))
