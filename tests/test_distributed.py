@@ -145,9 +145,11 @@ def test_fsdp2_fast_backends_equal_the_single_process_run(tables, backend, case,
         assert "its eager sharded program runs" in entry["summary"], entry["summary"]
 
 
-@pytest.mark.parametrize("case,optimizer", [(c, o) for c in cases.POLICIES for o in cases.OPTIMIZERS])
+@pytest.mark.parametrize("case,optimizer", [(c, o) for c in [*cases.POLICIES, *cases.DDP_ONLY_POLICIES]
+                                            for o in cases.OPTIMIZERS])
 def test_ddp_ranks_stay_bitwise_equal_and_match_the_single_process_run(tables, case, optimizer):
     entry = _result(tables, ("ddp", 2, case, optimizer))
+    assert entry["with_geometry"] > 0, "the policy put no geometry on the model"
     assert entry["rank_spread"] == [0.0] * cases.STEPS, entry["rank_spread"]
     err, where = relative_error(entry["result"], _reference(case, optimizer, 2))
     assert err <= DDP_RTOL, f"DDP {case} {optimizer}: relative error {err:.3g} at {where}"
