@@ -256,7 +256,11 @@ def schedule_of(o: int, dense: bool, vec: int, block_o: int | None = None, block
     tile = block_o * block_r
     # two passes: 4 elements per thread and array (a 128-bit vector for fp32, 64 bits for 16-bit
     # dtypes: 8 bf16 elements per thread with the five column statistics exceed 128 registers)
-    warps = warps_for(tile, dense, vec) if one_tile else max(4, min(16, tile // (32 * 4)))
+    # one tile, 16-bit dtypes: one 128-bit vector (8 elements) per thread and array; with two, the
+    # non-finite pass-through's extra array (raw gradient kept beside its finite copy) took the bf16
+    # AdamW configuration to 155 registers (kernels/report.py)
+    vectors = 1 if vec > 4 else 2
+    warps = warps_for(tile, dense, vec, vectors) if one_tile else max(4, min(16, tile // (32 * 4)))
     return Schedule(dense, one_tile, block_o, block_r, warps)
 
 

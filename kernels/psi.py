@@ -269,7 +269,9 @@ def schedule_of(unit: int, dense: bool, vec: int, block: int | None = None, bloc
         block_u = max(1, tile // block) if one_tile else 1
     # units <= 32: one 128-bit vector per thread and array (with two, ptxas spills 4 bytes in the
     # bf16 SGD-momentum configuration, 40 registers; kernels/report.py)
-    vectors = 1 if one_tile and block <= UNIT_CLASSES[0] else 2
+    # whole units of the largest class, 16-bit dtypes: one vector too (with two, the bf16 AdamW
+    # configuration spilled 4 bytes once the renormalisation skipped non-finite norms)
+    vectors = 1 if one_tile and (block <= UNIT_CLASSES[0] or (block >= UNIT_CLASSES[-1] and vec > 4)) else 2
     return Schedule(dense, one_tile, block_u, block, warps_for(block_u * block, dense, vec, vectors))
 
 
