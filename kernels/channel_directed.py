@@ -254,13 +254,14 @@ def schedule_of(o: int, dense: bool, vec: int, block_o: int | None = None, block
     if block_r is None:
         block_r = TILE // block_o if one_tile else TWO_PASS_COLUMNS
     tile = block_o * block_r
-    # two passes: 4 elements per thread and array (a 128-bit vector for fp32, 64 bits for 16-bit
-    # dtypes: 8 bf16 elements per thread with the five column statistics exceed 128 registers)
-    # one tile, 16-bit dtypes: one 128-bit vector (8 elements) per thread and array; with two, the
-    # non-finite pass-through's extra array (raw gradient kept beside its finite copy) took the bf16
-    # AdamW configuration to 155 registers (kernels/report.py)
+    # Elements per thread and array, checked by kernels/report.py (<= 128 registers, no spills):
+    # * one tile: two 128-bit vectors for fp32, one for 16-bit dtypes (with two, the non-finite
+    #   pass-through's raw gradient kept beside its finite copy took bf16 AdamW to 155 registers);
+    # * two passes (five column statistics): 4 for fp32 (a 128-bit vector), 2 for 16-bit dtypes (8 bf16
+    #   elements exceed 128 registers; 4 spilled 8 bytes in the h0 AdamW configuration at 40).
     vectors = 1 if vec > 4 else 2
-    warps = warps_for(tile, dense, vec, vectors) if one_tile else max(4, min(16, tile // (32 * 4)))
+    per_thread = 2 if vec > 4 else 4
+    warps = warps_for(tile, dense, vec, vectors) if one_tile else max(4, min(16, tile // (32 * per_thread)))
     return Schedule(dense, one_tile, block_o, block_r, warps)
 
 
