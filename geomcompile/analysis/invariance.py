@@ -232,7 +232,8 @@ class _Walker:
             return frozenset({self._absorb(node, sig, info, path)})
         if sig.offset and not info.keeps_offset:
             raise Broken(f"{path}: the layer's bias is not scaled with its weight and {info.name} does not "
-                         f"keep it a per-channel constant (remove the bias: a BatchNorm follows)")
+                         f"keep it a per-channel constant (if a normalisation comes later, a layer without a bias "
+                         f"would be scale-invariant there)")
         nxt = replace(sig, path=path)
         if sig.offset and info.name in ("mul", "div", "sum"):
             nxt = _unprove(nxt, f"at {_label(node)} the layer's bias is multiplied ({info.name}) before it reaches "
