@@ -211,6 +211,9 @@ def build_tables(operands: Sequence[Operand], programs: Sequence[int], n_roles: 
     return table, pmap, len(prog)
 
 
+_PATCHED = ("patched",)     # the signature of a patched table: equal to no real one
+
+
 class TableCache:
     """The last table built for each slot, reused while its signature holds."""
 
@@ -227,9 +230,12 @@ class TableCache:
         self._entries[slot] = (sig, value)
         return value
 
-    def discard(self, key: Hashable) -> None:
-        """Forget a slot's table: its owner patched it, so its signature no longer describes it."""
-        self._entries.pop(key, None)
+    def invalidate(self, slot: Hashable) -> None:
+        """A slot's table was patched by its owner (``Launch.patch_grads``): its signature no longer
+        describes it, so the next ``get`` builds anew. The slot stays counted."""
+        hit = self._entries.get(slot)
+        if hit is not None:
+            self._entries[slot] = (_PATCHED, hit[1])
 
     def __len__(self) -> int:
         """Slots with a cached table."""
@@ -325,7 +331,7 @@ class Launch:
             column = column.pin_memory().to(self.table.device, non_blocking=True)
         self.table[:, FIXED + 4 * self.grad_role] = column
         if self.cache is not None:
-            self.cache.discard(self.cache_key)
+            self.cache.invalidate(self.cache_key)
 
 
 def launch_all(module: ModuleType, kernel: str, classes, args: tuple, scalars: dict, kwargs_of: Callable,
