@@ -167,6 +167,7 @@ class TritonBackend(Backend):
         self._hidden: list[tuple[torch.Tensor, torch.Tensor]] = []   # grads hidden from the base optimizer
         self._retracted: set[str] = set()                            # renormalised inside a fused kernel
         self._plan: StepPlan | None = None                           # the last step's decisions (below)
+        self._post_plan: _PostPlan | None = None                     # and its post-step's
         self.plan_builds = 0                                         # steps that decided from scratch
 
     @property
@@ -404,14 +405,27 @@ class TritonBackend(Backend):
         for p, grad in self._hidden:
             p.grad = grad
         self._hidden = []
+        post, key = self._post_plan, (self._plan, ctx.stepped, len(ctx.optimizer.state))
+        if self._plan is not None and post is not None and post.holds(key, ctx):
+            rescales = post.replay(states, ctx)
+        else:
+            self._post_plan = _PostPlan(key) if self._plan is not None else None
+            rescales = self._post_stages(items, states, ctx, self._post_plan)
+        self._retracted = set()
+        return rescales
+
+    def _post_stages(self, items, states, ctx: StepContext, plan: "_PostPlan | None") -> list:
+        """The retractions decided from scratch; with a plan, recorded into it."""
         rescales = []
         with torch.no_grad():
             for stage in STAGES:
+                record = _StagePlan()
                 retract = []
                 for item in stage_items(items, stage):
                     family = fast_path(item.geometry, "triton")
                     if self._runs_eager(item, ctx) or any(ctx.shard(n) is not None for n in item.unit.names):
                         rescales += eager_post_step(item, states, ctx)    # sharded: exact, with collectives
+                        record.eager.append(item)
                         continue
                     if not family.retracts:
                         continue
@@ -420,6 +434,7 @@ class TritonBackend(Backend):
                         continue          # retracted inside its fused kernel (the whole unit was fused)
                     if not all(self.kernel_may_retract(item.geometry, n, ctx.params[n], None, ctx) for n in names):
                         rescales += eager_post_step(item, states, ctx)
+                        record.eager.append(item)
                         continue
                     for name, facts in zip(item.unit.names, item.unit.facts):
                         if name not in names:
@@ -432,9 +447,14 @@ class TritonBackend(Backend):
                 for key, entries in bucketize(retract, _retract_key).items():
                     geometry = key.geometry
                     powers = tuple(geometry.state_powers[k] for k in key.extra)
-                    fast_path(geometry, "triton").retract(geometry, entries, powers, self.cache, key.slot(entries))
+                    launches = []
+                    fast_path(geometry, "triton").retract(geometry, entries, powers, self.cache, key.slot(entries),
+                                                          record=launches)
+                    record.calls.append(_Call(entries, launches, opt=ctx.optimizer, states=states,
+                                              state_keys=key.extra))
                 rescales += ctx.run_queued()
-        self._retracted = set()
+                if plan is not None:
+                    plan.stages.append(record)
         return rescales
 
 
@@ -500,13 +520,14 @@ class _Call:
     fused call the param groups its hyperparameters come from."""
 
     def __init__(self, entries: list[Entry], launches: list | None, update=None, groups=(), opt=None,
-                 states=None):
+                 states=None, state_keys: tuple = ()):
         self.launches = launches or []
         self.replayable = launches is not None and None not in self.launches and not any(
             e.extra.get("first") for e in entries)           # a new momentum buffer is flagged in the table
         self.params = [e.param for e in entries]
         self.names = [e.name for e in entries]
-        self.grads = [e.grad for e in entries]
+        self.reads_grads = any(launch.grad_role is not None for launch in self.launches)
+        self.grads = [e.grad for e in entries] if self.reads_grads else []
         self.strides = [g.stride() for g in self.grads]
         self.aligned = [g.data_ptr() % 16 == 0 for g in self.grads]
         self.weights = [p.data_ptr() for p in self.params]
@@ -515,7 +536,9 @@ class _Call:
         self.flags = None if update is None else kernel_flags(update)
         self.step = getattr(update, "step", 0)
         # torch creates no state for SGD without momentum: nothing to look up (state[p] would create it)
-        self.state_keys = () if update is None else update.state_keys + (("step",) if self.kind == "AdamUpdate" else ())
+        if update is not None:
+            state_keys = update.state_keys + (("step",) if self.kind == "AdamUpdate" else ())
+        self.state_keys = state_keys
         self.state_dicts = [opt.state[p] for p in self.params] if self.state_keys else []
         self.steps = [d["step"] for d in self.state_dicts] if self.kind == "AdamUpdate" else []
         self.state_tensors = self._state_tensors(self.state_dicts)
@@ -541,6 +564,8 @@ class _Call:
         return scalars if flags == self.flags else None
 
     def state_holds(self, opt) -> bool:
+        if any(map(is_not, [d.get("renormalised") for d in self.counter_dicts], self.counters)):
+            return False
         if not self.state_keys:
             return True
         state = opt.state
@@ -550,13 +575,14 @@ class _Call:
             tensors = self._state_tensors(self.state_dicts)
         except KeyError:
             return False
-        return not any(map(is_not, tensors, self.state_tensors)) and not any(
-            map(is_not, [d.get("renormalised") for d in self.counter_dicts], self.counters))
+        return not any(map(is_not, tensors, self.state_tensors))
 
     def grads_hold(self) -> bool:
         """The gradients are the recorded ones, or new ones the tables can take (then patched in)."""
         if [p.data_ptr() for p in self.params] != self.weights:
             return False
+        if not self.reads_grads:
+            return True
         grads = [p.grad for p in self.params]
         changed = [i for i, new in enumerate(map(is_not, grads, self.grads)) if new]
         if not changed:
@@ -645,3 +671,28 @@ def kernel_flags(update) -> dict:
 def kernel_args_of(update):
     from ..kernels.optim_updates import kernel_args
     return kernel_args(update)
+
+
+class _PostPlan:
+    """The post-step (retraction) decisions recorded at a step of a pre-step plan, replayed while
+    that plan is the backend's, the same parameters stepped and no parameter got new optimizer state."""
+
+    def __init__(self, key: tuple):
+        self.key = key
+        self.stages: list[_StagePlan] = []
+
+    def holds(self, key: tuple, ctx: StepContext) -> bool:
+        return (key[0] is self.key[0] and key[1:] == self.key[1:]
+                and all(call.replayable and call.state_holds(ctx.optimizer) and call.grads_hold()
+                        for stage in self.stages for call in stage.calls))
+
+    def replay(self, states, ctx: StepContext) -> list:
+        rescales = []
+        with torch.no_grad():
+            for stage in self.stages:
+                for item in stage.eager:
+                    rescales += eager_post_step(item, states, ctx)
+                for call in stage.calls:
+                    call.run(None)
+                rescales += ctx.run_queued()
+        return rescales
