@@ -168,7 +168,7 @@ class TritonBackend(Backend):
         self._retracted: set[str] = set()                            # renormalised inside a fused kernel
         self._plan: StepPlan | None = None                           # the last step's decisions (below)
         self._post_plan: _PostPlan | None = None                     # and its post-step's
-        self.plan_builds = 0                                         # steps that decided from scratch
+        self.plan_builds = 0                                         # steps (or their later stages) decided from scratch
 
     @property
     def hidden_grads(self) -> int:
@@ -270,7 +270,7 @@ class TritonBackend(Backend):
             self._stage(index, STAGES[index], items, last, states, ctx, self._plan)
         if self._plan is not None:
             self._plan.finish(states, self._retracted)
-            self.plan_builds += 1
+        self.plan_builds += 1
 
     def _stage(self, index: int, stage: str, items, last: dict[str, int], states, ctx: StepContext,
                plan: "StepPlan | None") -> None:
@@ -315,14 +315,17 @@ class TritonBackend(Backend):
         later stage whose gradients no longer fit the tables (an eager program of an earlier stage
         replaced them) is decided from scratch, and so is the next step."""
         scalars = plan.scalars(ctx.optimizer)
-        if scalars is None or not plan.state_holds(ctx.optimizer) or not plan.stages[0].grads_hold():
+        if (scalars is None or not plan.state_holds(ctx.optimizer)
+                or not all(stage.grads_hold() for stage in plan.stages)):
             return False
         plan.replays += 1
+        eager_ran = False
         for index, stage in enumerate(plan.stages):
-            if index and not stage.grads_hold():
+            if eager_ran and not stage.grads_hold():     # checked again: an eager program ran before
                 self._plan = None
                 self._decide(index, items, states, ctx)
                 return True
+            eager_ran |= bool(stage.eager)
             for item in stage.eager:
                 item.geometry.pre_step(item.unit, unit_grads(item, ctx), plan.states_of[id(item)], ctx)
             for call, new in zip(stage.calls, scalars[stage.first_call:]):
@@ -526,7 +529,7 @@ class _Call:
             e.extra.get("first") for e in entries)           # a new momentum buffer is flagged in the table
         self.params = [e.param for e in entries]
         self.names = [e.name for e in entries]
-        self.reads_grads = any(launch.grad_role is not None for launch in self.launches)
+        self.reads_grads = any(launch is not None and launch.grad_role is not None for launch in self.launches)
         self.grads = [e.grad for e in entries] if self.reads_grads else []
         self.strides = [g.stride() for g in self.grads]
         self.aligned = [g.data_ptr() % 16 == 0 for g in self.grads]
