@@ -220,6 +220,7 @@ class TableCache:
     def __init__(self):
         self._entries: dict[Hashable, tuple[tuple, tuple]] = {}
         self.builds = 0
+        self.patches = 0     # tables whose gradient addresses were patched in place (Launch.patch_grads)
 
     def get(self, slot: Hashable, sig: tuple, build: Callable[[], tuple]) -> tuple:
         hit = self._entries.get(slot)
@@ -233,6 +234,7 @@ class TableCache:
     def invalidate(self, slot: Hashable) -> None:
         """A slot's table was patched by its owner (``Launch.patch_grads``): its signature no longer
         describes it, so the next ``get`` builds anew. The slot stays counted."""
+        self.patches += 1
         hit = self._entries.get(slot)
         if hit is not None:
             self._entries[slot] = (_PATCHED, hit[1])
