@@ -153,3 +153,21 @@ def test_a_new_gradient_of_another_layout_rebuilds_the_plan():
 
     builds = _run("sobolev", "adam", steps=5, grads=grads)
     assert builds[3] > builds[2], builds
+
+
+def test_the_plan_keeps_no_gradient_or_replaced_state_alive():
+    import copy
+    import gc as collector
+    import weakref
+    model, opt, plan = _setup("sobolev", "adam", "triton")
+    for step in range(3):
+        _fresh(model, 1)
+        opt.step()
+    assert plan.backend.plan_builds == 2
+    grads = [weakref.ref(p.grad) for p in model.parameters()]
+    states = [weakref.ref(t) for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))     # new state tensors: the old ones must go
+    opt.zero_grad(set_to_none=True)
+    collector.collect()
+    assert all(ref() is None for ref in grads), "the step plan keeps last step's gradients alive"
+    assert all(ref() is None for ref in states), "the step plan keeps a replaced optimizer state alive"

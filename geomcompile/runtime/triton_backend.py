@@ -29,6 +29,7 @@ At each step, per stage (penalty → metric → manifold):
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections import Counter, defaultdict
 from operator import is_not
 from typing import Callable
@@ -530,9 +531,13 @@ class _Call:
         self.params = [e.param for e in entries]
         self.names = [e.name for e in entries]
         self.reads_grads = any(launch is not None and launch.grad_role is not None for launch in self.launches)
-        self.grads = [e.grad for e in entries] if self.reads_grads else []
-        self.strides = [g.stride() for g in self.grads]
-        self.aligned = [g.data_ptr() % 16 == 0 for g in self.grads]
+        # Weak references: a plan must not keep last step's gradients (or a replaced optimizer state)
+        # alive after zero_grad(set_to_none=True) / load_state_dict; a dead one differs from any tensor.
+        self.grads = [weakref.ref(e.grad) for e in entries] if self.reads_grads else []
+        self.strides = [e.grad.stride() for e in entries] if self.reads_grads else []
+        self.aligned = [e.grad.data_ptr() % 16 == 0 for e in entries] if self.reads_grads else []
+        self.dtype = entries[0].param.dtype if entries else None
+        self.device = entries[0].param.device if entries else None
         self.weights = [p.data_ptr() for p in self.params]
         self.update, self.kind = update, None if update is None else type(update).__name__
         self.groups = list({id(g): g for g in groups}.values())
@@ -542,9 +547,10 @@ class _Call:
         if update is not None:
             state_keys = update.state_keys + (("step",) if self.kind == "AdamUpdate" else ())
         self.state_keys = state_keys
-        self.state_dicts = [opt.state[p] for p in self.params] if self.state_keys else []
-        self.steps = [d["step"] for d in self.state_dicts] if self.kind == "AdamUpdate" else []
-        self.state_tensors = self._state_tensors(self.state_dicts)
+        dicts = [opt.state[p] for p in self.params] if self.state_keys else []
+        self.state_dicts = list(map(id, dicts))
+        self.steps = [weakref.ref(d["step"]) for d in dicts] if self.kind == "AdamUpdate" else []
+        self.state_tensors = [weakref.ref(t) for t in self._state_tensors(dicts)]
         self.counter_dicts = [states(e.item) for e in entries if "counter" in e.extra] if states else []
         self.counters = [e.extra["counter"] for e in entries if "counter" in e.extra]
 
@@ -572,13 +578,14 @@ class _Call:
         if not self.state_keys:
             return True
         state = opt.state
-        if any(map(is_not, [state[p] for p in self.params], self.state_dicts)):
+        dicts = [state[p] for p in self.params]
+        if list(map(id, dicts)) != self.state_dicts:
             return False
         try:
-            tensors = self._state_tensors(self.state_dicts)
+            tensors = self._state_tensors(dicts)
         except KeyError:
             return False
-        return not any(map(is_not, tensors, self.state_tensors))
+        return not any(map(is_not, tensors, [ref() for ref in self.state_tensors]))
 
     def grads_hold(self) -> bool:
         """The gradients are the recorded ones, or new ones the tables can take (then patched in)."""
@@ -587,23 +594,23 @@ class _Call:
         if not self.reads_grads:
             return True
         grads = [p.grad for p in self.params]
-        changed = [i for i, new in enumerate(map(is_not, grads, self.grads)) if new]
+        changed = [i for i, new in enumerate(map(is_not, grads, [ref() for ref in self.grads])) if new]
         if not changed:
             return True
         for i in changed:
-            g, old = grads[i], self.grads[i]
-            if (g is None or g.layout != torch.strided or g.dtype != old.dtype or g.device != old.device
+            g = grads[i]
+            if (g is None or g.layout != torch.strided or g.dtype != self.dtype or g.device != self.device
                     or g.stride() != self.strides[i] or (self.aligned[i] and g.data_ptr() % 16)):
                 return False
         for launch in self.launches:
             if launch.grad_role is not None:
                 launch.patch_grads(grads)
-        self.grads = grads
+        self.grads = [weakref.ref(g) for g in grads]
         return True
 
     def run(self, scalars: dict) -> None:
         if self.steps:                            # Adam's state["step"] += 1, one op for the launch
-            torch._foreach_add_(self.steps, 1)
+            torch._foreach_add_([ref() for ref in self.steps], 1)      # alive: state_holds checked them
         for launch in self.launches:
             launch.run(scalars)
 
@@ -625,7 +632,7 @@ class StepPlan:
 
     def __init__(self, key: tuple, items, ctx: StepContext):
         self.key, self.items = key, items
-        self.state, self.groups = ctx.optimizer.state, list(ctx.optimizer.param_groups)
+        self.state, self.groups = id(ctx.optimizer.state), list(ctx.optimizer.param_groups)
         self.group_list = ctx.optimizer.param_groups
         self.stages: list[_StagePlan] = []
         self.calls: list[_Call] = []
@@ -650,7 +657,7 @@ class StepPlan:
 
     def holds(self, key: tuple, items, ctx: StepContext) -> bool:
         opt = ctx.optimizer
-        return (self.replayable and key == self.key and items is self.items and opt.state is self.state
+        return (self.replayable and key == self.key and items is self.items and id(opt.state) == self.state
                 and opt.param_groups is self.group_list and not any(map(is_not, opt.param_groups, self.groups)))
 
     def scalars(self, opt) -> list[dict] | None:
