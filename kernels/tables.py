@@ -17,9 +17,11 @@ Table layout, one int64 row of NF = FIXED + 4·roles fields per tensor::
 and a program map, int32 (programs, 2): (tensor index, tile or unit index within the tensor).
 
 Tables are cached per *slot* (the identity of a bucket) and rebuilt only when the signature (the
-tensors' addresses, shapes, strides and flags) changes, e.g. a gradient reallocated by
-``zero_grad(set_to_none=True)`` or state replaced by ``load_state_dict``. Hyperparameters are not
-in the table: they are kernel scalar arguments read at every step.
+tensors' addresses, shapes, strides and flags) changes, e.g. state replaced by ``load_state_dict``.
+Each launch is a ``Launch``, which the Triton backend's step plan keeps and runs again; a gradient
+reallocated by ``zero_grad(set_to_none=True)`` then only has its address patched into the table
+(``Launch.patch_grads``). Hyperparameters are not in the table: they are kernel scalar arguments
+read at every step.
 
 Under the Triton interpreter the addresses are host addresses of CPU tensors; on a GPU, device
 addresses (the interpreter cannot follow device addresses, so it refuses CUDA tensors).

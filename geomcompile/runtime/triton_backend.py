@@ -24,6 +24,11 @@ At each step, per stage (penalty → metric → manifold):
   no optimizer state the kernel does not rescale); the others are retracted by the eager
   post_step after the fused update.
 
+All of this is decided once and then replayed: the step plan (``StepPlan``, at the end of this
+module) records one step's decisions and launches and runs them again while a cheap key and the
+recorded tensors hold; new gradients are patched into the launches' tables. docs/triton.md
+("Host path") lists what makes a step decide anew.
+
 ``describe`` says all of this in words for ``plan.summary()``.
 """
 from __future__ import annotations
