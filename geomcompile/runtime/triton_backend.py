@@ -621,6 +621,8 @@ class _Call:
 
 
 class _StagePlan:
+    """One stage of a recorded step (penalty, metric or manifold; or of its post-step)."""
+
     def __init__(self):
         self.eager: list[WorkItem] = []
         self.calls: list[_Call] = []
