@@ -236,7 +236,6 @@ class TableCache:
     def invalidate(self, slot: Hashable) -> None:
         """A slot's table was patched by its owner (``Launch.patch_grads``): its signature no longer
         describes it, so the next ``get`` builds anew. The slot stays counted."""
-        self.patches += 1
         hit = self._entries.get(slot)
         if hit is not None:
             self._entries[slot] = (_PATCHED, hit[1])
@@ -319,6 +318,7 @@ class Launch:
     dense: list[bool] = field(default_factory=list)   # per row: read through the aligned path
     cache: TableCache | None = None
     cache_key: Hashable = None
+    shared: bool = True              # the table is (still) the cache's entry for cache_key
 
     def run(self, scalars: dict | None = None) -> None:
         kernel = getattr(self.module, self.kernel)
@@ -335,7 +335,10 @@ class Launch:
             column = column.pin_memory().to(self.table.device, non_blocking=True)
         self.table[:, FIXED + 4 * self.grad_role] = column
         if self.cache is not None:
-            self.cache.invalidate(self.cache_key)
+            self.cache.patches += 1
+            if self.shared:                 # the cache's entry still is this table: mark it patched, once
+                self.cache.invalidate(self.cache_key)
+                self.shared = False
 
 
 def launch_all(module: ModuleType, kernel: str, classes, args: tuple, scalars: dict, kwargs_of: Callable,
