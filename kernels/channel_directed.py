@@ -39,6 +39,7 @@ the base optimizer reads and writes everything again.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
@@ -47,7 +48,7 @@ import triton
 import triton.language as tl
 
 from .optim_updates import NONE, base_update, kernel_args, tl_dtype
-from .tables import (FIXED_FIELDS, Operand, Staged, TableCache, bucket_dtype, device_guard, launches,
+from .tables import (FIXED_FIELDS, Operand, Staged, TableCache, bucket_dtype, launch_all, launches, recorder,
                      vector_width, warps_for)
 
 METRICS = ("h0", "sobolev")
@@ -269,7 +270,7 @@ def channel_directed(grads: Sequence[torch.Tensor], dims: Sequence[int], metric:
                      mix: float = 0.0, *, weights: Sequence[torch.Tensor] | None = None,
                      states: Sequence[Sequence[torch.Tensor]] | None = None, first: Sequence[bool] | None = None,
                      update=None, cache: TableCache | None = None, slot: Hashable = None,
-                     block_o: int | None = None, block_r: int | None = None) -> None:
+                     block_o: int | None = None, block_r: int | None = None, record: list | None = None) -> None:
     """Apply the channel-directed metric to a bucket of gradients, one launch per size class.
 
     update None: ``grads[i]`` is overwritten with ``sobolev`` / ``reweighted_h0`` of itself along
@@ -277,7 +278,7 @@ def channel_directed(grads: Sequence[torch.Tensor], dims: Sequence[int], metric:
     ``weights[i]`` and ``states[i]`` (momentum_buffer, or exp_avg and exp_avg_sq) are updated in
     place and ``grads`` are left as they are; ``first[i]`` marks a momentum buffer to initialise.
     All tensors share one dtype (fp32, fp16 or bf16; math in fp32) and one device, and have fewer
-    than 2^31 elements."""
+    than 2^31 elements. record: as ``psi.psi``."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     scalars, flags = kernel_args(update)
@@ -312,14 +313,13 @@ def channel_directed(grads: Sequence[torch.Tensor], dims: Sequence[int], metric:
     def programs(op, s):
         return triton.cdiv(op.shape[0] * op.shape[2], s.block_r)
 
-    for s, table, pmap, n in launches(staged.operands, schedule, programs, n_roles, cache,
-                                      (slot, "channel_directed", n_roles)):
-        with device_guard(table.device):
-            _channel_directed_kernel[(n,)](
-                table, pmap, float(lam), float(mix), **scalars,
-                NF=table.shape[1], DT=dt, SOBOLEV=metric == "sobolev", HAS_MIX=mix != 0, **flags,
-                DENSE=s.dense, VEC=vector_width(dtype), ONE_TILE=s.one_tile, BLOCK_O=s.block_o,
-                BLOCK_R=s.block_r, num_warps=s.num_warps)
+    def constexprs(s, table):
+        return dict(NF=table.shape[1], DT=dt, SOBOLEV=metric == "sobolev", HAS_MIX=mix != 0, **flags,
+                    DENSE=s.dense, VEC=vector_width(dtype), ONE_TILE=s.one_tile, BLOCK_O=s.block_o,
+                    BLOCK_R=s.block_r, num_warps=s.num_warps)
+    classes = launches(staged.operands, schedule, programs, n_roles, cache, (slot, "channel_directed", n_roles))
+    launch_all(sys.modules[__name__], "_channel_directed_kernel", classes, (float(lam), float(mix)), scalars,
+               constexprs, staged.operands, 0, cache, recorder(record, staged))
     staged.finish()
 
 
@@ -351,15 +351,15 @@ class ChannelDirectedKernels:
     name = "channel_directed"
     retracts = False
 
-    def transform(self, geometry, entries, cache, slot) -> None:
+    def transform(self, geometry, entries, cache, slot, record=None) -> None:
         o = geometry.opts
         channel_directed([e.grad for e in entries], [e.facts.out_dim for e in entries],
-                         o["metric"], o["lam"], o["mix"], cache=cache, slot=slot)
+                         o["metric"], o["lam"], o["mix"], cache=cache, slot=slot, record=record)
 
-    def fused(self, geometry, entries, update, cache, slot, retract: bool = False) -> None:
+    def fused(self, geometry, entries, update, cache, slot, retract: bool = False, record=None) -> None:
         o = geometry.opts
         channel_directed([e.grad for e in entries], [e.facts.out_dim for e in entries],
                          o["metric"], o["lam"], o["mix"], update=update,
                          weights=[e.param.detach() for e in entries],
                          states=[e.extra["states"] for e in entries],
-                         first=[e.extra["first"] for e in entries], cache=cache, slot=slot)
+                         first=[e.extra["first"] for e in entries], cache=cache, slot=slot, record=record)

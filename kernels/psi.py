@@ -30,6 +30,7 @@ Bytes moved per element (e = element size; k = state tensors, 1 for SGD with mom
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
@@ -38,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .optim_updates import NONE, base_update, kernel_args, tl_dtype
-from .tables import (Operand, Staged, TableCache, bucket_dtype, device_guard, launches, load_states,
+from .tables import (Operand, Staged, TableCache, bucket_dtype, launch_all, launches, load_states, recorder,
                      role_ptrs, store_states, vector_width, warps_for)
 
 UNITS = ("row", "group", "tensor")
@@ -331,12 +332,14 @@ def psi(weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], layouts:
         update=None, states: Sequence[Sequence[torch.Tensor]] | None = None, first: Sequence[bool] | None = None,
         max_norm: float = float("inf"), counters: Sequence[torch.Tensor] | None = None,
         cache: TableCache | None = None, slot: Hashable = None, block: int | None = None,
-        block_u: int | None = None) -> None:
+        block_u: int | None = None, record: list | None = None) -> None:
     """PSI on a bucket, one launch per size class. layouts[i] = (unit, dim, group_size) as ``psi_grad``.
 
     update None: ``grads[i] <- psi_grad(weights[i], grads[i])`` in place. update ``SGDUpdate`` /
     ``AdamUpdate``: weights and states updated in place, then units whose norm exceeds ``max_norm``
-    renormalised (``counters[i]``, an int64 0-d tensor, counts them); grads are only read."""
+    renormalised (``counters[i]``, an int64 0-d tensor, counts them); grads are only read.
+    record: a list that gets each launch (``tables.Launch``), or None when a staged copy makes
+    the launches unrepeatable."""
     if not weights:
         return
     scalars, flags = kernel_args(update)
@@ -349,20 +352,24 @@ def psi(weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], layouts:
     ops, dtype = _operands(weights, layouts, extra, _counters(counters, weights, fused), first, grads)
     n_roles = 2 + (n_state if fused else 0)
     staged = Staged(ops, written_roles=range(1, n_roles) if fused else (0,))
-    for s, table, pmap, n in _launches(staged, n_roles, cache, slot, "psi", block, block_u, vector_width(dtype)):
-        with device_guard(table.device):
-            _psi_kernel[(n,)](table, pmap, float(max_norm), **scalars, NF=table.shape[1], DT=tl_dtype(dtype),
-                              **flags, DENSE=s.dense, VEC=vector_width(dtype), ONE_TILE=s.one_tile,
-                              BLOCK_U=s.block_u, BLOCK=s.block, num_warps=s.num_warps)
+
+    def constexprs(s, table):
+        return dict(NF=table.shape[1], DT=tl_dtype(dtype), **flags, DENSE=s.dense, VEC=vector_width(dtype),
+                    ONE_TILE=s.one_tile, BLOCK_U=s.block_u, BLOCK=s.block, num_warps=s.num_warps)
+    classes = _launches(staged, n_roles, cache, slot, "psi", block, block_u, vector_width(dtype))
+    launch_all(sys.modules[__name__], "_psi_kernel", classes, (float(max_norm),), scalars, constexprs,
+               staged.operands, 0, cache, recorder(record, staged))
     staged.finish()
+
 
 
 def psi_renorm(weights: Sequence[torch.Tensor], layouts: Sequence[tuple], max_norm: float, *,
                states: Sequence[Sequence[torch.Tensor]] | None = None, powers: Sequence[int] = (),
                counters: Sequence[torch.Tensor] | None = None, cache: TableCache | None = None,
-               slot: Hashable = None, block: int | None = None, block_u: int | None = None) -> None:
+               slot: Hashable = None, block: int | None = None, block_u: int | None = None,
+               record: list | None = None) -> None:
     """Renormalise every unit whose norm exceeds ``max_norm`` to norm 1, scaling ``states[i][k]`` by
-    the factor to the power ``powers[k]`` (1 or 2), one launch per size class."""
+    the factor to the power ``powers[k]`` (1 or 2), one launch per size class (recorded as ``psi``)."""
     if not weights:
         return
     if len(powers) > 3 or any(p not in (1, 2) for p in powers):
@@ -374,13 +381,14 @@ def psi_renorm(weights: Sequence[torch.Tensor], layouts: Sequence[tuple], max_no
     n_roles = 1 + len(powers)
     staged = Staged(ops, written_roles=range(n_roles))
     pw = list(powers) + [1] * (3 - len(powers))
-    for s, table, pmap, n in _launches(staged, n_roles, cache, slot, "psi_renorm", block, block_u,
-                                              vector_width(dtype)):
-        with device_guard(table.device):
-            _psi_renorm_kernel[(n,)](table, pmap, float(max_norm), NF=table.shape[1], DT=tl_dtype(dtype),
-                                     N_STATE=len(powers), POW1=pw[0], POW2=pw[1], POW3=pw[2], DENSE=s.dense,
-                                     VEC=vector_width(dtype), ONE_TILE=s.one_tile, BLOCK_U=s.block_u,
-                                     BLOCK=s.block, num_warps=s.num_warps)
+
+    def constexprs(s, table):
+        return dict(NF=table.shape[1], DT=tl_dtype(dtype), N_STATE=len(powers), POW1=pw[0], POW2=pw[1],
+                    POW3=pw[2], DENSE=s.dense, VEC=vector_width(dtype), ONE_TILE=s.one_tile,
+                    BLOCK_U=s.block_u, BLOCK=s.block, num_warps=s.num_warps)
+    classes = _launches(staged, n_roles, cache, slot, "psi_renorm", block, block_u, vector_width(dtype))
+    launch_all(sys.modules[__name__], "_psi_renorm_kernel", classes, (float(max_norm),), {}, constexprs,
+               staged.operands, None, cache, recorder(record, staged))
     staged.finish()
 
 
@@ -418,20 +426,21 @@ class PSIKernels:
         from geomcompile.geometries.psi import psi_layout
         return [psi_layout(e.facts) for e in entries]
 
-    def transform(self, geometry, entries, cache, slot) -> None:
+    def transform(self, geometry, entries, cache, slot, record=None) -> None:
         psi([e.param.detach() for e in entries], [e.grad for e in entries],
-            self._layouts(geometry, entries), cache=cache, slot=slot)
+            self._layouts(geometry, entries), cache=cache, slot=slot, record=record)
 
-    def fused(self, geometry, entries, update, cache, slot, retract: bool = True) -> None:
+    def fused(self, geometry, entries, update, cache, slot, retract: bool = True, record=None) -> None:
         # Without retract the kernel renormalises nothing (max_norm = inf); psi's eager post_step does it.
         psi([e.param.detach() for e in entries], [e.grad for e in entries],
             self._layouts(geometry, entries), update=update,
             states=[e.extra["states"] for e in entries], first=[e.extra["first"] for e in entries],
             max_norm=geometry.opts["max_norm"] if retract else float("inf"),
             counters=[e.extra["counter"] for e in entries],      # the units' own: the cached table stays valid
-            cache=cache, slot=slot)
+            cache=cache, slot=slot, record=record)
 
-    def retract(self, geometry, entries, powers, cache, slot) -> None:
+    def retract(self, geometry, entries, powers, cache, slot, record=None) -> None:
         psi_renorm([e.param.detach() for e in entries], self._layouts(geometry, entries),
                    geometry.opts["max_norm"], states=[e.extra["states"] for e in entries],
-                   powers=powers, counters=[e.extra["counter"] for e in entries], cache=cache, slot=slot)
+                   powers=powers, counters=[e.extra["counter"] for e in entries], cache=cache, slot=slot,
+                   record=record)

@@ -17,9 +17,11 @@ Table layout, one int64 row of NF = FIXED + 4·roles fields per tensor::
 and a program map, int32 (programs, 2): (tensor index, tile or unit index within the tensor).
 
 Tables are cached per *slot* (the identity of a bucket) and rebuilt only when the signature (the
-tensors' addresses, shapes, strides and flags) changes, e.g. a gradient reallocated by
-``zero_grad(set_to_none=True)`` or state replaced by ``load_state_dict``. Hyperparameters are not
-in the table: they are kernel scalar arguments read at every step.
+tensors' addresses, shapes, strides and flags) changes, e.g. state replaced by ``load_state_dict``.
+Each launch is a ``Launch``, which the Triton backend's step plan keeps and runs again; a gradient
+reallocated by ``zero_grad(set_to_none=True)`` then only has its address patched into the table
+(``Launch.patch_grads``). Hyperparameters are not in the table: they are kernel scalar arguments
+read at every step.
 
 Under the Triton interpreter the addresses are host addresses of CPU tensors; on a GPU, device
 addresses (the interpreter cannot follow device addresses, so it refuses CUDA tensors).
@@ -28,7 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Callable, Hashable, Sequence
 
 import torch
@@ -103,6 +106,7 @@ class Staged:
     def __init__(self, operands: Sequence[Operand], written_roles: Sequence[int]):
         self.operands: list[Operand] = []
         self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.copied = False              # some tensor was staged: a recorded launch reads the copies
         for op in operands:
             tensors = []
             present = [t for t in op.tensors if t is not None]
@@ -110,6 +114,7 @@ class Staged:
             for role, t in enumerate(op.tensors):
                 if t is not None and not in_rows and rows_strides(t, op.dim) is None:
                     tmp = t.contiguous()
+                    self.copied = True
                     if role in written_roles:
                         self._copies.append((t, tmp))
                     t = tmp
@@ -208,12 +213,16 @@ def build_tables(operands: Sequence[Operand], programs: Sequence[int], n_roles: 
     return table, pmap, len(prog)
 
 
+_PATCHED = ("patched",)     # the signature of a patched table: equal to no real one
+
+
 class TableCache:
     """The last table built for each slot, reused while its signature holds."""
 
     def __init__(self):
         self._entries: dict[Hashable, tuple[tuple, tuple]] = {}
         self.builds = 0
+        self.patches = 0     # tables whose gradient addresses were patched in place (Launch.patch_grads)
 
     def get(self, slot: Hashable, sig: tuple, build: Callable[[], tuple]) -> tuple:
         hit = self._entries.get(slot)
@@ -223,6 +232,13 @@ class TableCache:
         self.builds += 1
         self._entries[slot] = (sig, value)
         return value
+
+    def invalidate(self, slot: Hashable) -> None:
+        """A slot's table was patched by its owner (``Launch.patch_grads``): its signature no longer
+        describes it, so the next ``get`` builds anew. The slot stays counted."""
+        hit = self._entries.get(slot)
+        if hit is not None:
+            self._entries[slot] = (_PATCHED, hit[1])
 
     def __len__(self) -> int:
         """Slots with a cached table."""
@@ -249,18 +265,20 @@ def device_guard(device: torch.device):
 
 def launches(operands: Sequence[Operand], schedule_of: Callable[[Operand], Hashable],
              programs_of: Callable[[Operand, Hashable], int], n_roles: int, cache: TableCache | None,
-             slot: Hashable) -> list[tuple[Hashable, torch.Tensor, torch.Tensor, int]]:
+             slot: Hashable) -> list[tuple[Hashable, torch.Tensor, torch.Tensor, int, list[int], Hashable]]:
     """Split a bucket into size classes and fetch (or build) each class's tables.
 
     Zero-size operands are dropped; the others are grouped by ``schedule_of(op)`` (layout and size
     class: what the launch's constexprs fix), so that one tensor's shape never decides another's
-    block sizes. Returns [(schedule, table, program map, number of programs)], one per launch."""
-    classes: dict[Hashable, list[Operand]] = {}
-    for op in operands:
+    block sizes. Returns [(schedule, table, program map, number of programs, the operands' indices
+    in table row order, the cache key)], one per launch."""
+    classes: dict[Hashable, list[int]] = {}
+    for index, op in enumerate(operands):
         if math.prod(op.shape) > 0:
-            classes.setdefault(schedule_of(op), []).append(op)
+            classes.setdefault(schedule_of(op), []).append(index)
     out = []
-    for schedule, ops in classes.items():
+    for schedule, indices in classes.items():
+        ops = [operands[i] for i in indices]
         programs = [programs_of(op, schedule) for op in ops]
         if sum(programs) == 0:
             continue
@@ -273,9 +291,76 @@ def launches(operands: Sequence[Operand], schedule_of: Callable[[Operand], Hasha
             table, pmap, n = build()
         else:
             table, pmap, n = cache.get((slot, schedule), signature(ops, programs), build)
-        out.append((schedule, table, pmap, n))
+        out.append((schedule, table, pmap, n, indices, (slot, schedule)))
     return out
 
+
+@dataclass
+class Launch:
+    """One kernel launch of a bucket's size class, kept so that a later step can run it again.
+
+    The kernel is looked up by name in its module at every run (so a stub swapped in there is
+    honoured); ``scalars`` are the hyperparameter arguments (``optim_updates.kernel_args``), which
+    a replay may replace; ``rows`` are the indices, in the launcher's argument lists, of the
+    tensors the table's rows describe, and ``grad_role`` the role holding their gradients (None
+    when the launch reads none). ``patch_grads`` writes new gradient addresses into the table."""
+
+    module: ModuleType
+    kernel: str
+    n: int
+    table: torch.Tensor
+    pmap: torch.Tensor
+    args: tuple
+    kwargs: dict
+    scalars: dict
+    rows: list[int]
+    grad_role: int | None = None
+    dense: list[bool] = field(default_factory=list)   # per row: read through the aligned path
+    cache: TableCache | None = None
+    cache_key: Hashable = None
+    shared: bool = True              # the table is (still) the cache's entry for cache_key
+
+    def run(self, scalars: dict | None = None) -> None:
+        kernel = getattr(self.module, self.kernel)
+        with device_guard(self.table.device):
+            kernel[(self.n,)](self.table, self.pmap, *self.args, **(self.scalars if scalars is None else scalars),
+                              **self.kwargs)
+
+    def patch_grads(self, grads: Sequence[torch.Tensor]) -> None:
+        """New gradient addresses (``grads`` indexed like the launcher's lists) into the table,
+        one host-to-device copy, no Python loop over elements. The caller checked that every new
+        gradient has the old one's strides (and alignment where ``dense``)."""
+        column = torch.tensor([grads[i].data_ptr() for i in self.rows], dtype=torch.int64)
+        if self.table.device.type != "cpu":
+            column = column.pin_memory().to(self.table.device, non_blocking=True)
+        self.table[:, FIXED + 4 * self.grad_role] = column
+        if self.cache is not None:
+            self.cache.patches += 1
+            if self.shared:                 # the cache's entry still is this table: mark it patched, once
+                self.cache.invalidate(self.cache_key)
+                self.shared = False
+
+
+def launch_all(module: ModuleType, kernel: str, classes, args: tuple, scalars: dict, kwargs_of: Callable,
+               operands: Sequence[Operand], grad_role: int | None, cache: TableCache | None,
+               record: list | None) -> None:
+    """Run one launch per size class (``classes``: what ``launches`` returns), each kernel called
+    with ``kwargs_of(schedule, table)`` as its constexprs; append each Launch to ``record`` when given."""
+    for s, table, pmap, n, rows, cache_key in classes:
+        launch = Launch(module, kernel, n, table, pmap, args, kwargs_of(s, table), scalars, rows, grad_role,
+                        [operands[i].dense for i in rows], cache, cache_key)
+        launch.run()
+        if record is not None:
+            record.append(launch)
+
+
+def recorder(record: list | None, staged: Staged) -> list | None:
+    """Where the launches are recorded: a staged copy is made anew at every call, so launches that
+    read one cannot be repeated; they are marked by a None in ``record``."""
+    if record is not None and staged.copied:
+        record.append(None)
+        return None
+    return record
 
 # ---- device side: a tile of a tensor's roles (0 grad, 1 weight, 2 and 3 optimizer state) ------------
 @triton.jit

@@ -172,9 +172,12 @@ def test_host_overhead_json_structure(tmp_path, capsys):
             assert row["eager_fallbacks_per_step"] == (1 if geometry == "psi" else 0)
             foreach = rows[(geometry, optimizer, "torch foreach", grads)]
             assert row["x_torch_foreach"] == row["median_ms"] / foreach["median_ms"]
-    # fresh gradients change every pointer at every step: the tables are rebuilt, cached ones are not
-    assert rows[("psi", "sgd_momentum", "triton", "fresh")]["table_builds"] > \
-        rows[("psi", "sgd_momentum", "triton", "cached")]["table_builds"]
+    # fresh gradients change every pointer at every step: the step plan patches them into its tables
+    # and is replayed; only the first two steps (optimizer state created, then present) decide anew
+    for geometry, optimizer in (("psi", "sgd_momentum"), ("channel_directed", "adam")):
+        fresh, cached = rows[(geometry, optimizer, "triton", "fresh")], rows[(geometry, optimizer, "triton", "cached")]
+        assert fresh["plan_builds"] == cached["plan_builds"] == 2
+        assert fresh["table_patches"] > 0 and cached["table_patches"] == 0
     out = capsys.readouterr().out
     assert "host time per optimizer step" in out and "torch foreach" in out
 

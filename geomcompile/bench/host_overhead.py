@@ -23,7 +23,9 @@ Each is timed with cached gradients (the same grad tensors every step) and with 
 pools, so every pointer changes at every step: the worst case for cached tables). Median and p90
 over ``steps`` steps (``time.perf_counter``), after ``warmup`` untimed ones. The triton rows also
 give ``python_calls_per_step``: cProfile's count of Python calls over 5 further steps, which unlike
-the times does not depend on the machine or its load.
+the times does not depend on the machine or its load, and over the whole run ``table_builds``,
+``table_patches`` (tables whose gradient addresses were patched in place) and ``plan_builds`` (steps
+the backend decided from scratch instead of replaying its step plan).
 """
 from __future__ import annotations
 
@@ -248,7 +250,8 @@ def triton_rows(structure, model0, geometry: str, optimizer: str, steps: int, wa
         rows.append(_row(geometry, optimizer, "triton", mode, **_stats(timing, phases),
                          launches_per_step=per_step, eager_fallbacks_per_step=eager_per_step,
                          python_calls_per_step=calls,
-                         table_builds=plan.backend.cache.builds, notes=notes))
+                         table_builds=plan.backend.cache.builds, table_patches=plan.backend.cache.patches,
+                         plan_builds=plan.backend.plan_builds, notes=notes))
     return rows
 
 

@@ -2,9 +2,11 @@
 
 A bucket is a list of parameters that share everything a launch fixes: the kernel family and the
 geometry's options, the base optimizer's update and hyperparameters (when fused), dtype and
-device. Buckets are formed at every step from the current param groups, so an lr changed by a
-scheduler simply lands in the update's scalars; the device tables of a bucket are cached under
-its *slot* (the same parameters in the same roles), which does not contain hyperparameters.
+device. Buckets are formed from the current param groups whenever the Triton backend decides a
+step from scratch (its step plan replays them otherwise, reading each launch's hyperparameters live,
+so an lr changed by a scheduler simply lands in the update's scalars); the device tables of a bucket
+are cached under its *slot* (the same parameters in the same roles), which does not contain
+hyperparameters.
 
 This module also decides whether a param group's step can be fused into the kernels, and says
 why not in words for the plan report.

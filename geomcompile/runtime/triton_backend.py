@@ -24,12 +24,19 @@ At each step, per stage (penalty → metric → manifold):
   no optimizer state the kernel does not rescale); the others are retracted by the eager
   post_step after the fused update.
 
+All of this is decided once and then replayed: the step plan (``StepPlan``, at the end of this
+module) records one step's decisions and launches and runs them again while a cheap key and the
+recorded tensors hold; new gradients are patched into the launches' tables. docs/triton.md
+("Host path") lists what makes a step decide anew.
+
 ``describe`` says all of this in words for ``plan.summary()``.
 """
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections import Counter, defaultdict
+from operator import is_not
 from typing import Callable
 
 import torch
@@ -39,7 +46,7 @@ from ..names import short_list
 from ..geometries.base import STAGES, StepContext
 from .distributed import local
 from .fastpath import (Backend, WorkItem, eager_post_step, fast_path, runs_on_local_shards, stage_items,
-                       stage_items_with_grads)
+                       stage_items_with_grads, unit_grads)
 from .buckets import KERNEL_DTYPES, BucketKey, Entry, bucketize, fused_kind, update_of
 
 
@@ -165,6 +172,9 @@ class TritonBackend(Backend):
         self.cache = TableCache()
         self._hidden: list[tuple[torch.Tensor, torch.Tensor]] = []   # grads hidden from the base optimizer
         self._retracted: set[str] = set()                            # renormalised inside a fused kernel
+        self._plan: StepPlan | None = None                           # the last step's decisions (below)
+        self._post_plan: _PostPlan | None = None                     # and its post-step's
+        self.plan_builds = 0                                         # steps (or their later stages) decided from scratch
 
     @property
     def hidden_grads(self) -> int:
@@ -253,31 +263,85 @@ class TritonBackend(Backend):
     # -- pre-step: gradient transforms and fused updates -----------------------------------------
     def pre_step(self, items, states: Callable[[WorkItem], dict], ctx: StepContext) -> None:
         self._hidden, self._retracted = [], set()   # a step that raised inside torch leaves no stale grads
+        plan, key = self._plan, _plan_key(items, ctx)
+        if plan is not None and plan.holds(key, items, ctx) and self._replay(plan, items, states, ctx):
+            return
+        self._plan = StepPlan(key, items, ctx) if not ctx.shards else None
+        self._decide(0, items, states, ctx)
+
+    def _decide(self, start: int, items, states, ctx: StepContext) -> None:
+        """The stages from `start` on, decided from scratch (and recorded when a plan is being built)."""
         last = _last_stage(items)
-        for index, stage in enumerate(STAGES):
-            transform, fused = [], []
-            for item, grads in stage_items_with_grads(items, stage, ctx):
-                if self._runs_eager(item, ctx, grads):
-                    item.geometry.pre_step(item.unit, grads, states(item), ctx)
+        for index in range(start, len(STAGES)):
+            self._stage(index, STAGES[index], items, last, states, ctx, self._plan)
+        if self._plan is not None:
+            self._plan.finish(states, self._retracted)
+        self.plan_builds += 1
+
+    def _stage(self, index: int, stage: str, items, last: dict[str, int], states, ctx: StepContext,
+               plan: "StepPlan | None") -> None:
+        """One stage of the step, decided from scratch; with a plan, recorded into it."""
+        record = _StagePlan() if plan is not None else None
+        transform, fused = [], []
+        for item, grads in stage_items_with_grads(items, stage, ctx):
+            if self._runs_eager(item, ctx, grads):
+                item.geometry.pre_step(item.unit, grads, states(item), ctx)
+                if record is not None:
+                    record.eager.append(item)
+                continue
+            for name, facts, grad in zip(item.unit.names, item.unit.facts, grads):
+                if grad is None:
                     continue
-                for name, facts, grad in zip(item.unit.names, item.unit.facts, grads):
-                    if grad is None:
-                        continue
-                    p = ctx.params[name]
-                    if ctx.shard(name) is not None:      # the local shards, transform only
-                        if local(grad).numel():
-                            transform.append(Entry(name, local(p), facts, item, local(grad),
-                                                   {"kind": None, "retract": False}))
-                        continue
-                    kind, _ = self.fused_kind(name, p, ctx, last[name] == index)
-                    retract = self.kernel_may_retract(item.geometry, name, p, kind, ctx)
-                    entry = Entry(name, p, facts, item, grad, {"kind": kind, "retract": retract})
-                    (fused if kind else transform).append(entry)
-            for key, entries in bucketize(transform, _transform_key).items():
-                fast_path(key.geometry, "triton").transform(key.geometry, entries, self.cache, key.slot(entries))
-            for key, entries in bucketize(fused, lambda e: _fused_key(e, ctx)).items():
-                self._fused_step(key, entries, states, ctx)
-            ctx.run_queued()            # the stage's sharded eager programs, collectives batched
+                p = ctx.params[name]
+                if ctx.shard(name) is not None:      # the local shards, transform only
+                    if local(grad).numel():
+                        transform.append(Entry(name, local(p), facts, item, local(grad),
+                                               {"kind": None, "retract": False}))
+                    continue
+                kind, _ = self.fused_kind(name, p, ctx, last[name] == index)
+                retract = self.kernel_may_retract(item.geometry, name, p, kind, ctx)
+                entry = Entry(name, p, facts, item, grad, {"kind": kind, "retract": retract})
+                (fused if kind else transform).append(entry)
+        for key, entries in bucketize(transform, _transform_key).items():
+            launches = [] if record is not None else None
+            fast_path(key.geometry, "triton").transform(key.geometry, entries, self.cache, key.slot(entries),
+                                                         record=launches)
+            if record is not None:
+                record.calls.append(_Call(entries, launches))
+        for key, entries in bucketize(fused, lambda e: _fused_key(e, ctx)).items():
+            calls = self._fused_step(key, entries, states, ctx, record is not None)
+            if record is not None:
+                record.calls += calls
+        ctx.run_queued()            # the stage's sharded eager programs, collectives batched
+        if plan is not None:
+            plan.add(record)
+
+    def _replay(self, plan: "StepPlan", items, states, ctx: StepContext) -> bool:
+        """Run the step as the plan recorded it; False (nothing done) when it no longer applies. A
+        later stage whose gradients no longer fit the tables (an eager program of an earlier stage
+        replaced them) is decided from scratch, and so is the next step."""
+        scalars = plan.scalars(ctx.optimizer)
+        if (scalars is None or not plan.state_holds(ctx.optimizer)
+                or not all(stage.grads_hold() for stage in plan.stages)):
+            return False
+        plan.replays += 1
+        eager_ran = False
+        for index, stage in enumerate(plan.stages):
+            if eager_ran and not stage.grads_hold():     # checked again: an eager program ran before
+                self._plan = None
+                self._decide(index, items, states, ctx)
+                return True
+            eager_ran |= bool(stage.eager)
+            for item in stage.eager:
+                item.geometry.pre_step(item.unit, unit_grads(item, ctx), plan.states_of[id(item)], ctx)
+            for call, new in zip(stage.calls, scalars[stage.first_call:]):
+                call.run(new)
+            if stage.hidden:
+                self._hidden += [(p, p.grad) for p in stage.hidden]
+                for p in stage.hidden:
+                    p.grad = None
+                self._retracted |= stage.retracted
+        return True
 
     def _runs_eager(self, item: WorkItem, ctx: StepContext, grads=None) -> bool:
         """Whether the unit runs its geometry's eager program: no kernel family, a parameter the kernels
@@ -297,8 +361,10 @@ class TritonBackend(Backend):
         found = _retract_state(state, p)
         return found is not None and all(k in geometry.state_powers for k in found[0])
 
-    def _fused_step(self, key: BucketKey, entries: list[Entry], states, ctx: StepContext) -> None:
-        """Prepare torch's own state for the bucket, launch, and hide the grads from the base step."""
+    def _fused_step(self, key: BucketKey, entries: list[Entry], states, ctx: StepContext,
+                    recording: bool = False) -> list["_Call"]:
+        """Prepare torch's own state for the bucket, launch, and hide the grads from the base step.
+        Returns the launches as _Calls when `recording`."""
         opt, family = ctx.optimizer, fast_path(key.geometry, "triton")
         launches = []
         if entries[0].extra["kind"] == "sgd":
@@ -330,27 +396,45 @@ class TritonBackend(Backend):
                 # Also without retract: the kernel then adds 0 to it, and a counter that stays the same
                 # tensor keeps the bucket's cached table valid (a scratch one would change every step).
                 e.extra["counter"] = _counter(states(e.item), e.param.device)
+        calls = []
         for update, group in launches:
-            family.fused(key.geometry, group, update, self.cache, key.slot(group), retract=retract)
+            recorded = [] if recording else None
+            family.fused(key.geometry, group, update, self.cache, key.slot(group), retract=retract, record=recorded)
+            if recording:
+                calls.append(_Call(group, recorded, update, [ctx.group_of[e.name] for e in group], opt, states))
         for e in entries:
             self._hidden.append((e.param, e.param.grad))
             e.param.grad = None
             if retract:
                 self._retracted.add(e.name)
+        return calls
 
     # -- post-step: restore grads, retractions ---------------------------------------------------
     def post_step(self, items, states: Callable[[WorkItem], dict], ctx: StepContext):
         for p, grad in self._hidden:
             p.grad = grad
         self._hidden = []
+        post, key = self._post_plan, (self._plan, ctx.stepped, len(ctx.optimizer.state))
+        if self._plan is not None and post is not None and post.holds(key, ctx):
+            rescales = post.replay(states, ctx)
+        else:
+            self._post_plan = _PostPlan(key) if self._plan is not None else None
+            rescales = self._post_stages(items, states, ctx, self._post_plan)
+        self._retracted = set()
+        return rescales
+
+    def _post_stages(self, items, states, ctx: StepContext, plan: "_PostPlan | None") -> list:
+        """The retractions decided from scratch; with a plan, recorded into it."""
         rescales = []
         with torch.no_grad():
             for stage in STAGES:
+                record = _StagePlan()
                 retract = []
                 for item in stage_items(items, stage):
                     family = fast_path(item.geometry, "triton")
                     if self._runs_eager(item, ctx) or any(ctx.shard(n) is not None for n in item.unit.names):
                         rescales += eager_post_step(item, states, ctx)    # sharded: exact, with collectives
+                        record.eager.append(item)
                         continue
                     if not family.retracts:
                         continue
@@ -359,6 +443,7 @@ class TritonBackend(Backend):
                         continue          # retracted inside its fused kernel (the whole unit was fused)
                     if not all(self.kernel_may_retract(item.geometry, n, ctx.params[n], None, ctx) for n in names):
                         rescales += eager_post_step(item, states, ctx)
+                        record.eager.append(item)
                         continue
                     for name, facts in zip(item.unit.names, item.unit.facts):
                         if name not in names:
@@ -371,9 +456,14 @@ class TritonBackend(Backend):
                 for key, entries in bucketize(retract, _retract_key).items():
                     geometry = key.geometry
                     powers = tuple(geometry.state_powers[k] for k in key.extra)
-                    fast_path(geometry, "triton").retract(geometry, entries, powers, self.cache, key.slot(entries))
+                    launches = []
+                    fast_path(geometry, "triton").retract(geometry, entries, powers, self.cache, key.slot(entries),
+                                                          record=launches)
+                    record.calls.append(_Call(entries, launches, opt=ctx.optimizer, states=states,
+                                              state_keys=key.extra))
                 rescales += ctx.run_queued()
-        self._retracted = set()
+                if plan is not None:
+                    plan.stages.append(record)
         return rescales
 
 
@@ -401,3 +491,225 @@ def _retract_state(state: dict, p: torch.Tensor):
     return keys, [state[k] for k in keys]
 
 
+# ---- the step plan ------------------------------------------------------------------------------
+# A step decided from scratch costs ~250 Python calls per parameter (fusion checks, entries, bucket
+# keys, operands, layouts, table signatures). The decisions only change when one of these does, so
+# they are recorded once and replayed while all hold:
+# * which parameters have a gradient (ctx.stepped), the work items, each param group's fusion
+#   switches (buckets.fused_kind), what observes rescales: the cheap key (_plan_key);
+# * the identity of the items list, of optimizer.state and of every param group dict (load_state_dict
+#   and add_param_group replace them), and the number of parameters with optimizer state (it grows
+#   when momentum buffers / Adam state appear after a first step): StepPlan.holds;
+# * per fused launch, each fused parameter's optimizer state tensors (the same objects) and the
+#   launch's constexpr flags under the live hyperparameters (momentum turned on or off, weight decay
+#   to or from 0, nesterov, maximize): StepPlan.scalars / state_holds;
+# * per launch, the weights' addresses (``p.data = ...`` replaces them) and the gradients: a new
+#   gradient with the old one's strides, dtype and (where the aligned path reads it) 16-byte
+#   alignment has its address patched into the table (Launch.patch_grads); anything else decides
+#   the step anew.
+# Hyperparameter values (lr under a scheduler, momentum, betas...) are read live at every step,
+# per launch, from its param groups (which must still agree on them). Adam's step counts are
+# advanced with one torch._foreach_add_ per launch, as torch's foreach Adam does.
+def _plan_key(items, ctx: StepContext) -> tuple:
+    groups = ctx.optimizer.param_groups
+    return (ctx.stepped, len(items), len(ctx.optimizer.state), len(groups),
+            [fused_kind(ctx.optimizer, g) for g in groups], _observers(ctx))
+
+
+def _observers(ctx: StepContext):
+    """What decides ctx.rescale_observed beyond each parameter's facts: the hooks' on_retract
+    callbacks (their number), or the function itself when it is not the hooks' method."""
+    owner = getattr(ctx.rescale_observed, "__self__", None)
+    callbacks = getattr(owner, "callbacks", None)
+    return ctx.rescale_observed if callbacks is None else len(callbacks)
+
+
+class _Call:
+    """One recorded family call: its launches, the tensors they were recorded with, and for a
+    fused call the param groups its hyperparameters come from."""
+
+    def __init__(self, entries: list[Entry], launches: list | None, update=None, groups=(), opt=None,
+                 states=None, state_keys: tuple = ()):
+        self.launches = launches or []
+        self.replayable = launches is not None and None not in self.launches and not any(
+            e.extra.get("first") for e in entries)           # a new momentum buffer is flagged in the table
+        self.params = [e.param for e in entries]
+        self.names = [e.name for e in entries]
+        self.reads_grads = any(launch is not None and launch.grad_role is not None for launch in self.launches)
+        # Weak references: a plan must not keep last step's gradients (or a replaced optimizer state)
+        # alive after zero_grad(set_to_none=True) / load_state_dict; a dead one differs from any tensor.
+        self.grads = [weakref.ref(e.grad) for e in entries] if self.reads_grads else []
+        self.strides = [e.grad.stride() for e in entries] if self.reads_grads else []
+        self.aligned = [e.grad.data_ptr() % 16 == 0 for e in entries] if self.reads_grads else []
+        self.dtype = entries[0].param.dtype if entries else None
+        self.device = entries[0].param.device if entries else None
+        self.weights = [p.data_ptr() for p in self.params]
+        self.update, self.kind = update, None if update is None else type(update).__name__
+        self.groups = list({id(g): g for g in groups}.values())
+        self.flags = None if update is None else kernel_flags(update)
+        self.step = getattr(update, "step", 0)
+        # torch creates no state for SGD without momentum: nothing to look up (state[p] would create it)
+        if update is not None:
+            state_keys = update.state_keys + (("step",) if self.kind == "AdamUpdate" else ())
+        self.state_keys = state_keys
+        dicts = [opt.state[p] for p in self.params] if self.state_keys else []
+        self.state_dicts = list(map(id, dicts))
+        self.steps = [weakref.ref(d["step"]) for d in dicts] if self.kind == "AdamUpdate" else []
+        self.state_tensors = [weakref.ref(t) for t in self._state_tensors(dicts)]
+        self.counter_dicts = [states(e.item) for e in entries if "counter" in e.extra] if states else []
+        self.counters = [e.extra["counter"] for e in entries if "counter" in e.extra]
+
+    def _state_tensors(self, dicts) -> list:
+        return [d[k] for d in dicts for k in self.state_keys]
+
+    def scalars(self, opt, replays: int):
+        """The launch's scalar arguments under the live hyperparameters, or None when the recorded
+        launch no longer fits them (another constexpr flag; its groups disagree)."""
+        if self.update is None:
+            return self.launches[0].scalars if self.launches else {}
+        kind = "sgd" if self.kind == "SGDUpdate" else "adam"
+        updates = [update_of(kind, opt, g) for g in self.groups]
+        update = updates[0]
+        if any(u != update for u in updates[1:]):
+            return None
+        if kind == "adam":
+            update = dataclasses.replace(update, step=self.step + replays)
+        scalars, flags = kernel_args_of(update)
+        return scalars if flags == self.flags else None
+
+    def state_holds(self, opt) -> bool:
+        if any(map(is_not, [d.get("renormalised") for d in self.counter_dicts], self.counters)):
+            return False
+        if not self.state_keys:
+            return True
+        state = opt.state
+        dicts = [state[p] for p in self.params]
+        if list(map(id, dicts)) != self.state_dicts:
+            return False
+        try:
+            tensors = self._state_tensors(dicts)
+        except KeyError:
+            return False
+        return not any(map(is_not, tensors, [ref() for ref in self.state_tensors]))
+
+    def grads_hold(self) -> bool:
+        """The gradients are the recorded ones, or new ones the tables can take (then patched in)."""
+        if [p.data_ptr() for p in self.params] != self.weights:
+            return False
+        if not self.reads_grads:
+            return True
+        grads = [p.grad for p in self.params]
+        changed = [i for i, new in enumerate(map(is_not, grads, [ref() for ref in self.grads])) if new]
+        if not changed:
+            return True
+        for i in changed:
+            g = grads[i]
+            if (g is None or g.layout != torch.strided or g.dtype != self.dtype or g.device != self.device
+                    or g.stride() != self.strides[i] or (self.aligned[i] and g.data_ptr() % 16)):
+                return False
+        for launch in self.launches:
+            if launch.grad_role is not None:
+                launch.patch_grads(grads)
+        self.grads = [weakref.ref(g) for g in grads]
+        return True
+
+    def run(self, scalars: dict) -> None:
+        if self.steps:                            # Adam's state["step"] += 1, one op for the launch
+            torch._foreach_add_([ref() for ref in self.steps], 1)      # alive: state_holds checked them
+        for launch in self.launches:
+            launch.run(scalars)
+
+
+class _StagePlan:
+    """One stage of a recorded step (penalty, metric or manifold; or of its post-step)."""
+
+    def __init__(self):
+        self.eager: list[WorkItem] = []
+        self.calls: list[_Call] = []
+        self.hidden: list[torch.Tensor] = []     # parameters whose grads a fused launch consumed
+        self.retracted: set[str] = set()         # names a fused launch renormalised
+        self.first_call = 0                      # index of this stage's first call in the plan
+
+    def grads_hold(self) -> bool:
+        return all(call.grads_hold() for call in self.calls)
+
+
+class StepPlan:
+    """The decisions of one step of the Triton backend, replayed while they hold (see above)."""
+
+    def __init__(self, key: tuple, items, ctx: StepContext):
+        self.key, self.items = key, items
+        self.state, self.groups = id(ctx.optimizer.state), list(ctx.optimizer.param_groups)
+        self.group_list = ctx.optimizer.param_groups
+        self.stages: list[_StagePlan] = []
+        self.calls: list[_Call] = []
+        self.states_of: dict[int, dict] = {}
+        self.replayable = True
+        self.replays = 0
+
+    def add(self, stage: _StagePlan) -> None:
+        stage.first_call = len(self.calls)
+        self.calls += stage.calls
+        for call in stage.calls:
+            self.replayable &= call.replayable
+            if call.update is not None:
+                stage.hidden += call.params
+        self.stages.append(stage)
+
+    def finish(self, states, retracted: set[str]) -> None:
+        for stage in self.stages:
+            for item in stage.eager:
+                self.states_of[id(item)] = states(item)
+            stage.retracted = {n for call in stage.calls if call.update is not None for n in call.names} & retracted
+
+    def holds(self, key: tuple, items, ctx: StepContext) -> bool:
+        opt = ctx.optimizer
+        return (self.replayable and key == self.key and items is self.items and id(opt.state) == self.state
+                and opt.param_groups is self.group_list and not any(map(is_not, opt.param_groups, self.groups)))
+
+    def scalars(self, opt) -> list[dict] | None:
+        """Per call, the scalars of this replay; None when a call no longer fits."""
+        out = []
+        for call in self.calls:
+            scalars = call.scalars(opt, self.replays + 1)
+            if scalars is None:
+                return None
+            out.append(scalars)
+        return out
+
+    def state_holds(self, opt) -> bool:
+        return all(call.state_holds(opt) for call in self.calls)
+
+
+def kernel_flags(update) -> dict:
+    return kernel_args_of(update)[1]
+
+
+def kernel_args_of(update):
+    from ..kernels.optim_updates import kernel_args
+    return kernel_args(update)
+
+
+class _PostPlan:
+    """The post-step (retraction) decisions recorded at a step of a pre-step plan, replayed while
+    that plan is the backend's, the same parameters stepped and no parameter got new optimizer state."""
+
+    def __init__(self, key: tuple):
+        self.key = key
+        self.stages: list[_StagePlan] = []
+
+    def holds(self, key: tuple, ctx: StepContext) -> bool:
+        return (key[0] is self.key[0] and key[1:] == self.key[1:]
+                and all(call.replayable and call.state_holds(ctx.optimizer) and call.grads_hold()
+                        for stage in self.stages for call in stage.calls))
+
+    def replay(self, states, ctx: StepContext) -> list:
+        rescales = []
+        with torch.no_grad():
+            for stage in self.stages:
+                for item in stage.eager:
+                    rescales += eager_post_step(item, states, ctx)
+                for call in stage.calls:
+                    call.run(None)
+                rescales += ctx.run_queued()
+        return rescales
