@@ -64,17 +64,28 @@ class Program:
     needs_retraction(geometry, layouts, weights): a bool tensor with one entry per parameter, True
         where the geometry's eager post_step may change something. Only for ``retracts = True``,
         whose eager post_step must act on each parameter of a unit independently.
+
+    A program whose pre-step reads or writes the unit's state (per-unit tables, diagnostics the
+    eager pre_step records) names those entries in ``state_keys`` and provides, instead of
+    transform, transform_with_state(geometry, layouts, grads, weights, states): ``states`` holds,
+    per parameter, a dict of its unit's entries ``state_keys``; it returns (the new gradients, per
+    parameter a dict of state entries to set), written into the unit's state after the call.
     """
 
     name: str = ""
     uses_weights = False
     retracts = False
+    state_keys: tuple[str, ...] = ()
 
     def layout(self, geometry: Geometry, facts: ParamFacts) -> Hashable:
         raise NotImplementedError
 
     def transform(self, geometry: Geometry, layouts: Sequence, grads: list[torch.Tensor],
                   weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def transform_with_state(self, geometry: Geometry, layouts: Sequence, grads: list[torch.Tensor],
+                             weights: list[torch.Tensor], states: list[dict]) -> tuple[list[torch.Tensor], list[dict]]:
         raise NotImplementedError
 
     def needs_retraction(self, geometry: Geometry, layouts: Sequence,
@@ -113,12 +124,18 @@ def _signature(tensors: Sequence[torch.Tensor]) -> tuple:
 
 
 def _transform_function(program: Program, geometry: Geometry, layouts: tuple) -> Callable:
-    def transform_in_place(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
+    def transform_in_place(grads: list[torch.Tensor], weights: list[torch.Tensor],
+                           states: list[dict]) -> list[dict]:
+        if program.state_keys:
+            new_grads, updates = program.transform_with_state(geometry, layouts, grads, weights, states)
+        else:
+            new_grads, updates = program.transform(geometry, layouts, grads, weights), []
         # Per-tensor copy_, not torch._foreach_copy_: with torch 2.13 inductor on CPU,
         # _foreach_copy_(xs, [x * x.sum(0, keepdim=True) for x in xs]) writes wrong values into
         # the second tensor (tests/test_compile_backend.py::test_foreach_copy_miscompile_still_avoided).
-        for grad, new in zip(grads, program.transform(geometry, layouts, grads, weights)):
+        for grad, new in zip(grads, new_grads):
             grad.copy_(new)
+        return updates
     return _fresh_code(transform_in_place)
 
 
@@ -135,6 +152,7 @@ class _Slot:
     name: str
     facts: ParamFacts
     tensor: torch.Tensor             # the gradient (pre-step) or the weight (post-step)
+    state: dict | None = None        # the unit's state, for a program with state_keys (pre-step)
 
 
 class CompileBackend(Backend):
@@ -208,13 +226,15 @@ class CompileBackend(Backend):
         for stage in STAGES:
             buckets: dict[Geometry, list[_Slot]] = defaultdict(list)
             for item, grads in stage_items_with_grads(items, stage, ctx):
-                if compiled_program(item, ctx) is None:
+                program = compiled_program(item, ctx)
+                if program is None:
                     item.geometry.pre_step(item.unit, grads, states(item), ctx)
                     continue
+                state = states(item) if program.state_keys else None
                 for name, facts, grad in zip(item.unit.names, item.unit.facts, grads):
                     grad = local(grad) if grad is not None else None      # sharded: this rank's rows
                     if grad is not None and grad.numel():      # the transforms are the identity on empty grads
-                        buckets[item.geometry].append(_Slot(item, name, facts, grad))
+                        buckets[item.geometry].append(_Slot(item, name, facts, grad, state))
             for geometry, slots in buckets.items():
                 self._transform(geometry, slots, ctx)
             ctx.run_queued()            # the stage's sharded eager programs, collectives batched
@@ -224,9 +244,12 @@ class CompileBackend(Backend):
         layouts = tuple(program.layout(geometry, s.facts) for s in slots)
         grads = [s.tensor for s in slots]
         weights = [local(ctx.params[s.name]).detach() for s in slots] if program.uses_weights else []
+        states = [{key: s.state[key] for key in program.state_keys} for s in slots] if program.state_keys else []
         entry = self._function("transform", program, geometry, layouts, grads + weights, _transform_function)
         with torch.no_grad():
-            self._call(entry, geometry, grads, weights)
+            updates = self._call(entry, geometry, grads, weights, states)
+        for slot, update in zip(slots, updates):
+            slot.state.update(update)
 
     def post_step(self, items, states: Callable[[WorkItem], dict], ctx: StepContext):
         rescales = []
