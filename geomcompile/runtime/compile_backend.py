@@ -96,6 +96,11 @@ class Program:
         raise NotImplementedError
 
 
+def state_keys(program) -> tuple[str, ...]:
+    """The unit-state entries a program reads and sets (programs need not subclass Program)."""
+    return getattr(program, "state_keys", ())
+
+
 def compiled_program(item: WorkItem, ctx: StepContext) -> Program | None:
     """The item's compile program, or None when the item runs its geometry's eager program: the
     geometry has none, or a parameter of the unit is sharded in a layout whose update needs other
@@ -129,7 +134,7 @@ def _signature(tensors: Sequence[torch.Tensor]) -> tuple:
 def _transform_function(program: Program, geometry: Geometry, layouts: tuple) -> Callable:
     def transform_in_place(grads: list[torch.Tensor], weights: list[torch.Tensor],
                            states: list[dict]) -> list[dict]:
-        if program.state_keys:
+        if state_keys(program):
             new_grads, updates = program.transform_with_state(geometry, layouts, grads, weights, states)
         else:
             new_grads, updates = program.transform(geometry, layouts, grads, weights), []
@@ -233,7 +238,7 @@ class CompileBackend(Backend):
                 if program is None:
                     item.geometry.pre_step(item.unit, grads, states(item), ctx)
                     continue
-                state = states(item) if program.state_keys else None
+                state = states(item) if state_keys(program) else None
                 for name, facts, grad in zip(item.unit.names, item.unit.facts, grads):
                     grad = local(grad) if grad is not None else None      # sharded: this rank's rows
                     if grad is not None and grad.numel():      # the transforms are the identity on empty grads
@@ -247,7 +252,8 @@ class CompileBackend(Backend):
         layouts = tuple(program.layout(geometry, s.facts) for s in slots)
         grads = [s.tensor for s in slots]
         weights = [local(ctx.params[s.name]).detach() for s in slots] if program.uses_weights else []
-        states = [{key: s.state[key] for key in program.state_keys} for s in slots] if program.state_keys else []
+        keys = state_keys(program)
+        states = [{key: s.state[key] for key in keys} for s in slots] if keys else []
         entry = self._function("transform", program, geometry, layouts, grads + weights, _transform_function)
         with torch.no_grad():
             updates = self._call(entry, geometry, grads, weights, states)
