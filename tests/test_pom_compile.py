@@ -105,3 +105,21 @@ def test_concatenated_layers_keep_their_own_groups():
                                      state["radius"], state["group_id"].reshape(-1), state["n_groups"])
         torch.testing.assert_close(R, R_want, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(new, want.reshape(grad.shape), rtol=1e-6, atol=1e-7)
+
+
+def test_compiled_single_group():
+    """A layer whose components form one group (filters, PO, the whole axis): compiled, it must equal
+    the uncompiled call (torch 2.13 inductor fails on an index_add_ into one element; the program
+    keeps a spare group)."""
+    from geomcompile.geometries.pom import pom_direction_of_layers
+    g = torch.Generator().manual_seed(2)
+    weight, grad = torch.randn(8, 3, 3, 3, generator=g), torch.randn(8, 3, 3, 3, generator=g)
+    states = [{"group_id": torch.zeros(8, dtype=torch.long), "n_groups": 1, "radius": 1.0}]
+
+    def direction(weights, grads):
+        return pom_direction_of_layers(weights, grads, "filter", "sphere", states)
+    (got,), (R,) = torch.compile(direction, fullgraph=True)([weight], [grad])
+    (want,), (R_want,) = direction([weight], [grad])
+    assert R.shape == (1,)
+    torch.testing.assert_close(R, R_want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
