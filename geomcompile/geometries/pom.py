@@ -391,13 +391,14 @@ class CompiledPOM:
 
     Parameters with the same component shape n×k, dtype and device are transformed by one call
     of pom_direction_of_layers (one projection, one index_add_ of R_g² over all their groups).
-    needs_retraction is True for every parameter: the step moves every component off its manifold
-    and post_step also updates the radius (feature_std), so skipping any would differ from eager.
+    always_retracts: the step moves every component off its manifold and post_step also updates the
+    radius (feature_std), so every parameter's post_step runs, with no compiled check.
     """
 
     name = "pom"
     uses_weights = True
     retracts = True
+    always_retracts = True
     state_keys = ("group_id", "n_groups", "radius", "nonfinite_steps")
 
     def layout(self, geometry, facts):
@@ -420,9 +421,6 @@ class CompiledPOM:
                 updates[i] = {**counter, "last_max_group_norm": R_i.max(),
                               "normalised_groups": (pom_zeta(R_i) > 1).sum()}
         return out, updates
-
-    def needs_retraction(self, geometry, layouts, weights):
-        return torch.ones(len(weights), dtype=torch.bool, device=weights[0].device)
 
 
 # ---- the geometry -----------------------------------------------------------------------------

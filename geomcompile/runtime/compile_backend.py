@@ -66,7 +66,9 @@ class Program:
     transform(geometry, layouts, grads, weights): the new gradients (pure; no in-place writes).
     needs_retraction(geometry, layouts, weights): a bool tensor with one entry per parameter, True
         where the geometry's eager post_step may change something. Only for ``retracts = True``,
-        whose eager post_step must act on each parameter of a unit independently.
+        whose eager post_step must act on each parameter of a unit independently. A program with
+        ``always_retracts = True`` has none: its geometry's eager post_step runs for every unit
+        that took part in the step, with no compiled check and no host sync.
 
     A program whose pre-step reads or writes the unit's state (per-unit tables, diagnostics the
     eager pre_step records) names those entries in ``state_keys`` and provides, instead of
@@ -78,6 +80,7 @@ class Program:
     name: str = ""
     uses_weights = False
     retracts = False
+    always_retracts = False
     state_keys: tuple[str, ...] = ()
 
     def layout(self, geometry: Geometry, facts: ParamFacts) -> Hashable:
@@ -281,8 +284,12 @@ class CompileBackend(Backend):
 
     def _retract(self, geometry: Geometry, slots: list[_Slot], states, ctx: StepContext):
         """The compiled check flags parameters near their limit; every unit with a flagged parameter
-        runs the geometry's exact eager post_step, whole (a unit is never split)."""
+        runs the geometry's exact eager post_step, whole (a unit is never split). A program that
+        always retracts needs no check: every unit runs it."""
         program = fast_path(geometry, "compile")
+        if getattr(program, "always_retracts", False):
+            units = {id(slot.item): slot.item for slot in slots}
+            return [rescale for item in units.values() for rescale in eager_post_step(item, states, ctx)]
         layouts = tuple(program.layout(geometry, s.facts) for s in slots)
         live = [i for i, s in enumerate(slots) if s.tensor.numel()]     # a shard may hold no rows
         flags = [False] * len(slots)
