@@ -1,6 +1,6 @@
 """pom's compile fast path (geometries/pom.py::CompiledPOM) beyond the registry matrix: the matrix row
 pom × compile really runs the compiled program (one function for the bucket's layers), and the
-program, run uncompiled, equals pom's eager pre_step on the options the matrix does not cover
+program, run uncompiled, equals pom's eager pre_step and post_step on the options the matrix does not cover
 (per-layer radii, feature_std's tensor radius, oblique and Stiefel components, PO / PIO groups,
 filters, non-finite gradients), state included."""
 import warnings
@@ -28,8 +28,9 @@ def test_matrix_case_runs_pom_compiled_one_function_for_the_bucket():
     assert any("torch.compile" in line and "runs pom (" in line for line in notes), notes
     assert not any("failed" in line for line in notes), notes
     # conv1 and conv2 both have 3x3 kernels: one compiled function transforms both
-    used = [(key, e) for key, e in _pom_entries("transform") if e.calls and len(key[3]) == 2]
-    assert used and all(e.failure is None for _, e in used), [key[3] for key, _ in _pom_entries("transform")]
+    for phase in ("transform", "retract in graph"):
+        used = [(key, e) for key, e in _pom_entries(phase) if e.calls and len(key[3]) == 2]
+        assert used and all(e.failure is None for _, e in used), (phase, [key[3] for key, _ in _pom_entries(phase)])
 
 
 POLICIES = {
@@ -68,6 +69,8 @@ def test_program_uncompiled_equals_eager_pre_step(case, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     _, model, opt = _run(POLICIES[case], "compile")
     assert [e.calls for _, e in _pom_entries("transform")] and all(e.calls for _, e in _pom_entries("transform"))
+    in_graph = _pom_entries("retract in graph")       # Stiefel's SVD / QR retraction stays eager
+    assert bool(in_graph) == (POLICIES[case]["manifold"] != "stiefel") and all(e.calls for _, e in in_graph)
     _, ref, opt_ref = _run(POLICIES[case], "eager")
     tol = dict(rtol=1e-5, atol=1e-6, equal_nan=True)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):

@@ -384,6 +384,16 @@ def pom_direction_of_layers(weights: list[torch.Tensor], grads: list[torch.Tenso
     return pieces, list(R[:-spare].split(n_groups))
 
 
+def pom_retract_layers(weights: list[torch.Tensor], component: str, manifold: str, radii: list) -> list[torch.Tensor]:
+    """POM.post_step's retraction of several parameters whose components have the same n×k shape, in
+    one call of pom_retract (every component is retracted on its own, so concatenating is exact up
+    to the radius: see _component_radii). Returns the new weights in their own dtype."""
+    x = torch.cat([as_components(weight, component) for weight in weights])
+    counts = [weight.numel() // (x.shape[-2] * x.shape[-1]) for weight in weights]
+    y = pom_retract(x, manifold, _component_radii(radii, counts, x))
+    return [piece.reshape(weight.shape).to(weight.dtype) for piece, weight in zip(y.split(counts), weights)]
+
+
 class CompiledPOM:
     """The compile fast path (protocol: runtime/compile_backend.Program): POM.pre_step's FG-SGD
     direction (tangent projection, R_g, division by ζ_g) over a whole bucket, and the state pre_step
@@ -392,14 +402,16 @@ class CompiledPOM:
     Parameters with the same component shape n×k, dtype and device are transformed by one call
     of pom_direction_of_layers (one projection, one index_add_ of R_g² over all their groups).
     always_retracts: the step moves every component off its manifold and post_step also updates the
-    radius (feature_std), so every parameter's post_step runs, with no compiled check.
+    radius (feature_std), so every parameter is retracted, with no compiled check: sphere and
+    oblique components by one compiled pom_retract_layers per component shape, Stiefel ones by
+    POM.post_step (its SVD / QR stays eager).
     """
 
     name = "pom"
     uses_weights = True
     retracts = True
     always_retracts = True
-    state_keys = ("group_id", "n_groups", "radius", "nonfinite_steps")
+    state_keys = ("group_id", "n_groups", "radius", "nonfinite_steps", "base_radius", "feature_std")
 
     def layout(self, geometry, facts):
         return component_grid(tuple(facts.shape), geometry.opts["component"])[1:]      # (n, k)
@@ -421,6 +433,25 @@ class CompiledPOM:
                 updates[i] = {**counter, "last_max_group_norm": R_i.max(),
                               "normalised_groups": (pom_zeta(R_i) > 1).sum()}
         return out, updates
+
+    def retracts_in_graph(self, geometry):
+        return geometry.opts["manifold"] != "stiefel"
+
+    def retract_with_state(self, geometry, layouts, weights, states):
+        o = geometry.opts
+        # the radius as POM.post_step sets it: λ (feature_std) floored at min_std
+        radii = [state["base_radius"] / state["feature_std"].clamp_min(o["min_std"]) if o["feature_std"]
+                 else state["base_radius"] for state in states]
+        families: dict[tuple, list[int]] = {}
+        for i, (weight, nk) in enumerate(zip(weights, layouts)):
+            families.setdefault((nk, weight.dtype, weight.device), []).append(i)
+        out: list = [None] * len(weights)
+        for index in families.values():
+            new = pom_retract_layers([weights[i] for i in index], o["component"], o["manifold"],
+                                     [radii[i] for i in index])
+            for i, weight in zip(index, new):
+                out[i] = weight
+        return out, [{"radius": r} if o["feature_std"] else {} for r in radii]
 
 
 # ---- the geometry -----------------------------------------------------------------------------

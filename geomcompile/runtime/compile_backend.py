@@ -68,12 +68,15 @@ class Program:
         where the geometry's eager post_step may change something. Only for ``retracts = True``,
         whose eager post_step must act on each parameter of a unit independently. A program with
         ``always_retracts = True`` has none: its geometry's eager post_step runs for every unit
-        that took part in the step, with no compiled check and no host sync.
+        that took part in the step, with no compiled check and no host sync; where its
+        ``retracts_in_graph(geometry)`` is True, the retraction itself is compiled instead:
+        retract_with_state(geometry, layouts, weights, states) returns (the new weights, per
+        parameter a dict of state entries to set), with ``states`` as for transform_with_state.
 
     A program whose pre-step reads or writes the unit's state (per-unit tables, diagnostics the
     eager pre_step records) names those entries in ``state_keys`` and provides, instead of
     transform, transform_with_state(geometry, layouts, grads, weights, states): ``states`` holds,
-    per parameter, a dict of its unit's entries ``state_keys``; it returns (the new gradients, per
+    per parameter, a dict of its unit's entries ``state_keys`` (those the state has); it returns (the new gradients, per
     parameter a dict of state entries to set), written into the unit's state after the call.
     """
 
@@ -102,6 +105,11 @@ class Program:
 def state_keys(program) -> tuple[str, ...]:
     """The unit-state entries a program reads and sets (programs need not subclass Program)."""
     return getattr(program, "state_keys", ())
+
+
+def _program_states(program, slots) -> list[dict]:
+    keys = state_keys(program)
+    return [{key: s.state[key] for key in keys if key in s.state} for s in slots] if keys else []
 
 
 def compiled_program(item: WorkItem, ctx: StepContext) -> Program | None:
@@ -148,6 +156,15 @@ def _transform_function(program: Program, geometry: Geometry, layouts: tuple) ->
             grad.copy_(new)
         return updates
     return _fresh_code(transform_in_place)
+
+
+def _retraction_function(program: Program, geometry: Geometry, layouts: tuple) -> Callable:
+    def retract_in_place(weights: list[torch.Tensor], states: list[dict]) -> list[dict]:
+        new_weights, updates = program.retract_with_state(geometry, layouts, weights, states)
+        for weight, new in zip(weights, new_weights):       # per-tensor copy_: see _transform_function
+            weight.copy_(new)
+        return updates
+    return _fresh_code(retract_in_place)
 
 
 def _check_function(program: Program, geometry: Geometry, layouts: tuple) -> Callable:
@@ -255,8 +272,7 @@ class CompileBackend(Backend):
         layouts = tuple(program.layout(geometry, s.facts) for s in slots)
         grads = [s.tensor for s in slots]
         weights = [local(ctx.params[s.name]).detach() for s in slots] if program.uses_weights else []
-        keys = state_keys(program)
-        states = [{key: s.state[key] for key in keys} for s in slots] if keys else []
+        states = _program_states(program, slots)
         entry = self._function("transform", program, geometry, layouts, grads + weights, _transform_function)
         with torch.no_grad():
             updates = self._call(entry, geometry, grads, weights, states)
@@ -287,6 +303,9 @@ class CompileBackend(Backend):
         runs the geometry's exact eager post_step, whole (a unit is never split). A program that
         always retracts needs no check: every unit runs it."""
         program = fast_path(geometry, "compile")
+        if getattr(program, "always_retracts", False) and program.retracts_in_graph(geometry):
+            self._retract_in_graph(program, geometry, slots, states)
+            return []
         if getattr(program, "always_retracts", False):
             units = {id(slot.item): slot.item for slot in slots}
             return [rescale for item in units.values() for rescale in eager_post_step(item, states, ctx)]
@@ -307,3 +326,14 @@ class CompileBackend(Backend):
         for item in flagged.values():
             rescales += eager_post_step(item, states, ctx)
         return rescales
+
+    def _retract_in_graph(self, program: Program, geometry: Geometry, slots: list[_Slot], states) -> None:
+        """The bucket's retraction as one compiled function writing the weights (no Rescale events:
+        a program retracts in the graph only where its geometry's post_step returns none)."""
+        for slot in slots:
+            slot.state = states(slot.item)
+        layouts = tuple(program.layout(geometry, s.facts) for s in slots)
+        weights = [s.tensor for s in slots]
+        entry = self._function("retract in graph", program, geometry, layouts, weights, _retraction_function)
+        for slot, update in zip(slots, self._call(entry, geometry, weights, _program_states(program, slots))):
+            slot.state.update(update)
