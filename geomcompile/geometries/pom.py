@@ -394,10 +394,20 @@ def pom_retract_layers(weights: list[torch.Tensor], component: str, manifold: st
     return [piece.reshape(weight.shape).to(weight.dtype) for piece, weight in zip(y.split(counts), weights)]
 
 
+def _same_components(layouts, *tensor_lists) -> list[list[int]]:
+    """The parameters, by index, whose components have the same n×k shape (layout), dtypes and device:
+    those one call concatenates."""
+    families: dict[tuple, list[int]] = {}
+    for i, nk in enumerate(layouts):
+        of_i = [tensors[i] for tensors in tensor_lists]
+        families.setdefault((nk, *(t.dtype for t in of_i), of_i[0].device), []).append(i)
+    return list(families.values())
+
+
 class CompiledPOM:
     """The compile fast path (protocol: runtime/compile_backend.Program): POM.pre_step's FG-SGD
-    direction (tangent projection, R_g, division by ζ_g) over a whole bucket, and the state pre_step
-    records; the retraction is POM.post_step itself, run for every parameter after the step.
+    direction (tangent projection, R_g, division by ζ_g) over a whole bucket, with the state pre_step
+    records, and POM.post_step's retraction.
 
     Parameters with the same component shape n×k, dtype and device are transformed by one call
     of pom_direction_of_layers (one projection, one index_add_ of R_g² over all their groups).
@@ -417,12 +427,9 @@ class CompiledPOM:
         return component_grid(tuple(facts.shape), geometry.opts["component"])[1:]      # (n, k)
 
     def transform_with_state(self, geometry, layouts, grads, weights, states):
-        families: dict[tuple, list[int]] = {}
-        for i, (grad, weight, nk) in enumerate(zip(grads, weights, layouts)):
-            families.setdefault((nk, grad.dtype, weight.dtype, grad.device), []).append(i)
         out: list = [None] * len(grads)
         updates: list = [None] * len(grads)
-        for index in families.values():
+        for index in _same_components(layouts, grads, weights):
             new, R = pom_direction_of_layers([weights[i] for i in index], [grads[i] for i in index],
                                              geometry.opts["component"], geometry.opts["manifold"],
                                              [states[i] for i in index])
@@ -442,11 +449,8 @@ class CompiledPOM:
         # the radius as POM.post_step sets it: λ (feature_std) floored at min_std
         radii = [state["base_radius"] / state["feature_std"].clamp_min(o["min_std"]) if o["feature_std"]
                  else state["base_radius"] for state in states]
-        families: dict[tuple, list[int]] = {}
-        for i, (weight, nk) in enumerate(zip(weights, layouts)):
-            families.setdefault((nk, weight.dtype, weight.device), []).append(i)
         out: list = [None] * len(weights)
-        for index in families.values():
+        for index in _same_components(layouts, weights):
             new = pom_retract_layers([weights[i] for i in index], o["component"], o["manifold"],
                                      [radii[i] for i in index])
             for i, weight in zip(index, new):
