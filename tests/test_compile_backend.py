@@ -70,7 +70,7 @@ def _program(name):
 
 def test_compile_is_registered_and_has_programs_for_the_issue_geometries():
     assert BACKENDS["compile"] is CompileBackend
-    assert _program("channel_directed") is not None and _program("psi") is not None
+    assert all(_program(name) is not None for name in ("channel_directed", "psi", "pom"))
 
 
 @pytest.mark.parametrize("opt_name", list(PARITY_OPTIMIZERS))
@@ -85,7 +85,7 @@ def test_matches_eager_over_five_steps(case_name, opt_name):
 
 
 # The registry-driven runtime tests of tests/test_runtime.py with backend="compile": passed directly
-# to the tests that take a backend, and in place of "auto" for those that do not. Geometries without a compiled program (spectral, pom) run their
+# to the tests that take a backend, and in place of "auto" for those that do not. Geometries without a compiled program (spectral) run their
 # eager program inside the compile backend, so they take part too.
 @pytest.fixture
 def compile_by_default(monkeypatch):

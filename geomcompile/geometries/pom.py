@@ -339,6 +339,125 @@ def feature_std_distributed_problem() -> str | None:
             f"apart. Fix: set `feature_std: false` (or a numeric radius) for distributed training")
 
 
+# ---- the compile fast path ----------------------------------------------------------------------
+def _component_radii(radii: list, counts: list[int], like: torch.Tensor):
+    """The radii of several parameters' concatenated components: the one float when all are the same
+    float (what each parameter's pre_step uses), else one radius per component, in like's dtype (a
+    tensor radius, as feature_std makes it, is cast so in pom_proj too)."""
+    if not any(isinstance(r, torch.Tensor) for r in radii) and len({float(r) for r in radii}) == 1:
+        return float(radii[0])
+    return torch.cat([torch.as_tensor(r, dtype=like.dtype, device=like.device).reshape(1).expand(count)
+                      for r, count in zip(radii, counts)])
+
+
+def pom_direction_of_layers(weights: list[torch.Tensor], grads: list[torch.Tensor], component: str, manifold: str,
+                            states: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """POM.pre_step's new gradient of several parameters whose components have the same n×k shape, in
+    one call of pom_direction, and R_g of each parameter's groups.
+
+    The components are concatenated along the component axis and every parameter's group ids are
+    offset by the groups before it, so groups never mix layers. Non-finite gradient entries pass
+    through and non-finite weight entries read as 0, as in pre_step (pass_nonfinite is elementwise,
+    so applying it to the concatenation applies it to every parameter)."""
+    w = torch.cat([finite_entries(as_components(weight, component)) for weight in weights])
+    n, k = w.shape[-2:]
+    counts = [grad.numel() // (n * k) for grad in grads]
+    n_groups = [state["n_groups"] for state in states]
+    offsets = [sum(n_groups[:i]) for i in range(len(n_groups))]
+    group_id = torch.cat([state["group_id"].to(w.device).reshape(-1) + offset
+                          for state, offset in zip(states, offsets)])
+    radius = _component_radii([state["radius"] for state in states], counts, w)
+    # One spare group that no component belongs to (its R is 0 and unused): torch 2.13 inductor on
+    # CPU fails to compile an index_add_ into a one-element tensor (one layer whose components form
+    # one group, e.g. filters grouped PO), tests/test_pom_compile.py::test_compiled_single_group.
+    spare = 1
+    R = None
+
+    def direction_of(g: torch.Tensor) -> torch.Tensor:
+        nonlocal R
+        direction, R = pom_direction(w, g.to(compute_dtype(g.dtype)), manifold, radius, group_id,
+                                     sum(n_groups) + spare)
+        return fit_dtype(direction, g.dtype)
+
+    new = pass_nonfinite(direction_of, torch.cat([grad.reshape(-1, n, k) for grad in grads]))
+    pieces = [piece.reshape(grad.shape) for piece, grad in zip(new.split(counts), grads)]
+    return pieces, list(R[:-spare].split(n_groups))
+
+
+def pom_retract_layers(weights: list[torch.Tensor], component: str, manifold: str, radii: list) -> list[torch.Tensor]:
+    """POM.post_step's retraction of several parameters whose components have the same n×k shape, in
+    one call of pom_retract (every component is retracted on its own, so concatenating is exact up
+    to the radius: see _component_radii). Returns the new weights in their own dtype."""
+    x = torch.cat([as_components(weight, component) for weight in weights])
+    counts = [weight.numel() // (x.shape[-2] * x.shape[-1]) for weight in weights]
+    y = pom_retract(x, manifold, _component_radii(radii, counts, x))
+    return [piece.reshape(weight.shape).to(weight.dtype) for piece, weight in zip(y.split(counts), weights)]
+
+
+def _same_components(layouts, *tensor_lists) -> list[list[int]]:
+    """The parameters, by index, whose components have the same n×k shape (layout), dtypes and device:
+    those one call concatenates."""
+    families: dict[tuple, list[int]] = {}
+    for i, nk in enumerate(layouts):
+        of_i = [tensors[i] for tensors in tensor_lists]
+        families.setdefault((nk, *(t.dtype for t in of_i), of_i[0].device), []).append(i)
+    return list(families.values())
+
+
+class CompiledPOM:
+    """The compile fast path (protocol: runtime/compile_backend.Program): POM.pre_step's FG-SGD
+    direction (tangent projection, R_g, division by ζ_g) over a whole bucket, with the state pre_step
+    records, and POM.post_step's retraction.
+
+    Parameters with the same component shape n×k, dtype and device are transformed by one call
+    of pom_direction_of_layers (one projection, one index_add_ of R_g² over all their groups).
+    always_retracts: the step moves every component off its manifold and post_step also updates the
+    radius (feature_std), so every parameter is retracted, with no compiled check: sphere and
+    oblique components by one compiled pom_retract_layers per component shape, Stiefel ones by
+    POM.post_step (its SVD / QR stays eager).
+    """
+
+    name = "pom"
+    uses_weights = True
+    retracts = True
+    always_retracts = True
+    state_keys = ("group_id", "n_groups", "radius", "nonfinite_steps", "base_radius", "feature_std")
+
+    def layout(self, geometry, facts):
+        return component_grid(tuple(facts.shape), geometry.opts["component"])[1:]      # (n, k)
+
+    def transform_with_state(self, geometry, layouts, grads, weights, states):
+        out: list = [None] * len(grads)
+        updates: list = [None] * len(grads)
+        for index in _same_components(layouts, grads, weights):
+            new, R = pom_direction_of_layers([weights[i] for i in index], [grads[i] for i in index],
+                                             geometry.opts["component"], geometry.opts["manifold"],
+                                             [states[i] for i in index])
+            for i, new_grad, R_i in zip(index, new, R):
+                counter = {"nonfinite_steps": states[i]["nonfinite_steps"]}
+                count_nonfinite(counter, "nonfinite_steps", grads[i], weights[i])    # before the transform
+                out[i] = new_grad
+                updates[i] = {**counter, "last_max_group_norm": R_i.max(),
+                              "normalised_groups": (pom_zeta(R_i) > 1).sum()}
+        return out, updates
+
+    def retracts_in_graph(self, geometry):
+        return geometry.opts["manifold"] != "stiefel"
+
+    def retract_with_state(self, geometry, layouts, weights, states):
+        o = geometry.opts
+        # the radius as POM.post_step sets it: λ (feature_std) floored at min_std
+        radii = [state["base_radius"] / state["feature_std"].clamp_min(o["min_std"]) if o["feature_std"]
+                 else state["base_radius"] for state in states]
+        out: list = [None] * len(weights)
+        for index in _same_components(layouts, weights):
+            new = pom_retract_layers([weights[i] for i in index], o["component"], o["manifold"],
+                                     [radii[i] for i in index])
+            for i, weight in zip(index, new):
+                out[i] = weight
+        return out, [{"radius": r} if o["feature_std"] else {} for r in radii]
+
+
 # ---- the geometry -----------------------------------------------------------------------------
 RADIUS = Range(0, 65504, low_open=True, why_high="float16's largest value: a larger radius overflows a "
                                                 "half-precision weight, and its square float32 soon after")
@@ -365,6 +484,7 @@ class POM(Geometry):
     hurt_by_weight_decay = True
     match_hint = "match only conv and linear weights whose components fit these options"
     shard_refusal = None      # sharded form: pom_direction_sharded; the retraction is local
+    fast_paths = {"compile": "geomcompile.geometries.pom:CompiledPOM"}
     options = {
         "manifold": Option(str, "sphere", "component manifold: sphere (‖W‖=r), oblique (every column "
                                           "norm r) or stiefel (WᵀW = r²I)", choices=tuple(MANIFOLDS)),

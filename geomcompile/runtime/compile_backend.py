@@ -20,6 +20,11 @@ the results straight into ``p.grad``.
   flags the parameters with a unit within ``psi.RENORM_MARGIN`` of the limit (one host sync per
   bucket), and those run psi's eager ``post_step``, which decides exactly and rescales the
   optimizer state. Results match eager whatever the norms.
+* A program may read and set entries of its units' state (``Program.state_keys``: pom's group ids
+  and radius in, the diagnostics its eager pre_step records out); they enter the compiled function
+  as inputs and come back as outputs, written into the unit's state after the call. A program
+  that always retracts (pom) skips the check: its retraction either runs compiled per bucket
+  (``retracts_in_graph``: pom's sphere and oblique components) or is the eager post_step (Stiefel).
 * Sharded (FSDP2) parameters: a program whose ``shard_local(geometry, facts)`` says the transform
   of that layout needs no other rank's rows (``Geometry.shard_local``: psi's one-row units along
   dim 0, channel_directed on a conv-transpose's independent columns) runs compiled on the local shards; any other sharded unit
@@ -63,12 +68,25 @@ class Program:
     transform(geometry, layouts, grads, weights): the new gradients (pure; no in-place writes).
     needs_retraction(geometry, layouts, weights): a bool tensor with one entry per parameter, True
         where the geometry's eager post_step may change something. Only for ``retracts = True``,
-        whose eager post_step must act on each parameter of a unit independently.
+        whose eager post_step must act on each parameter of a unit independently. A program with
+        ``always_retracts = True`` has none: its geometry's eager post_step runs for every unit
+        that took part in the step, with no compiled check and no host sync; where its
+        ``retracts_in_graph(geometry)`` is True, the retraction itself is compiled instead:
+        retract_with_state(geometry, layouts, weights, states) returns (the new weights, per
+        parameter a dict of state entries to set), with ``states`` as for transform_with_state.
+
+    A program whose pre-step reads or writes the unit's state (per-unit tables, diagnostics the
+    eager pre_step records) names those entries in ``state_keys`` and provides, instead of
+    transform, transform_with_state(geometry, layouts, grads, weights, states): ``states`` holds,
+    per parameter, a dict of its unit's entries ``state_keys`` (those the state has); it returns (the new gradients, per
+    parameter a dict of state entries to set), written into the unit's state after the call.
     """
 
     name: str = ""
     uses_weights = False
     retracts = False
+    always_retracts = False
+    state_keys: tuple[str, ...] = ()
 
     def layout(self, geometry: Geometry, facts: ParamFacts) -> Hashable:
         raise NotImplementedError
@@ -77,9 +95,23 @@ class Program:
                   weights: list[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def transform_with_state(self, geometry: Geometry, layouts: Sequence, grads: list[torch.Tensor],
+                             weights: list[torch.Tensor], states: list[dict]) -> tuple[list[torch.Tensor], list[dict]]:
+        raise NotImplementedError
+
     def needs_retraction(self, geometry: Geometry, layouts: Sequence,
                          weights: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+
+def state_keys(program) -> tuple[str, ...]:
+    """The unit-state entries a program reads and sets (programs need not subclass Program)."""
+    return getattr(program, "state_keys", ())
+
+
+def _program_states(program, slots) -> list[dict]:
+    keys = state_keys(program)
+    return [{key: s.state[key] for key in keys if key in s.state} for s in slots] if keys else []
 
 
 def compiled_program(item: WorkItem, ctx: StepContext) -> Program | None:
@@ -113,13 +145,28 @@ def _signature(tensors: Sequence[torch.Tensor]) -> tuple:
 
 
 def _transform_function(program: Program, geometry: Geometry, layouts: tuple) -> Callable:
-    def transform_in_place(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
+    def transform_in_place(grads: list[torch.Tensor], weights: list[torch.Tensor],
+                           states: list[dict]) -> list[dict]:
+        if state_keys(program):
+            new_grads, updates = program.transform_with_state(geometry, layouts, grads, weights, states)
+        else:
+            new_grads, updates = program.transform(geometry, layouts, grads, weights), []
         # Per-tensor copy_, not torch._foreach_copy_: with torch 2.13 inductor on CPU,
         # _foreach_copy_(xs, [x * x.sum(0, keepdim=True) for x in xs]) writes wrong values into
         # the second tensor (tests/test_compile_backend.py::test_foreach_copy_miscompile_still_avoided).
-        for grad, new in zip(grads, program.transform(geometry, layouts, grads, weights)):
+        for grad, new in zip(grads, new_grads):
             grad.copy_(new)
+        return updates
     return _fresh_code(transform_in_place)
+
+
+def _retraction_function(program: Program, geometry: Geometry, layouts: tuple) -> Callable:
+    def retract_in_place(weights: list[torch.Tensor], states: list[dict]) -> list[dict]:
+        new_weights, updates = program.retract_with_state(geometry, layouts, weights, states)
+        for weight, new in zip(weights, new_weights):       # per-tensor copy_: see _transform_function
+            weight.copy_(new)
+        return updates
+    return _fresh_code(retract_in_place)
 
 
 def _check_function(program: Program, geometry: Geometry, layouts: tuple) -> Callable:
@@ -135,6 +182,7 @@ class _Slot:
     name: str
     facts: ParamFacts
     tensor: torch.Tensor             # the gradient (pre-step) or the weight (post-step)
+    state: dict | None = None        # the unit's state, for a program with state_keys (pre-step)
 
 
 class CompileBackend(Backend):
@@ -208,13 +256,15 @@ class CompileBackend(Backend):
         for stage in STAGES:
             buckets: dict[Geometry, list[_Slot]] = defaultdict(list)
             for item, grads in stage_items_with_grads(items, stage, ctx):
-                if compiled_program(item, ctx) is None:
+                program = compiled_program(item, ctx)
+                if program is None:
                     item.geometry.pre_step(item.unit, grads, states(item), ctx)
                     continue
+                state = states(item) if state_keys(program) else None
                 for name, facts, grad in zip(item.unit.names, item.unit.facts, grads):
                     grad = local(grad) if grad is not None else None      # sharded: this rank's rows
                     if grad is not None and grad.numel():      # the transforms are the identity on empty grads
-                        buckets[item.geometry].append(_Slot(item, name, facts, grad))
+                        buckets[item.geometry].append(_Slot(item, name, facts, grad, state))
             for geometry, slots in buckets.items():
                 self._transform(geometry, slots, ctx)
             ctx.run_queued()            # the stage's sharded eager programs, collectives batched
@@ -224,9 +274,12 @@ class CompileBackend(Backend):
         layouts = tuple(program.layout(geometry, s.facts) for s in slots)
         grads = [s.tensor for s in slots]
         weights = [local(ctx.params[s.name]).detach() for s in slots] if program.uses_weights else []
+        states = _program_states(program, slots)
         entry = self._function("transform", program, geometry, layouts, grads + weights, _transform_function)
         with torch.no_grad():
-            self._call(entry, geometry, grads, weights)
+            updates = self._call(entry, geometry, grads, weights, states)
+        for slot, update in zip(slots, updates):
+            slot.state.update(update)
 
     def post_step(self, items, states: Callable[[WorkItem], dict], ctx: StepContext):
         rescales = []
@@ -249,8 +302,15 @@ class CompileBackend(Backend):
 
     def _retract(self, geometry: Geometry, slots: list[_Slot], states, ctx: StepContext):
         """The compiled check flags parameters near their limit; every unit with a flagged parameter
-        runs the geometry's exact eager post_step, whole (a unit is never split)."""
+        runs the geometry's exact eager post_step, whole (a unit is never split). A program that
+        always retracts needs no check: every unit runs it."""
         program = fast_path(geometry, "compile")
+        if getattr(program, "always_retracts", False) and program.retracts_in_graph(geometry):
+            self._retract_in_graph(program, geometry, slots, states)
+            return []
+        if getattr(program, "always_retracts", False):
+            units = {id(slot.item): slot.item for slot in slots}
+            return [rescale for item in units.values() for rescale in eager_post_step(item, states, ctx)]
         layouts = tuple(program.layout(geometry, s.facts) for s in slots)
         live = [i for i, s in enumerate(slots) if s.tensor.numel()]     # a shard may hold no rows
         flags = [False] * len(slots)
@@ -268,3 +328,14 @@ class CompileBackend(Backend):
         for item in flagged.values():
             rescales += eager_post_step(item, states, ctx)
         return rescales
+
+    def _retract_in_graph(self, program: Program, geometry: Geometry, slots: list[_Slot], states) -> None:
+        """The bucket's retraction as one compiled function writing the weights (no Rescale events:
+        a program retracts in the graph only where its geometry's post_step returns none)."""
+        for slot in slots:
+            slot.state = states(slot.item)
+        layouts = tuple(program.layout(geometry, s.facts) for s in slots)
+        weights = [s.tensor for s in slots]
+        entry = self._function("retract in graph", program, geometry, layouts, weights, _retraction_function)
+        for slot, update in zip(slots, self._call(entry, geometry, weights, _program_states(program, slots))):
+            slot.state.update(update)
