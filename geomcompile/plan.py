@@ -208,8 +208,9 @@ class Plan:
     def on_retract(self, callback) -> "object":
         """Call ``callback(event)`` after every function-preserving rescale a geometry applies (psi's
         renormalisation), with a ``gc.Rescale`` (name, param, facts, channel_factors, scale).
-        psi's eager renormalisation sends an event for every parameter it checked at every step,
-        with factors of 1 where nothing changed (it does not read the factors on the host: no sync).
+        On a GPU psi's eager renormalisation sends an event for every parameter it checked at every
+        step, with factors of 1 where nothing changed (it does not read the factors on the host: no
+        sync); on CPU only for the parameters it renormalised.
         Returns a handle whose ``remove()`` stops it. Use it to keep copies of the weights in step
         (``gc.ema.follow`` does this for AveragedModel / EMA models)."""
         if self._installation is None:

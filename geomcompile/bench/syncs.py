@@ -143,9 +143,14 @@ def _dispatch_sync(func, args, kwargs) -> str | None:
 @contextlib.contextmanager
 def detect_host_syncs(host: Iterable[torch.Tensor] = ()):
     """Context manager yielding a SyncLog of every host sync inside it (see the module docstring)."""
+    from ..geometries import base
     log, known, muted = SyncLog(), _Host(host), [0]
-    with _FunctionDetector(log, known, muted), _DispatchDetector(log, known, muted):
-        yield log
+    saved, base._CPU_STANDS_IN_FOR_DEVICE[0] = base._CPU_STANDS_IN_FOR_DEVICE[0], True   # the GPU's path
+    try:
+        with _FunctionDetector(log, known, muted), _DispatchDetector(log, known, muted):
+            yield log
+    finally:
+        base._CPU_STANDS_IN_FOR_DEVICE[0] = saved
 
 
 def count_host_syncs(step: Callable[[], object], host: Iterable[torch.Tensor] = ()) -> SyncLog:

@@ -382,6 +382,20 @@ def fit_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x.clamp(-big, big), x).to(dtype)
 
 
+# Set while the host-sync detector (bench/syncs.py) runs: CPU tensors then stand in for a GPU's.
+_CPU_STANDS_IN_FOR_DEVICE = [False]
+
+
+def host_reads_are_free(t: torch.Tensor) -> bool:
+    """Whether reading `t`'s values on the host costs nothing: a CPU tensor, no device to wait for (and
+    not while torch.compile traces). An eager program may then skip work that its branch-free path
+    would do for nothing: psi's renormalisation when no unit needs it, with its optimizer-state and
+    running-statistics rescales, is about 1 ms of the demo's 5 ms CPU step. On a GPU the program stays
+    branch-free (no sync). Under the host-sync detector this is False, so the detector checks the path
+    a GPU takes."""
+    return t.device.type == "cpu" and not _CPU_STANDS_IN_FOR_DEVICE[0] and not torch.compiler.is_compiling()
+
+
 def finite_entries(t: torch.Tensor) -> torch.Tensor:
     """`t` with its non-finite entries (NaN, ±Inf) read as 0: what a geometry's mixing transforms and
     iterative state see, so one bad entry cannot spread over its unit, its group or the next steps."""

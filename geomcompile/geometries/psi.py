@@ -20,7 +20,8 @@ import torch
 from ..analysis.facts import ParamFacts
 from ..findings import Finding
 from ..runtime.distributed import copy_result, local
-from .base import Geometry, Option, Rescale, StepContext, Unit, compute_dtype, fit_dtype, positive, register
+from .base import (Geometry, Option, Rescale, StepContext, Unit, compute_dtype, fit_dtype, host_reads_are_free,
+                   positive, register)
 
 
 def _unit_view(t: torch.Tensor, unit: str, dim: int, group_size: int | None) -> torch.Tensor:
@@ -276,8 +277,10 @@ class PSI(Geometry):
                 ctx.run_sharded(self._post_step_sharded(facts, p, state, ctx.shard(facts.name)))
                 continue
             factors = psi_renorm_factors(p.detach(), self.opts["max_norm"], u, dim, gs)
-            # Branch-free, so no host sync: factors of 1 (the common case) change nothing, bit for
-            # bit, in the weight, the optimizer state and the running statistics the event rescales.
+            if host_reads_are_free(p) and bool((factors == 1).all()):
+                continue        # CPU: nothing to renormalise, and reading that costs nothing
+            # On a device, branch-free, so no host sync: factors of 1 (the common case) change nothing,
+            # bit for bit, in the weight, the optimizer state and the running statistics the event rescales.
             scale = _expand_per_unit(factors, p, u, dim, gs)
             p.detach().copy_((p.detach().to(scale.dtype) * scale).to(p.dtype))
             state["renormalised"] += (factors != 1).sum().to(state["renormalised"].device)
@@ -295,6 +298,8 @@ class PSI(Geometry):
         norm = sums.sqrt()
         factors = torch.where(norm > self.opts["max_norm"], 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny),
                               torch.ones_like(norm))
+        if host_reads_are_free(w) and bool((factors == 1).all()):
+            return []           # CPU: as the unsharded post_step (the factors are replicated: ranks agree)
         # Branch-free like the unsharded post_step (no host sync): factors of 1 change nothing.
         channel = factors[unit_of_all]                # one factor per index along out_dim, every channel
         scale = _local_along(channel, w, dim, shard)
