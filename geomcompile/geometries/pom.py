@@ -38,7 +38,7 @@ from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileError
 from ..findings import Finding
 from ..names import get_canonical_submodule
-from ..runtime.distributed import local, run_now
+from ..runtime.distributed import local
 from .base import (Geometry, Option, Range, StepContext, Unit, compute_dtype, count_nonfinite, finite_entries,
                    fit_dtype, pass_nonfinite, pass_nonfinite_sharded, register)
 
@@ -308,16 +308,12 @@ def _rms_norm(components: torch.Tensor) -> float:
     return float(_sq_norm(components).mean().sqrt()) if components.numel() else 0.0
 
 
-def _summed(shard, t: torch.Tensor):
-    return (yield shard.sum(t))
-
-
 def _rms_norm_of(components: torch.Tensor, shard=None) -> float:
     """_rms_norm of the whole parameter; sharded: from the sum and count of all ranks' components."""
     if shard is None:
         return _rms_norm(components)
-    total = run_now(_summed(shard, torch.stack([_sq_norm(components).sum().to(torch.float64),
-                                                torch.tensor(float(components.shape[0]), dtype=torch.float64)])))
+    total = shard.sum_now(torch.stack([_sq_norm(components).sum().to(torch.float64),
+                                       torch.tensor(float(components.shape[0]), dtype=torch.float64)]))
     return float((total[0] / total[1]).sqrt()) if total[1] > 0 else 0.0
 
 

@@ -13,7 +13,6 @@ a ``Collective`` request wherever it needs one and receives the answer,
     sums = yield shard.sum(partial_sums)            # the elementwise sum over ranks
     pieces = yield shard.gather(block)              # every rank's block, stacked in rank order
     before, total = yield from shard.exclusive_scan(block)
-    full = yield from shard.to_full_rows(rows)
 
 and queues it with ``ctx.run_sharded(program)``. The runtime runs all programs queued in one
 stage of a step together, in lock-step rounds (``run_together``): each round, every waiting
@@ -169,6 +168,10 @@ class ShardInfo:
         """Request: the elementwise sum of `t` over the ranks (every rank gets the same bits)."""
         return Collective("sum", t.detach(), self.group, self.world)
 
+    def sum_now(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of `t` over the ranks, at once (outside a step's batched rounds, e.g. at install)."""
+        return run_now(_requesting(self.sum(t)))
+
     def gather(self, t: torch.Tensor) -> "Collective":
         """Request: every rank's `t`, stacked in rank order: shape (world, *t.shape)."""
         return Collective("gather", t.detach(), self.group, self.world)
@@ -183,14 +186,6 @@ class ShardInfo:
     def global_rows(self, device=None) -> torch.Tensor:
         """Indices of the local rows in the whole tensor (int64, shape (rows,))."""
         return torch.arange(self.start, self.stop, device=device)
-
-    def to_full_rows(self, t: torch.Tensor):
-        """Per-row values of the local rows (rows, ...) -> those of every row (global rows, ...), on
-        every rank: zeros outside the local rows, then a sum over ranks (exact). A generator:
-        ``full = yield from shard.to_full_rows(t)``."""
-        full = t.new_zeros((self.global_shape[0], *t.shape[1:]))
-        full[self.start:self.stop] = t
-        return (yield self.sum(full))
 
     def local_rows(self, t: torch.Tensor) -> torch.Tensor:
         """The local rows of a replicated tensor laid out along dim 0 like the parameter; a tensor of
@@ -241,15 +236,14 @@ def any_on_some_rank(flag: bool, shards: dict[str, ShardInfo]) -> bool:
     """`flag` or'ed over the ranks of the sharded parameters (a decision every rank must share)."""
     if not shards:
         return flag
-    info = next(iter(shards.values()))
-    return bool(run_now(_sum_program(info, torch.tensor([float(flag)]))).item() > 0)
+    return any_on_each_rank([flag], next(iter(shards.values())))[0]
 
 
 def any_on_each_rank(flags: list[bool], info: ShardInfo) -> list[bool]:
     """Each of `flags` or'ed over the ranks of `info`'s group (one all-reduce; every rank passes as many)."""
-    summed = run_now(_sum_program(info, torch.tensor([float(f) for f in flags])))
-    return [bool(x) for x in (summed > 0).tolist()]
+    return [bool(x) for x in (info.sum_now(torch.tensor([float(f) for f in flags])) > 0).tolist()]
 
 
-def _sum_program(info: ShardInfo, t: torch.Tensor):
-    return (yield info.sum(t))
+def _requesting(request: Collective):
+    """A sharded program of one request, returning its answer."""
+    return (yield request)
