@@ -3,20 +3,9 @@
     PYTHONPATH=. python benchmarks/gsgd_digits.py                     # full run (< 3 min on 2 CPU cores)
     PYTHONPATH=. python benchmarks/gsgd_digits.py --hs 8 --seeds 1 --epochs 1 --check identity   # smoke
 
-Data: the 8×8 digits, standardised with the training split's statistics, 1437 train / 360 test
-(stratified, random_state 0). Model: a bias-free ReLU MLP [64:h:h:10] (the paper's Table 6 models
-are bias-free), h ∈ {8, 16, 32, 64, 128}. Training: cross-entropy, lr 0.05 for every arm, batch 64,
-20 epochs, seeds 0-2, the same batches for every arm of a seed. Float64 throughout: the balanced and
-unbalanced G-SGD runs are the same trajectory in exact arithmetic, and float32 roundings would
-grow apart over the ~460 steps.
-
-Arms (all from the same He init of a seed):
-  sgd/he        plain SGD, He init;
-  sgd/skel1     plain SGD, He init with every skeleton weight set to 1 (the paper's init);
-  gsgd/skel1    G-SGD through gc.apply with gspace {step: exact, skeleton_init: paper} on the He init;
-  sgd/unbal     plain SGD from skel1 after a random 𝒢-rescaling of the hidden units, c ∈ [1/10, 10]
-                (uniform; Path-SGD's "unbalanced" setting);
-  gsgd/unbal    G-SGD (skeleton_init: keep) from that same unbalanced start.
+Data, model, training and the five arms (sgd/he, sgd/skel1, gsgd/skel1, sgd/unbal, gsgd/unbal):
+geomcompile/reproduce/gsgd.py, where the experiment lives (`geomcompile reproduce 002`); here
+h ∈ {8, 16, 32, 64, 128}, 20 epochs, seeds 0-2 by default.
 
 What it asserts (the design's acceptance trend, nothing more; --check identity keeps only the last):
   - gsgd/skel1's train loss is below sgd/skel1's at every h;

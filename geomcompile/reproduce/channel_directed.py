@@ -18,8 +18,8 @@ from torch import nn
 
 from .. import apply
 from ..demo import load_digits_tensors
-from .harness import (Report, Table, batch_schedule, fit, mean, mean_std, new_figure, paired_gain, progress_bar,
-                      save_figure, std)
+from .harness import (Report, Table, batch_schedule, fit, mean, mean_std, new_figure, paired_gain, per_seed_results,
+                      progress_bar, save_figure, std)
 
 PAPER, NAME = "000", "channel_directed"
 TITLE = "channel-directed gradients (re-weighted H0, Sobolev H1) for CNNs"
@@ -153,5 +153,5 @@ def run(budget: dict, budget_name: str, out_dir, progress: bool) -> Report:
              f"testing; CNN conv3x3(1->16)-ReLU-conv3x3(16->32)-ReLU-maxpool-linear, plain SGD lr {LR}, batch "
              f"{BATCH}, {budget['epochs']} epochs, seeds 0-{budget['seeds'] - 1}; channel_directed on conv1/conv2 "
              f"weights. Paper's λ: g = f + λ·f̄ (its Figure 3 code) = library h0 with lam = 1 + λ and conv lr × (1 + λ)")
-    results = {label: [{k: v for k, v in r.items() if k != "losses"} for r in rs] for label, rs in runs.items()}
-    return Report(PAPER, TITLE, CLAIM, setup, CRITERIA, [table], word, reasons, budget_name, [figure], results)
+    return Report(PAPER, TITLE, CLAIM, setup, CRITERIA, [table], word, reasons, budget_name, [figure],
+                  per_seed_results(runs))

@@ -17,8 +17,8 @@ from .. import apply
 from ..demo import load_digits_tensors
 from ..functional import pom_distance
 from ..geometries.pom import as_components
-from .harness import (Report, Table, batch_schedule, fit, mean_std, new_figure, paired_gain, progress_bar,
-                      save_figure)
+from .harness import (Report, Table, batch_schedule, fit, mean_std, new_figure, paired_gain, per_seed_results,
+                      progress_bar, save_figure)
 
 PAPER, NAME = "001", "fgsgd"
 TITLE = "FG-SGD on products of weight manifolds (pom)"
@@ -133,5 +133,5 @@ def run(budget: dict, budget_name: str, out_dir, progress: bool) -> Report:
              f"linear, SGD-momentum lr {LR} momentum {MOMENTUM}, batch {BATCH}, {budget['epochs']} epochs, seeds "
              f"0-{budget['seeds'] - 1}; pom on both convs: component kernel, radius init, manifold x grouping as "
              f"in the arm's name")
-    results = {label: [{k: v for k, v in r.items() if k != "losses"} for r in rs] for label, rs in runs.items()}
-    return Report(PAPER, TITLE, CLAIM, setup, CRITERIA, [table], word, reasons, budget_name, [figure], results)
+    return Report(PAPER, TITLE, CLAIM, setup, CRITERIA, [table], word, reasons, budget_name, [figure],
+                  per_seed_results(runs))

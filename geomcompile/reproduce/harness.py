@@ -187,6 +187,11 @@ class Report:
                 "results": self.results, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
+def per_seed_results(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Each arm's per-seed results for the JSON, without their loss curves (those go to the plots)."""
+    return {label: [{k: v for k, v in r.items() if k != "losses"} for r in rs] for label, rs in runs.items()}
+
+
 def write_json(report: Report, path: Path) -> None:
     path.write_text(json.dumps(report.as_dict(), indent=1, ensure_ascii=False, allow_nan=True) + "\n")
 
