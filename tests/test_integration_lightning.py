@@ -19,34 +19,19 @@ from torch import nn
 import geomcompile as gc
 from geomcompile.integrations.lightning import GeomCompile
 
-from .frameworks import (batches_loader as _loader, CD_CONV, LR, PSI, TinyBNNet, UpdateRecorder, assert_params_equal, assert_same_diagnostics,
-                         example_images, image_batches, scale_rows_to_norm, sobolev_on_convs)
+from .frameworks import (batches_loader as _loader, CD_CONV, LR, PSI, UpdateRecorder, assert_params_equal, assert_same_diagnostics,
+                         example_images, image_batches, sobolev_on_convs)
+from .lightning_models import BNLit
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
-class PlainLit(pl.LightningModule):
-    """A LightningModule that knows nothing of geomcompile."""
+class PlainLit(BNLit):
+    """A LightningModule that knows nothing of geomcompile; the callback applies the plan."""
 
-    def __init__(self, lr: float = LR, momentum: float = 0.0, seed: int = 0, row_norm: float | None = None):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.net = TinyBNNet()
-        if row_norm is not None:
-            for conv in (self.net.conv1, self.net.conv2):
-                scale_rows_to_norm(conv.weight, row_norm)
-        self.lr, self.momentum = lr, momentum
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
         self.example_input_array = example_images()[0]
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
 class TwoOptimizers(PlainLit):

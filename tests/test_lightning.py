@@ -10,39 +10,28 @@ import warnings
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 import pytest
-import torch
-from torch import nn
 
 import geomcompile as gc
 
-from .frameworks import (batches_loader as _loader, CD_CONV, LR, PSI, SPECTRAL, TinyBNNet, UpdateRecorder, assert_params_close,
+from .frameworks import (batches_loader as _loader, CD_CONV, LR, PSI, SPECTRAL, UpdateRecorder, assert_params_close,
                          assert_params_equal, assert_same_diagnostics, example_images, image_batches,
-                         scale_rows_to_norm, sobolev_on_convs, train_plain)
+                         sobolev_on_convs, train_plain)
+from .lightning_models import BNLit
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
-class LitNet(pl.LightningModule):
+class LitNet(BNLit):
+    """BNLit whose configure_optimizers applies the policy itself (gc.apply on its own SGD)."""
+
     def __init__(self, policy, lr: float = LR, momentum: float = 0.0, record: bool = False, seed: int = 0,
                  row_norm: float | None = None):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.net = TinyBNNet()
-        if row_norm is not None:
-            for conv in (self.net.conv1, self.net.conv2):
-                scale_rows_to_norm(conv.weight, row_norm)
-        self.policy, self.lr, self.momentum, self.record = policy, lr, momentum, record
+        super().__init__(lr=lr, momentum=momentum, seed=seed, row_norm=row_norm)
+        self.policy, self.record = policy, record
         self.plan = self.recorder = None
 
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
     def configure_optimizers(self):
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+        opt = super().configure_optimizers()
         self.plan = gc.apply(self, self.policy, opt, example_inputs=example_images())
         if self.record:
             self.recorder = UpdateRecorder(self, opt, self.lr, sobolev_on_convs(self))
