@@ -12,7 +12,8 @@ Parts, each writing one JSON file into OUT_DIR (and a line of summary to stdout)
    ``PARITY_STEPS`` float32 steps (one bfloat16 step), within the tolerances of tests/registry.py.
 2. ``optimizer_step_<model>.json`` for ResNet-50, VGG-16 and ResNet-56: ``geomcompile bench``'s
    optimizer step (CUDA events, medians) for plain SGD-momentum ``fused=True`` and ``foreach``, each
-   geometry x eager / compile / triton, and the copy bound; GB/s and x_copy give the achieved
+   geometry of ``STEP_GEOMETRIES`` (``--geometries``) x eager / compile / triton (a backend a geometry has
+   no fast path for runs its eager program, and the row's note says so), and the copy bound; GB/s and x_copy give the achieved
    bandwidth against the measured copy bandwidth.
 3. ``train_step_resnet56.json``: the full training step of ResNet-56 at batch 128 with the shipped
    ``resnet`` policy (triton backend) against plain training.
@@ -51,6 +52,9 @@ PARITY_OPTIMIZERS = {
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=1e-2),
 }
 STEP_MODELS = ("resnet50", "vgg16", "resnet56")
+# Every geometry with a policy on these CNNs (gspace needs ReLU chains without normalisation: not timed
+# here). pom and spectral use their bench policies' defaults (geomcompile/bench/workloads.py).
+STEP_GEOMETRIES = ("channel_directed", "psi", "pom", "spectral")
 
 
 class ParityNet(nn.Module):
@@ -142,13 +146,14 @@ def parity(device, quick: bool) -> dict:
 
 
 # ---- 2./3. timed steps ------------------------------------------------------------------------------
-def step_bench(model: str, device: str, quick: bool, backends) -> dict:
+def step_bench(model: str, device: str, quick: bool, backends, geometries=STEP_GEOMETRIES) -> dict:
     from . import BenchConfig, run_bench
     if quick:
         config = BenchConfig(model="synthetic", synthetic="2x8", device=device, backends=tuple(backends),
-                             steps=3, warmup=1, train_steps=0, progress=False)
+                             geometries=tuple(geometries), steps=3, warmup=1, train_steps=0, progress=False)
     else:
-        config = BenchConfig(model=model, device=device, backends=tuple(backends), train_steps=0, progress=False)
+        config = BenchConfig(model=model, device=device, backends=tuple(backends), geometries=tuple(geometries),
+                             train_steps=0, progress=False)
     return run_bench(config)
 
 
@@ -189,6 +194,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --quick: a dry run)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and steps: checks the script, not the GPU")
     parser.add_argument("--skip-compile", action="store_true", help="leave out the compile backend's rows")
+    parser.add_argument("--geometries", default=",".join(STEP_GEOMETRIES),
+                        help=f"geometries of the optimizer-step part (default {','.join(STEP_GEOMETRIES)})")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -218,7 +225,7 @@ def main(argv=None) -> int:
             print(f"  FAILED {case['geometry']} {case['optimizer']} {case['dtype']} channels_last="
                   f"{case['channels_last']}: {', '.join(case['failures'][:4])}")
     for model in (STEP_MODELS[:1] if args.quick else STEP_MODELS):
-        result = step_bench(model, args.device, args.quick, backends)
+        result = step_bench(model, args.device, args.quick, backends, args.geometries.split(","))
         stamp(f"optimizer step {model} -> {_write(args.out, f'optimizer_step_{model}.json', result)}")
         print("\n".join(_summary_lines(result)))
     result = train_bench(args.device, args.quick)
