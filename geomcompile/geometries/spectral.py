@@ -149,25 +149,29 @@ def initial_block(spec: ConvSpec, dtype: torch.dtype, device=None, seed: int = 0
 
 
 def _orthonormal_rows(V: torch.Tensor) -> torch.Tensor:
-    """Orthonormal rows spanning those of V (b, n). A block that collapsed (non-generic) is first
-    nudged by a fixed random perturbation, so it keeps b independent vectors."""
+    """Orthonormal rows spanning those of V (b, n). A block that collapsed (non-generic) is instead
+    nudged by a fixed random perturbation first, so it keeps b independent vectors. Both are
+    computed and torch.where picks one: no host sync (the block is small)."""
+    tiny = torch.finfo(V.dtype).tiny
     Q, Rf = torch.linalg.qr(V.T)
     d = Rf.diagonal().abs()
-    if bool((d <= 1e3 * torch.finfo(V.dtype).eps * d.max().clamp_min(torch.finfo(V.dtype).tiny)).any()):
-        gen = torch.Generator().manual_seed(0)
-        noise = torch.randn(V.shape, generator=gen, dtype=torch.float64).to(V)
-        Q, _ = torch.linalg.qr((V / V.norm().clamp_min(torch.finfo(V.dtype).tiny) + 1e-3 * noise).T)
-    return Q.T
+    collapsed = (d <= 1e3 * torch.finfo(V.dtype).eps * d.max().clamp_min(tiny)).any()
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(V.shape, generator=gen, dtype=torch.float64).to(V)
+    nudged, _ = torch.linalg.qr((V / V.norm().clamp_min(tiny) + 1e-3 * noise).T)
+    return torch.where(collapsed, nudged, Q).T
 
 
 def _independent_rows(D: torch.Tensor, GD: torch.Tensor | None, drop: float):
     """Orthonormalise the rows of D (and map G·D along), dropping directions whose Gram eigenvalue is
-    below `drop` (relative): rows of D are unit vectors, so the kept map is well conditioned."""
+    below `drop` (relative): rows of D are unit vectors, so the kept map is well conditioned.
+    Fixed shapes: a dropped direction becomes a zero row, and `kept` (bool, one per row) says which
+    rows are real; the caller keeps zero rows out of the Rayleigh–Ritz picks."""
     C = D @ D.T
     d, U = torch.linalg.eigh((C + C.T) / 2)
-    keep = d > drop * d.max().clamp_min(torch.finfo(D.dtype).tiny)
-    T = (U[:, keep] / d[keep].sqrt()).T
-    return T @ D, (None if GD is None else T @ GD)
+    kept = d > drop * d.max().clamp_min(torch.finfo(D.dtype).tiny)
+    T = (U * torch.where(kept, d.clamp_min(torch.finfo(D.dtype).tiny).rsqrt(), 0.0)).T
+    return T @ D, (None if GD is None else T @ GD), kept
 
 
 def _fixed_signs(U: torch.Tensor) -> torch.Tensor:
@@ -211,7 +215,10 @@ def two_end_solve_program(V: torch.Tensor, iters: int, tol: float = 0.0):
     previous step's direction) keeps the k/2 largest and the k/2 smallest Ritz pairs. Unlike power
     iteration on G − αI, which follows only the end of largest |λ − α| and converges at the bottom
     of a clustered spectrum at the rate of the ratio of the clustered values, this converges at both
-    ends with the square root of the relative gap. Stops early once every residual is ≤ tol·θ_max.
+    ends with the square root of the relative gap. With tol > 0 it stops early once every residual is
+    ≤ tol·θ_max, a decision taken on the host (a sync per iteration); with tol = 0 it runs exactly
+    `iters` iterations on fixed shapes and makes no data-dependent decision on the host: a dropped
+    direction is a zero row kept out of the picks, a collapsed start block is nudged by torch.where.
 
     A generator: it yields each block (n, *shape) that G must be applied to and is sent G of it (the
     same shape); its return value is the TwoEnds. two_end_solve drives it with a function; a sharded
@@ -239,29 +246,38 @@ def two_end_solve_program(V: torch.Tensor, iters: int, tol: float = 0.0):
         for _ in range(2):          # twice: a converged residual is tiny, one pass leaves rounding along X
             W = W - (W @ X.T) @ X
             W = W / W.norm(dim=1, keepdim=True).clamp_min(torch.finfo(W.dtype).tiny)
-        W, _ = _independent_rows(W, None, drop)
+        W, _, kept_W = _independent_rows(W, None, drop)
         GW = (yield W.reshape(-1, *shape[1:])).reshape(W.shape[0], -1)
-        basis, images = [X, W], [GX, GW]
+        basis, images, real = [X, W], [GX, GW], [torch.ones_like(kept_W), kept_W]
         if P is not None:
             # G·P is carried by recombination, not recomputed: a step shorter than ~√eps would turn its
-            # rounding error into a wrong direction once normalised, so such rows are dropped
-            keep = P.norm(dim=1) > 10 * math.sqrt(torch.finfo(P.dtype).eps)
-            P, GP = (P[keep], GP[keep]) if bool(keep.any()) else (None, None)
-        if P is not None:
+            # rounding error into a wrong direction once normalised, so such rows are zeroed (dropped)
+            long_enough = (P.norm(dim=1, keepdim=True) > 10 * math.sqrt(torch.finfo(P.dtype).eps)).to(P.dtype)
+            P, GP = P * long_enough, GP * long_enough
             for _ in range(2):
                 cx, cw = P @ X.T, P @ W.T
                 P, GP = P - cx @ X - cw @ W, GP - cx @ GX - cw @ GW
                 norms = P.norm(dim=1, keepdim=True).clamp_min(torch.finfo(P.dtype).tiny)
                 P, GP = P / norms, GP / norms
-            P, GP = _independent_rows(P, GP, 1e-2)
+            P, GP, kept_P = _independent_rows(P, GP, 1e-2)
             basis.append(P)
             images.append(GP)
-        B, GB = torch.cat(basis), torch.cat(images)       # orthonormal rows (up to rounding)
+            real.append(kept_P)
+        B, GB, real = torch.cat(basis), torch.cat(images), torch.cat(real)   # orthonormal or zero rows
         H = B @ GB.T
-        theta_all, U = torch.linalg.eigh((H + H.T) / 2)
+        H = (H + H.T) / 2
+        # A dropped direction is a zero row of B, so a zero row and column of H: eigh would return it
+        # as a Ritz value 0, which is the bottom of the spectrum of a PSD G and would be picked. Its
+        # diagonal is moved below every real Ritz value (|θ| ≤ ‖H‖_F) instead; the zero rows then
+        # are the n_dropped lowest pairs, skipped by the picks (X's k rows are always real, so at
+        # least k pairs remain).
+        H = H + torch.diag(torch.where(real, 0.0, -(1 + 2 * H.norm())))
+        _, U = torch.linalg.eigh(H)
         n = B.shape[0]
-        pick = list(range(n - 1, n - 1 - half, -1)) + list(range(half - 1, -1, -1))
-        C = _fixed_signs(U[:, pick]).T                           # (k, n): coefficients in the basis
+        n_dropped = (~real).sum()
+        top = torch.arange(n - 1, n - 1 - half, -1, device=U.device)
+        bottom = n_dropped + torch.arange(half - 1, -1, -1, device=U.device)
+        C = _fixed_signs(U.index_select(1, torch.cat([top, bottom]))).T   # (k, n): coefficients in the basis
         X_new, GX_new = C @ B, C @ GB
         P, GP = C[:, k:] @ B[k:], C[:, k:] @ GB[k:]               # the step taken outside the old X
         X, GX = X_new, GX_new
@@ -269,8 +285,9 @@ def two_end_solve_program(V: torch.Tensor, iters: int, tol: float = 0.0):
 
 
 # ---- the penalty and its gradient ----------------------------------------------------------------
-def penalty_grad(weight: torch.Tensor, v: torch.Tensor, sign: float, spec: ConvSpec) -> torch.Tensor:
-    """∇_K R = s·∇_K ‖M(K) v‖² (Lemma 2.2 with u = s·v): one convolution and one weight-gradient."""
+def penalty_grad(weight: torch.Tensor, v: torch.Tensor, sign: float | torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """∇_K R = s·∇_K ‖M(K) v‖² (Lemma 2.2 with u = s·v): one convolution and one weight-gradient.
+    sign: ±1, a number or a 0-d tensor (the step's, chosen on the device)."""
     with torch.enable_grad():
         w = weight.detach().requires_grad_(True)
         y = conv_matvec(v.unsqueeze(0), w, spec)
@@ -290,18 +307,20 @@ class PenaltyStep:
     residual: torch.Tensor
     grad: torch.Tensor
     solve: TwoEnds
-    ambiguous: bool
+    ambiguous: torch.Tensor      # 0-d bool
 
 
-def choose_end(theta: torch.Tensor, residual: torch.Tensor, alpha: float, tie_tol: float) -> tuple[int, bool]:
-    """Which Ritz pair gives R = max |λ(MᵀM) − α|: index 0 (top of the spectrum) or −1 (bottom), and
-    whether the choice is ambiguous. Ritz values lie inside the spectrum, so α − θ_min and θ_max − α
-    are certified lower bounds of α − λ_min and λ_max − α when positive; each is within its residual
-    of an eigenvalue. Ambiguous: |a_top − a_bottom| ≤ r_top + r_bottom + tie_tol·max(a_top, a_bottom)."""
-    top, bottom = float(theta[0]) - alpha, float(theta[-1]) - alpha
-    a_top, a_bottom = abs(top), abs(bottom)
-    err = float(residual[0]) + float(residual[-1]) + tie_tol * max(a_top, a_bottom)
-    return (0 if a_top >= a_bottom else -1), abs(a_top - a_bottom) <= err
+def choose_end(theta: torch.Tensor, residual: torch.Tensor, alpha: float,
+               tie_tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which Ritz pair gives R = max |λ(MᵀM) − α|: index 0 (top of the spectrum) or k−1 (bottom), as a
+    0-d int64 tensor, and whether the choice is ambiguous (0-d bool): tensors, so the step never waits
+    for the device. Ritz values lie inside the spectrum, so α − θ_min and θ_max − α are certified lower
+    bounds of α − λ_min and λ_max − α when positive; each is within its residual of an eigenvalue.
+    Ambiguous: |a_top − a_bottom| ≤ r_top + r_bottom + tie_tol·max(a_top, a_bottom)."""
+    a_top, a_bottom = (theta[0] - alpha).abs(), (theta[-1] - alpha).abs()
+    err = residual[0] + residual[-1] + tie_tol * torch.maximum(a_top, a_bottom)
+    end = torch.where(a_top >= a_bottom, 0, theta.shape[0] - 1).to(torch.int64)
+    return end, (a_top - a_bottom).abs() <= err
 
 
 def spectral_penalty_step(weight: torch.Tensor, spec: ConvSpec, alpha: float, block: torch.Tensor,
@@ -342,13 +361,14 @@ def _penalty_from(solve: TwoEnds, weight: torch.Tensor, w: torch.Tensor, spec: C
     """The PenaltyStep of a solve: the end, R, and ∇_K R in the weight's dtype (w: the kernel in the
     compute dtype)."""
     end, ambiguous = choose_end(solve.theta, solve.residual, alpha, tie_tol)
-    lam = solve.theta[end] - alpha
-    sign = 1.0 if float(lam) >= 0 else -1.0
+    at_end = end.reshape(1)                 # index_select, not [end]: a tensor index would sync
+    lam = solve.theta.index_select(0, at_end)[0] - alpha
+    sign = torch.where(lam >= 0, 1.0, -1.0).to(w.dtype)
     if w.shape[0] == 0:                     # a rank without output channels of a sharded kernel
         grad = torch.zeros_like(weight)
     else:
-        grad = penalty_grad(w, solve.vectors[end], sign, spec).to(weight.dtype)
-    return PenaltyStep(lam.abs(), lam, solve.residual[end], grad, solve, ambiguous)
+        grad = penalty_grad(w, solve.vectors.index_select(0, at_end)[0], sign, spec).to(weight.dtype)
+    return PenaltyStep(lam.abs(), lam, solve.residual.index_select(0, at_end)[0], grad, solve, ambiguous)
 
 
 def spectral_penalty(weight: torch.Tensor, input_size, alpha: float = 1.0, stride=1, padding=0, dilation=1,
@@ -439,7 +459,8 @@ class Spectral(Geometry):
         "init_iters": Option(int, 100, "solver iterations at most at the first step (nothing to warm-start from)",
                              check=MAX_INIT_ITERS),
         "block": Option(int, BLOCK, "Ritz vectors kept at each end of the spectrum", check=MAX_BLOCK),
-        "tol": Option(float, 1.0e-6, "stop a step's iterations once every residual is <= tol·σ_max² (0: never)",
+        "tol": Option(float, 1.0e-6, "stop the first evaluation's iterations (init_iters) once every residual is "
+                                     "<= tol·σ_max² (0: never); later steps run exactly power_iters",
                       check=Range(0, 1)),
         "tie_tol": Option(float, 1.0e-3, "the ends' |λ − α| closer than their residuals plus tie_tol·R count "
                                          "as an ambiguous step", check=Range(0, 1)),
@@ -519,8 +540,9 @@ class Spectral(Geometry):
         # calls: optimizer steps this unit took part in (for `every`); steps: penalty evaluations;
         # ambiguous: steps whose two ends were within their error of each other.
         # nonfinite_steps: evaluations whose weight had a NaN/Inf entry or whose solve overflowed.
-        return {"V": block, "theta": zeros, "residual": zeros.clone(), "steps": 0, "calls": 0, "ambiguous": 0,
-                "nonfinite_steps": torch.zeros((), dtype=torch.int64, device=weight.device)}
+        counter = torch.zeros((), dtype=torch.int64, device=weight.device)     # device counters: no sync
+        return {"V": block, "theta": zeros, "residual": zeros.clone(), "steps": 0, "calls": 0,
+                "ambiguous": counter, "nonfinite_steps": counter.clone()}
 
     def pre_step(self, unit: Unit, grads, state, ctx: StepContext) -> None:
         facts, (grad,) = unit.single(self.name), grads
@@ -530,7 +552,12 @@ class Spectral(Geometry):
         state["calls"] = calls + 1
         if calls % self.opts["every"]:
             return
-        iters = self.opts["power_iters"] if state["steps"] else max(self.opts["init_iters"], self.opts["power_iters"])
+        # The first evaluation has nothing to warm-start from: up to init_iters iterations, stopped early
+        # at tol (host decisions, once per layer, like install). Every later one runs exactly power_iters
+        # iterations with no early stop, so the step makes no data-dependent decision on the host.
+        first = not state["steps"]
+        iters = max(self.opts["init_iters"], self.opts["power_iters"]) if first else self.opts["power_iters"]
+        tol = self.opts["tol"] if first else 0.0
         # A NaN/Inf entry of the weight (left by an earlier non-finite step) would turn the warm-started
         # vectors NaN for good: the solve sees it as 0, and a solve that still comes out non-finite
         # (overflow) keeps the previous vectors and adds no penalty. The entry itself stays as the
@@ -539,13 +566,13 @@ class Spectral(Geometry):
         if shard is None:
             weight = ctx.params[facts.name].detach()
             self._take(spectral_penalty_step(finite_entries(weight), self.spec(facts), self.opts["alpha"],
-                                             state["V"], iters, self.opts["tol"], self.opts["tie_tol"]),
+                                             state["V"], iters, tol, self.opts["tie_tol"]),
                        grad, state, weight)
             return
         weight = local(ctx.params[facts.name]).detach()       # sharded: the local output channels
         ctx.run_sharded(self._sharded(spectral_penalty_step_sharded(
             finite_entries(weight), self.spec(facts), self.opts["alpha"], state["V"], iters,
-            self.opts["tol"], self.opts["tie_tol"], shard), local(grad), state, weight))
+            tol, self.opts["tie_tol"], shard), local(grad), state, weight))
 
     def _sharded(self, program, grad: torch.Tensor, state: dict, weight: torch.Tensor):
         self._take((yield from program), grad, state, weight)
@@ -558,7 +585,7 @@ class Spectral(Geometry):
         keep = lambda new, old: torch.where(solved, new, old.to(new))
         state.update(V=keep(step.solve.vectors, state["V"]), theta=keep(step.solve.theta, state["theta"]),
                      residual=keep(step.solve.residual, state["residual"]),
-                     steps=state["steps"] + 1, ambiguous=state.get("ambiguous", 0) + int(step.ambiguous))
+                     steps=state["steps"] + 1, ambiguous=state.get("ambiguous", 0) + step.ambiguous.to(torch.int64))
         if self.opts["coef"]:
             penalty = torch.where(solved & torch.isfinite(step.grad), step.grad, 0.0)
             # the sum in float32, stored in grad's dtype (saturating, base.fit_dtype)
