@@ -110,3 +110,42 @@ def test_detector_sees_every_kind_of_sync():
     assert len(free) == 0
     host_step = torch.tensor(3.0)                   # Adam's step: a CPU tensor even for CUDA parameters
     assert len(count_host_syncs(lambda: float(host_step), host=[host_step])) == 0
+
+
+
+def test_compile_backend_on_a_device_reads_no_flags_and_matches_eager(monkeypatch):
+    """The compile backend cannot run under the detector (torch.compile refuses a TorchDispatchMode:
+    "non-infra torch dispatch mode present"). Its compiled functions are built with fullgraph=True, so
+    they hold no host read (a .item() or a data-dependent shape would be a graph break, an error
+    under fullgraph). The host read that remained was psi's bucket check: one .tolist() of the
+    compiled "near max_norm" flags per bucket and step. On a device's path (the detector's switch,
+    base._CPU_STANDS_IN_FOR_DEVICE) no .tolist() runs in the step, every psi unit runs the branch-free
+    eager post_step, and weights and momentum match the eager backend's while rows renormalise."""
+    from geomcompile.geometries import base
+
+    monkeypatch.setattr(base, "_CPU_STANDS_IN_FOR_DEVICE", [True])
+    results, reads = {}, []
+    for backend in ("eager", "compile"):
+        torch.manual_seed(0)
+        model = Net()
+        with torch.no_grad():
+            model.conv1.weight.mul_(5.0)             # every row above max_norm: psi renormalises
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        gc.apply(model, CASES["psi"].policy(), opt, example_inputs=INPUTS, backend=backend)
+        for step in range(3):
+            _set_grads(model, step, torch.float32)
+            if backend == "compile" and step == 2:
+                tolist = torch.Tensor.tolist
+                monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or tolist(t))
+                opt.step()
+                monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+            else:
+                opt.step()
+        results[backend] = ({n: p.detach().clone() for n, p in model.named_parameters()},
+                            {n: opt.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()})
+    assert reads == [], reads
+    rows = results["compile"][0]["conv1.weight"].flatten(1).norm(dim=1)
+    assert float(rows.max()) <= 1.5 * (1 + 1e-5)
+    for eager, compiled in zip(results["eager"], results["compile"]):
+        for name in eager:
+            torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-6, msg=name)

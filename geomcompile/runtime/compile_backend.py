@@ -16,10 +16,12 @@ the results straight into ``p.grad``.
 * Each compiled function gets its own code object. Dynamo keeps its cache on the code object and
   runs eager, with only a logged warning, past 8 entries; one code object shared by every bucket
   would reach that on a large model zoo or a benchmark sweep.
-* psi's renormalisation is rare (a unit's norm must pass ``max_norm``). The compiled function only
-  flags the parameters with a unit within ``psi.RENORM_MARGIN`` of the limit (one host sync per
-  bucket), and those run psi's eager ``post_step``, which decides exactly and rescales the
-  optimizer state. Results match eager whatever the norms.
+* psi's renormalisation is rare (a unit's norm must pass ``max_norm``). On CPU tensors the compiled
+  function flags the parameters with a unit within ``psi.RENORM_MARGIN`` of the limit (reading the
+  flags costs nothing there), and those run psi's eager ``post_step``, which decides exactly and
+  rescales the optimizer state. On a device the flags would be a host sync per bucket, so every
+  psi unit runs the eager ``post_step``, branch-free there (base.host_reads_are_free). Results match
+  eager whatever the norms.
 * A program may read and set entries of its units' state (``Program.state_keys``: pom's group ids
   and radius in, the diagnostics its eager pre_step records out); they enter the compiled function
   as inputs and come back as outputs, written into the unit's state after the call. A program
@@ -47,7 +49,7 @@ import torch
 
 from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileWarning
-from ..geometries.base import STAGES, Geometry, StepContext
+from ..geometries.base import STAGES, Geometry, StepContext, host_reads_are_free
 from .distributed import any_on_each_rank, local
 from .fastpath import (Backend, WorkItem, eager_post_step, fast_path, runs_on_local_shards, stage_items,
                        stage_items_with_grads)
@@ -301,14 +303,21 @@ class CompileBackend(Backend):
         return rescales
 
     def _retract(self, geometry: Geometry, slots: list[_Slot], states, ctx: StepContext):
-        """The compiled check flags parameters near their limit; every unit with a flagged parameter
-        runs the geometry's exact eager post_step, whole (a unit is never split). A program that
-        always retracts needs no check: every unit runs it."""
+        """On CPU tensors the compiled check flags parameters near their limit and every unit with a
+        flagged parameter runs the geometry's exact eager post_step, whole (a unit is never split). On
+        a device (base.host_reads_are_free is False) the flags are not read, which would be a host
+        sync: every unit runs the eager post_step. A program that always retracts needs no check:
+        every unit runs it."""
         program = fast_path(geometry, "compile")
         if getattr(program, "always_retracts", False) and program.retracts_in_graph(geometry):
             self._retract_in_graph(program, geometry, slots, states)
             return []
         if getattr(program, "always_retracts", False):
+            units = {id(slot.item): slot.item for slot in slots}
+            return [rescale for item in units.values() for rescale in eager_post_step(item, states, ctx)]
+        if not all(host_reads_are_free(s.tensor) for s in slots):
+            # On a device, reading the flags would make the host wait for the GPU: every unit runs the
+            # geometry's eager post_step, which is branch-free there (psi: factors of 1 rescale nothing)
             units = {id(slot.item): slot.item for slot in slots}
             return [rescale for item in units.values() for rescale in eager_post_step(item, states, ctx)]
         layouts = tuple(program.layout(geometry, s.facts) for s in slots)
@@ -318,7 +327,7 @@ class CompileBackend(Backend):
             weights = [slots[i].tensor for i in live]
             entry = self._function("retract", program, geometry, tuple(layouts[i] for i in live), weights,
                                    _check_function)
-            for i, f in zip(live, self._call(entry, geometry, weights).tolist()):   # the one host sync
+            for i, f in zip(live, self._call(entry, geometry, weights).tolist()):   # CPU: a free read
                 flags[i] = f
         sharded = [ctx.shard(s.name) for s in slots if ctx.shard(s.name) is not None]
         if sharded:                      # every rank must run the same (collective) eager post_steps
