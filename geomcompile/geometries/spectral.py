@@ -456,7 +456,8 @@ class Spectral(Geometry):
                            choices=("module", "circular")),
         "power_iters": Option(int, 1, "solver iterations per step, warm-started (each applies MᵀM once to "
                                       "2·block vectors; the first of a step twice)", check=MAX_ITERS),
-        "init_iters": Option(int, 100, "solver iterations at most at the first step (nothing to warm-start from)",
+        "init_iters": Option(int, 100, "solver iterations at most at a layer's first penalty step (nothing to "
+                                       "warm-start from), stopped early at tol",
                              check=MAX_INIT_ITERS),
         "block": Option(int, BLOCK, "Ritz vectors kept at each end of the spectrum", check=MAX_BLOCK),
         "tol": Option(float, 1.0e-6, "stop the first evaluation's iterations (init_iters) once every residual is "
