@@ -112,7 +112,6 @@ def test_detector_sees_every_kind_of_sync():
     assert len(count_host_syncs(lambda: float(host_step), host=[host_step])) == 0
 
 
-
 def test_compile_backend_on_a_device_reads_no_flags_and_matches_eager(monkeypatch):
     """The compile backend cannot run under the detector (torch.compile refuses a TorchDispatchMode:
     "non-infra torch dispatch mode present"). Its compiled functions are built with fullgraph=True, so

@@ -312,12 +312,9 @@ class CompileBackend(Backend):
         if getattr(program, "always_retracts", False) and program.retracts_in_graph(geometry):
             self._retract_in_graph(program, geometry, slots, states)
             return []
-        if getattr(program, "always_retracts", False):
-            units = {id(slot.item): slot.item for slot in slots}
-            return [rescale for item in units.values() for rescale in eager_post_step(item, states, ctx)]
-        if not all(host_reads_are_free(s.tensor) for s in slots):
-            # On a device, reading the flags would make the host wait for the GPU: every unit runs the
-            # geometry's eager post_step, which is branch-free there (psi: factors of 1 rescale nothing)
+        # On a device, reading the flags would make the host wait for the GPU: every unit runs the
+        # geometry's eager post_step, which is branch-free there (psi: factors of 1 rescale nothing)
+        if getattr(program, "always_retracts", False) or not all(host_reads_are_free(s.tensor) for s in slots):
             units = {id(slot.item): slot.item for slot in slots}
             return [rescale for item in units.values() for rescale in eager_post_step(item, states, ctx)]
         layouts = tuple(program.layout(geometry, s.facts) for s in slots)
