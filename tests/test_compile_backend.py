@@ -171,6 +171,70 @@ def test_psi_program_flags_units_near_max_norm():
     assert flags.tolist() == [False, True, True]
 
 
+def test_psi_screen_is_conservative():
+    """The screen may flag more than the check, never less: a unit above the threshold flags its tensor
+    whatever its layout; a NaN entry, which hides the other units' norms, flags it; bf16 norms are
+    summed in float32 (bf16 would round 1.0005 down to 1.0, below a threshold of 1.0002)."""
+    geometry = gc.geometries.get("psi")(max_norm=1.0)
+    program = _program("psi")
+    below = torch.full((2, 4), 0.1)                              # tensor norm 0.28: certainly nothing
+    above = torch.zeros(2, 4)
+    above[1, 2] = 1.5
+    hidden = torch.zeros(2, 4)
+    hidden[0, 0], hidden[1, 0] = float("nan"), 1.5               # row 1 needs renormalising
+    tensor_unit = torch.full((4, 4), 0.2)                        # rows 0.4, the tensor 0.8: nothing
+    layouts = (("row", 0, None), ("row", 1, None), ("row", 0, None), ("tensor", 0, None))
+    flags = program.screen(geometry, layouts, [below, above, hidden, tensor_unit])
+    assert flags.tolist() == [False, True, True, False]
+    exact = program.needs_retraction(geometry, layouts, [below, above, hidden, tensor_unit])
+    assert not (exact & ~flags).any(), "the screen missed a parameter the check flags"
+    half = torch.zeros(1, 4, dtype=torch.bfloat16)
+    half[0, 0] = 1.0
+    half[0, 1] = 0.0322265625          # norm 1.000519 in float32; rounded to bf16, 1.0
+    near_one = gc.geometries.get("psi")(max_norm=1.0003)        # flags norms above 1.0002
+    assert program.needs_retraction(near_one, (("row", 0, None),), [half]).tolist() == [True]
+    assert program.screen(near_one, (("row", 0, None),), [half]).tolist() == [True]
+
+
+def test_psi_screen_skips_the_compiled_check_and_keeps_parity(monkeypatch):
+    """With every tensor's norm far below max_norm the compiled check never runs; with one above, it
+    runs and the step equals eager's (the renormalisation happens)."""
+    checks = []
+    original = compile_backend._check_function
+
+    def counting(program, geometry, layouts):
+        fn = original(program, geometry, layouts)
+
+        def counted(weights):
+            checks.append(len(weights))
+            return fn(weights)
+        return counted
+    monkeypatch.setattr(compile_backend, "_check_function", counting)
+    monkeypatch.setattr(compile_backend, "_CACHE", type(compile_backend._CACHE)())   # built anew, counted
+    for max_norm, want_checks in ((1e4, False), (1.5, True)):
+        checks.clear()
+        runs = {}
+        for backend in ("eager", "compile"):
+            torch.manual_seed(0)
+            model = SmallNet()
+            with torch.no_grad():
+                model.conv1.weight.mul_(5.0)          # rows above 1.5: renormalised at the first step
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            gc.apply(model, {"version": 1, "rules": [{"name": "p", "match": {"scale_invariant": True},
+                                                      "use": {"psi": {"max_norm": max_norm}}}]},
+                     opt, example_inputs=_inputs(), backend=backend)
+            for x, y in _data(3):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+            runs[backend] = model
+        assert bool(checks) == want_checks, (max_norm, checks)
+        rows = runs["compile"].conv1.weight.detach().flatten(1).norm(dim=1)
+        assert (rows <= min(max_norm, 10.0)).all(), rows        # renormalised where max_norm is 1.5
+        for (name, a), b in zip(runs["eager"].named_parameters(), runs["compile"].parameters()):
+            torch.testing.assert_close(b, a, **TOLERANCE, msg=lambda m: f"max_norm {max_norm} {name}: {m}")
+
+
 def test_each_compiled_function_has_its_own_code_object():
     """Dynamo caches per code object and silently runs eager past 8 entries: buckets must not share one."""
     geometry = gc.geometries.get("channel_directed")()

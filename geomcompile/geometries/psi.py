@@ -152,6 +152,23 @@ def psi_layout(facts: ParamFacts) -> tuple[str, int, int | None]:
     return inv.unit, (facts.out_dim or 0), inv.group_size
 
 
+def tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of every tensor (one entry per tensor; float64 when the dtypes differ), by one
+    torch._foreach_norm per dtype; half-precision tensors are summed in float32 (their own dtype would round the norm by up
+    to 2^-8, far beyond RENORM_MARGIN)."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    norms: list = [None] * len(tensors)
+    for dtype, index in by_dtype.items():
+        wide = {"dtype": torch.float32} if dtype in (torch.float16, torch.bfloat16) else {}
+        for i, n in zip(index, torch._foreach_norm([tensors[i] for i in index], 2, **wide)):
+            norms[i] = n
+    if len(by_dtype) > 1:
+        norms = [n.to(torch.float64) for n in norms]
+    return torch.stack(norms)
+
+
 def channel_factors(factors: torch.Tensor, like: torch.Tensor, unit: str, dim: int,
                     group_size: int | None) -> torch.Tensor:
     """Per-unit factors (n_units, 1) -> one factor per output channel (along `dim`) of `like`."""
@@ -177,6 +194,14 @@ class CompiledPSI:
 
     def transform(self, geometry, layouts, grads, weights):
         return [psi_grad(w, g, unit, dim, gs) for w, g, (unit, dim, gs) in zip(weights, grads, layouts)]
+
+    def screen(self, geometry, layouts, weights):
+        """needs_retraction's conservative screen: a unit's norm (row, group or the whole tensor) is at
+        most its tensor's, so a tensor whose norm is at most the flagging threshold has no unit to
+        renormalise. One multi-tensor norm instead of a per-unit pass; a non-finite tensor norm
+        (NaN hides its units' norms, Inf may be overflow) is flagged."""
+        near = geometry.opts["max_norm"] * (1.0 - RENORM_MARGIN)
+        return ~(tensor_norms(weights) <= near)
 
     def needs_retraction(self, geometry, layouts, weights):
         near = geometry.opts["max_norm"] * (1.0 - RENORM_MARGIN)

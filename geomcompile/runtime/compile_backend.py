@@ -58,6 +58,14 @@ from .fastpath import (Backend, WorkItem, eager_post_step, fast_path, runs_on_lo
 # cache: first step (compile) 12 s for channel_directed and 7 s for psi with static shapes, 24-27 s
 # and 18-21 s with dynamic=True, and the static code also ran faster (docs/bench.md).
 DEFAULT_DYNAMIC = False
+# A CPU bucket whose tensors (gradients and weights) hold at most this many elements in all is compiled single-threaded (inductor's cpp.threads = 1).
+# Inductor parallelises each per-tensor loop of a fused kernel with an OpenMP `for` of a few dozen
+# rows and a barrier after it; on small tensors the barriers cost more than the second thread gains,
+# and on a loaded machine a waiting thread spins. Measured on ResNet-20's 21 psi weights (272k
+# elements), 2 CPU cores: the compiled psi transform took 0.75x of a foreach SGD-momentum step with
+# the default threads and 0.43x with one (medians of 300 interleaved calls, docs/bench.md). Larger
+# buckets keep inductor's default (all of torch's threads).
+SINGLE_THREAD_ELEMENTS = 1 << 20
 CACHE_SIZE = 256              # compiled functions kept per process (least recently used dropped)
 
 
@@ -70,7 +78,10 @@ class Program:
     transform(geometry, layouts, grads, weights): the new gradients (pure; no in-place writes).
     needs_retraction(geometry, layouts, weights): a bool tensor with one entry per parameter, True
         where the geometry's eager post_step may change something. Only for ``retracts = True``,
-        whose eager post_step must act on each parameter of a unit independently. A program with
+        whose eager post_step must act on each parameter of a unit independently. Optionally
+        ``screen`` (same arguments and result), run uncompiled before it on CPU tensors of unsharded
+        buckets: a cheaper conservative test (a few multi-tensor ops), False only where the eager
+        post_step certainly changes nothing; when it flags no parameter the compiled check is skipped. A program with
         ``always_retracts = True`` has none: its geometry's eager post_step runs for every unit
         that took part in the step, with no compiled check and no host sync; where its
         ``retracts_in_graph(geometry)`` is True, the retraction itself is compiled instead:
@@ -144,6 +155,14 @@ def _fresh_code(fn: Callable) -> Callable:
 
 def _signature(tensors: Sequence[torch.Tensor]) -> tuple:
     return tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
+
+
+def _inductor_options(tensors: Sequence[torch.Tensor]) -> dict | None:
+    """{"cpp.threads": 1} for a small CPU bucket (SINGLE_THREAD_ELEMENTS), else None (the defaults)."""
+    if tensors and all(t.device.type == "cpu" for t in tensors) and \
+            sum(t.numel() for t in tensors) <= SINGLE_THREAD_ELEMENTS:
+        return {"cpp.threads": 1}
+    return None
 
 
 def _transform_function(program: Program, geometry: Geometry, layouts: tuple) -> Callable:
@@ -222,11 +241,13 @@ class CompileBackend(Backend):
     # -- compiled calls -------------------------------------------------------------------------
     def _function(self, phase: str, program: Program, geometry: Geometry, layouts: tuple,
                   tensors: Sequence[torch.Tensor], build: Callable) -> _Compiled:
-        key = (phase, program.name, geometry, layouts, _signature(tensors), self.dynamic, self.mode)
+        options = _inductor_options(tensors) if self.mode is None else None   # torch.compile takes one of the two
+        key = (phase, program.name, geometry, layouts, _signature(tensors), self.dynamic, self.mode,
+               tuple(sorted((options or {}).items())))
         entry = _CACHE.get(key)
         if entry is None:
             plain = build(program, geometry, layouts)
-            compiled = torch.compile(plain, dynamic=self.dynamic, fullgraph=True, mode=self.mode)
+            compiled = torch.compile(plain, dynamic=self.dynamic, fullgraph=True, mode=self.mode, options=options)
             entry = _CACHE[key] = _Compiled(compiled, plain)
             while len(_CACHE) > CACHE_SIZE:
                 _CACHE.popitem(last=False)
@@ -319,6 +340,11 @@ class CompileBackend(Backend):
             return [rescale for item in units.values() for rescale in eager_post_step(item, states, ctx)]
         layouts = tuple(program.layout(geometry, s.facts) for s in slots)
         live = [i for i, s in enumerate(slots) if s.tensor.numel()]     # a shard may hold no rows
+        sharded = [ctx.shard(s.name) for s in slots if ctx.shard(s.name) is not None]
+        screen = getattr(program, "screen", None)
+        if screen is not None and not sharded and live and not bool(
+                screen(geometry, tuple(layouts[i] for i in live), [slots[i].tensor for i in live]).any()):
+            return []                    # certainly nothing to retract (CPU: a free read)
         flags = [False] * len(slots)
         if live:
             weights = [slots[i].tensor for i in live]
@@ -326,7 +352,6 @@ class CompileBackend(Backend):
                                    _check_function)
             for i, f in zip(live, self._call(entry, geometry, weights).tolist()):   # CPU: a free read
                 flags[i] = f
-        sharded = [ctx.shard(s.name) for s in slots if ctx.shard(s.name) is not None]
         if sharded:                      # every rank must run the same (collective) eager post_steps
             flags = any_on_each_rank(flags, sharded[0])
         flagged = {id(slot.item): slot.item for slot, f in zip(slots, flags) if f}
