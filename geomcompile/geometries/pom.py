@@ -303,6 +303,20 @@ def pom_membership(grid: tuple[int, ...], grouping: str, group_size: int = 0,
     return (pos_o // size_o).unsqueeze(1) * count_i + (pos_i // size_i).unsqueeze(0), count_o * count_i
 
 
+def pom_max_group(grid: tuple[int, ...], grouping: str, group_size: int = 0) -> int:
+    """The number of components in the largest group ``pom_membership`` draws for these options
+    (1: every component is its own group). The Triton kernels pick their tiles by it."""
+    def piece(n: int) -> int:
+        return group_size if 0 < group_size < n else n
+
+    if grouping == "none" or (len(grid) == 1 and grouping == "PI"):
+        return 1
+    if len(grid) == 1:
+        return piece(grid[0])
+    O, I = grid
+    return {"PI": piece(I), "PO": piece(O)}.get(grouping, piece(O) * piece(I))
+
+
 def _rms_norm(components: torch.Tensor) -> float:
     """(mean over components of ‖ω_ι‖²)^{1/2}: one radius that keeps the layer's overall scale."""
     return float(_sq_norm(components).mean().sqrt()) if components.numel() else 0.0
@@ -480,7 +494,8 @@ class POM(Geometry):
     hurt_by_weight_decay = True
     match_hint = "match only conv and linear weights whose components fit these options"
     shard_refusal = None      # sharded form: pom_direction_sharded; the retraction is local
-    fast_paths = {"compile": "geomcompile.geometries.pom:CompiledPOM"}
+    fast_paths = {"compile": "geomcompile.geometries.pom:CompiledPOM",
+                  "triton": "geomcompile.kernels.pom:POMKernels"}
     options = {
         "manifold": Option(str, "sphere", "component manifold: sphere (‖W‖=r), oblique (every column "
                                           "norm r) or stiefel (WᵀW = r²I)", choices=tuple(MANIFOLDS)),
