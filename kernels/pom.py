@@ -40,6 +40,7 @@ the base optimizer steps the transformed gradient.
 """
 from __future__ import annotations
 
+import math
 import struct
 import sys
 import weakref
@@ -64,7 +65,8 @@ T_G2, T_N, T_K, T_GROUPS, T_MEMBERS, T_STARTS = range(6)
 T_GRAD, T_WEIGHT = 6, 10                           # address, stride of G1, of G2, of n
 T_GRAD_SK, T_WEIGHT_SK, T_R, T_BAD, T_R2 = 14, 15, 16, 17, 18
 T_NF = 19
-# retraction table: G2, n, k, components, (unused x2), weight address, strides G1, G2, n, k, radius
+# retraction table: G2, n, k, components, 1/√count (of a zero component or column), unused, weight
+# address, strides G1, G2, n, k, radius
 R_NF = 12
 # statistics table: groups, R, bad, last_max_group_norm, normalised_groups, nonfinite_steps
 S_NF = 6
@@ -263,11 +265,7 @@ def _pom_retract_kernel(tab, prog, NF: tl.constexpr, DT: tl.constexpr, OBLIQUE: 
     C = tl.load(row + 3).to(tl.int32)
     wsk = tl.load(row + 10)
     r = tl.load(row + 11).to(tl.float64, bitcast=True).to(tl.float32)
-    if OBLIQUE:
-        count = N
-    else:
-        count = N * K
-    fixed = (1.0 / tl.sqrt(count.to(tl.float64))).to(tl.float32)      # eager: 1/math.sqrt(count), then fp32
+    fixed = tl.load(row + 4).to(tl.float64, bitcast=True).to(tl.float32)   # 1/√count, as eager: a double, then fp32
     m = tl.arange(0, BLOCK_M)
     rows = tl.arange(0, BLOCK_N)[None, :, None]
     kk = tl.arange(0, BLOCK_K)[None, None, :]
@@ -323,9 +321,13 @@ class Schedule:
     block_n: int
     block_k: int
     num_warps: int
+    retraction: bool = False
 
     @property
     def words(self) -> str:
+        if self.retraction:
+            how = f"{self.block_m} components per program" if self.one_tile else "one component in row chunks"
+            return f"strided, retraction, {how}, components<={self.block_n}x{self.block_k}"
         if self.single:
             how = f"single-component groups x{self.block_m}"
         elif self.one_tile:
@@ -362,9 +364,9 @@ def retract_schedule_of(n: int, k: int, block_n: int | None = None) -> Schedule:
     if next_power_of_2(n) * bk <= TILE and block_n is None:
         bn = next_power_of_2(n)
         bm = max(1, TILE // (bn * bk))
-        return Schedule(False, True, bm, bn, bk, _warps(bm * bn * bk))
+        return Schedule(False, True, bm, bn, bk, _warps(bm * bn * bk), retraction=True)
     bn = block_n or max(1, TILE // bk)
-    return Schedule(False, False, 1, bn, bk, _warps(bn * bk))
+    return Schedule(False, False, 1, bn, bk, _warps(bn * bk), retraction=True)
 
 
 # ---- host side --------------------------------------------------------------------------------
@@ -564,7 +566,8 @@ def pom_retract_kernel(weights: Sequence[torch.Tensor], component: str, manifold
         g1, g2, n, k = _grid(w.shape, component)
         s = retract_schedule_of(n, k, block_n)
         programs = triton.cdiv(g1 * g2, s.block_m)
-        row = [g2, n, k, g1 * g2, 0, 0, w.data_ptr(), *ws, _bits(radii[i])]
+        fixed = 1.0 / math.sqrt(n if manifold == "oblique" else n * k)      # eager's canonical point
+        row = [g2, n, k, g1 * g2, _bits(fixed), 0, w.data_ptr(), *ws, _bits(radii[i])]
         indices, rows, progs, sig = per_schedule.setdefault(s, ([], [], [], []))
         indices.append(i)
         rows.append(row)
@@ -604,8 +607,7 @@ def configurations():
                 s = retract_schedule_of(n, k)
                 out.append(KernelConfig("pom", _pom_retract_kernel, dict(
                     NF=R_NF, DT=tl_dtype(dtype), OBLIQUE=oblique, ONE_TILE=s.one_tile, BLOCK_M=s.block_m,
-                    BLOCK_N=s.block_n, BLOCK_K=s.block_k), s.num_warps,
-                    s.words.replace("single-component groups", "components"), types, weight=1))
+                    BLOCK_N=s.block_n, BLOCK_K=s.block_k), s.num_warps, s.words, types, weight=1))
     out.append(KernelConfig("pom", _pom_stats_kernel, dict(NF=S_NF, BLOCK=STATS_BLOCK), 4, "strided, stats", types))
     return out
 

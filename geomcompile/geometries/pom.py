@@ -277,7 +277,7 @@ def pom_membership(grid: tuple[int, ...], grouping: str, group_size: int = 0,
         raise ValueError(f"unknown grouping {grouping!r}; expected one of {', '.join(GROUPINGS)}")
 
     def pieces(n: int) -> tuple[int, int]:
-        size = group_size if 0 < group_size < n else n
+        size = group_size if 0 < group_size < n else max(n, 1)     # an empty axis (a zero-size layer): no groups
         return size, -(-n // size)
 
     n_all = math.prod(grid)

@@ -255,7 +255,7 @@ class TritonBackend(Backend):
         if family is not None and not family.fuses:
             return None, f"the {family.name} kernels fuse no optimizer update (a transform kernel, then the base step)"
         if not last_stage:
-            return None, "a later-stage geometry without a kernel needs the gradient"
+            return None, "a later-stage geometry needs the gradient (it transforms it after this one)"
         kind, why = fused_kind(ctx.optimizer, ctx.group_of[name])
         if kind is None:
             return None, why
