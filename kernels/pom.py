@@ -588,13 +588,16 @@ def pom_retract_kernel(weights: Sequence[torch.Tensor], component: str, manifold
 
 
 def configurations():
-    """Every schedule the launchers pick for typical components (3×3 kernels, filters of 576 and 4608
-    elements), both manifolds, fp32 and bf16, for kernels/report.py."""
+    """The schedules the launchers pick for typical components (3×3 kernels in groups of 1, 64 and 512;
+    filters of 576 and 4608 elements), both manifolds, fp32 and bf16, for kernels/report.py. Every
+    tile holds at most TILE elements with at most 4 per thread (``_warps``), so other component
+    shapes compile to the same register budget."""
     from .report import KernelConfig
     types = {"tab": "*i64", "prog": "*i32"}
     out = []
     shapes = {"3x3 kernels, PI groups of 64": (3, 3, 64, False), "3x3 kernels, groups of 1": (3, 3, 1, True),
-              "3x3 kernels, PO groups of 512": (3, 3, 512, False), "filters of 4608, PO groups of 64": (4608, 1, 64, False)}
+              "3x3 kernels, PO groups of 512": (3, 3, 512, False), "filters of 4608, PO groups of 64": (4608, 1, 64, False),
+              "filters of 576, groups of 1": (576, 1, 1, True)}
     for dtype in (torch.float32, torch.bfloat16):
         for oblique in (False, True):
             for n, k, members, single in shapes.values():

@@ -225,9 +225,9 @@ def _launched(run):
 def test_pom_kernels_match_eager(geometry, opt_name):
     """pom's transform, state and retraction kernels (the base optimizer steps in between) against
     the eager program, every grouping; a stage before pom (sobolev) keeps its own kernel."""
-    (eager, triton), launched = _launched(lambda: _parity(geometry, opt_name, steps=4))
+    (eager, fast), launched = _launched(lambda: _parity(geometry, opt_name, steps=4))
     assert {"_pom_kernel", "_pom_stats_kernel", "_pom_retract_kernel"} <= launched, launched
-    notes = triton[2].backend_notes()
+    notes = fast[2].backend_notes()
     assert any("pom kernels fuse no optimizer update" in line for line in notes), notes
 
 
@@ -240,9 +240,9 @@ def test_pom_kernels_channels_last_and_bf16():
 @pytest.mark.parametrize("geometry, why", [("pom_stiefel", "manifold=stiefel has no Triton kernel"),
                                            ("pom_feature_std", "feature_std=True has no Triton kernel")])
 def test_pom_options_without_kernels_run_eager_and_say_why(geometry, why):
-    (eager, triton), launched = _launched(lambda: _parity(geometry, "sgd_momentum", steps=2))
+    (eager, fast), launched = _launched(lambda: _parity(geometry, "sgd_momentum", steps=2))
     assert not {"_pom_kernel", "_pom_retract_kernel"} & launched, launched
-    notes = triton[2].backend_notes()
+    notes = fast[2].backend_notes()
     assert any("eager program for conv1.weight, conv2.weight" in line and why in line for line in notes), notes
 
 
@@ -256,14 +256,14 @@ def test_pom_nonfinite_gradient_is_counted_and_passed_through_like_eager():
                 model.conv1.weight.grad[0, 1, 2, 0] = float("nan")
             opt.step()
         runs.append((model, plan.diagnostics()))
-    (eager, d_eager), (triton, d_triton) = runs
+    (eager, d_eager), (fast, d_fast) = runs
     # steps 1 (the gradient) and 2 (the weight entry that step 1 made NaN) are counted
-    assert d_eager["conv1.weight"]["pom"]["nonfinite_steps"] == d_triton["conv1.weight"]["pom"]["nonfinite_steps"] == 2
-    assert d_triton["conv2.weight"]["pom"]["nonfinite_steps"] == 0
+    assert d_eager["conv1.weight"]["pom"]["nonfinite_steps"] == d_fast["conv1.weight"]["pom"]["nonfinite_steps"] == 2
+    assert d_fast["conv2.weight"]["pom"]["nonfinite_steps"] == 0
     for name in ("conv1.weight", "conv2.weight"):
-        torch.testing.assert_close(triton.get_parameter(name), eager.get_parameter(name), rtol=1e-5, atol=1e-6,
+        torch.testing.assert_close(fast.get_parameter(name), eager.get_parameter(name), rtol=1e-5, atol=1e-6,
                                    equal_nan=True)
-    assert torch.isnan(triton.conv1.weight[0, 1, 2, 0]) and torch.isfinite(triton.conv1.weight[0, 0]).all()
+    assert torch.isnan(fast.conv1.weight[0, 1, 2, 0]) and torch.isfinite(fast.conv1.weight[0, 0]).all()
 
 
 @pytest.mark.parametrize("geometry, opt_name", [("sobolev", "adam"), ("psi", "sgd_momentum")])
