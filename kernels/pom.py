@@ -527,7 +527,7 @@ def pom_transform(weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
         sig.append(tuple(row) + (programs,))
         stat_rows.append([grp.n_groups, grp.R.data_ptr(), grp.bad.data_ptr(), *(x.data_ptr() for x in
                           (stats[i][1], stats[i][2], stats[i][0]))])
-        keep += [grp, *stats[i], g, w]
+        keep += [grp, *stats[i]]          # not the gradient: a plan must not keep it alive (triton_backend._Call)
     for s, (indices, rows, progs, sig) in list(per_schedule.items()):
         per_schedule[s] = (indices, rows, progs, tuple(sig))
     record = _recorder(record, staging)
@@ -560,7 +560,7 @@ def pom_retract_kernel(weights: Sequence[torch.Tensor], component: str, manifold
     dtype, device = weights[live[0]].dtype, weights[live[0]].device
     staging = _Staging()
     per_schedule: dict[Schedule, tuple] = {}
-    keep = []
+    keep: list = []
     for i in live:
         (w,), (ws,) = staging.place([weights[i]], _strides([weights[i]], component), [True], component)
         g1, g2, n, k = _grid(w.shape, component)
@@ -573,7 +573,6 @@ def pom_retract_kernel(weights: Sequence[torch.Tensor], component: str, manifold
         rows.append(row)
         progs.append(programs)
         sig.append(tuple(row) + (programs,))
-        keep.append(w)
     for s, (indices, rows, progs, sig) in list(per_schedule.items()):
         per_schedule[s] = (indices, rows, progs, tuple(sig))
     record = _recorder(record, staging)
