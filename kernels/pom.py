@@ -53,7 +53,7 @@ import triton.language as tl
 
 from geomcompile.runtime.triton_backend import KernelFamily
 
-from .optim_updates import tl_dtype
+from .optim_updates import NONE, base_update, kernel_args, tl_dtype
 from .tables import Launch, TableCache, dense_rows, device_guard, next_power_of_2
 
 _TINY = tl.constexpr(1.1754943508222875e-38)      # torch.finfo(torch.float32).tiny, as retract_sphere
@@ -64,7 +64,9 @@ _FP16_MAX = tl.constexpr(65504.0)
 T_G2, T_N, T_K, T_GROUPS, T_MEMBERS, T_STARTS = range(6)
 T_GRAD, T_WEIGHT = 6, 10                           # address, stride of G1, of G2, of n
 T_GRAD_SK, T_WEIGHT_SK, T_R, T_BAD, T_R2 = 14, 15, 16, 17, 18
-T_NF = 19
+T_FLAG, T_RADIUS, T_FIXED = 19, 20, 21             # momentum buffer is new; base_radius; 1/√count (fused)
+T_STATE1, T_STATE2 = 22, 27                        # address, strides of G1, G2, n, k (fused update)
+T_NF = 32
 # retraction table: G2, n, k, components, 1/√count (of a zero component or column), unused, weight
 # address, strides G1, G2, n, k, radius
 R_NF = 12
@@ -108,24 +110,74 @@ def _dots(gf, wf, OBLIQUE: tl.constexpr):
 
 
 @triton.jit
-def _store_direction(g_ptrs, direction, graw, mask, DT: tl.constexpr, SATURATE: tl.constexpr):
-    """fit_dtype (fp16: finite values saturate at ±65504), then pass_nonfinite: raw non-finite entries."""
-    if SATURATE:
-        direction = tl.where(_finite(direction), tl.minimum(tl.maximum(direction, -_FP16_MAX), _FP16_MAX),
-                             direction)
-    tl.store(g_ptrs, tl.where(_finite(graw), direction, graw).to(DT), mask=mask)
-
-
-@triton.jit
 def _zeta(R):
     return tl.maximum(R * (2.0 + R), 1.0)
 
 
 @triton.jit
-def _pom_kernel(tab, prog, NF: tl.constexpr, DT: tl.constexpr, OBLIQUE: tl.constexpr, SINGLE: tl.constexpr,
-                ONE_TILE: tl.constexpr, SATURATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
-    """One program: one group (SINGLE: BLOCK_M single-component groups). Roles: grad, weight."""
+def _retract_tile(x, r, fixed, OBLIQUE: tl.constexpr):
+    """pom_retract of whole components x (BLOCK_M, BLOCK_N, BLOCK_K; padding 0): r·x/‖x‖ per component
+    or column, r·fixed for a zero one; a component with a non-finite entry stays as it is."""
+    bad = tl.max(tl.max((~_finite(x)).to(tl.int32), axis=2), axis=1)
+    sq = tl.sum(x * x, axis=1)
+    if not OBLIQUE:
+        sq = tl.sum(sq, axis=1)[:, None]
+    norm = tl.sqrt(sq)[:, None, :]
+    y = tl.where(norm == 0.0, fixed, x / tl.maximum(norm, _TINY)) * r
+    return tl.where((bad == 0)[:, None, None], y, x)
+
+
+@triton.jit
+def _write(direction, graw, g_p, w_p, s1_p, s2_p, mask, first, r, fixed,
+           lr, momentum, one_minus_dampening, weight_decay, lerp_w, beta2, one_minus_beta2, eps,
+           neg_step_size, bc2_sqrt, decay,
+           DT: tl.constexpr, SATURATE: tl.constexpr, OBLIQUE: tl.constexpr, UPDATE: tl.constexpr,
+           N_STATE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr,
+           HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, RETRACT: tl.constexpr):
+    """The direction as pre_step leaves it in the gradient (fit_dtype: fp16 saturates at ±65504; then
+    pass_nonfinite: raw non-finite entries), and either stored there (UPDATE 0) or stepped by the base
+    update (weight and state written; RETRACT: the components retracted). Returns the new weight (fp32)."""
+    if SATURATE:
+        direction = tl.where(_finite(direction), tl.minimum(tl.maximum(direction, -_FP16_MAX), _FP16_MAX),
+                             direction)
+    direction = tl.where(_finite(graw), direction, graw)
+    w = direction
+    if UPDATE == 0:
+        tl.store(g_p, direction.to(DT), mask=mask)
+    else:
+        d = direction.to(DT).to(tl.float32)           # the gradient eager's base step reads
+        w = tl.load(w_p, mask=mask, other=0.0).to(tl.float32)
+        s1 = w
+        s2 = w
+        if N_STATE >= 1:
+            s1 = tl.load(s1_p, mask=mask, other=0.0).to(tl.float32)
+        if N_STATE >= 2:
+            s2 = tl.load(s2_p, mask=mask, other=0.0).to(tl.float32)
+        w, s1, s2 = base_update(d, w, s1, s2, first, lr, momentum, one_minus_dampening, weight_decay, lerp_w,
+                                beta2, one_minus_beta2, eps, neg_step_size, bc2_sqrt, decay,
+                                UPDATE, MAXIMIZE, HAS_WD, DECOUPLED, HAS_MOMENTUM, NESTEROV)
+        if N_STATE >= 1:
+            tl.store(s1_p, s1.to(DT), mask=mask)
+        if N_STATE >= 2:
+            tl.store(s2_p, s2.to(DT), mask=mask)
+        w = w.to(DT).to(tl.float32)                    # retract what eager's post_step reads back
+        if RETRACT:
+            w = _retract_tile(w, r, fixed, OBLIQUE)
+        tl.store(w_p, w.to(DT), mask=mask)
+    return w
+
+
+@triton.jit
+def _pom_kernel(tab, prog,
+                lr, momentum, one_minus_dampening, weight_decay, lerp_w, beta2, one_minus_beta2, eps,
+                neg_step_size, bc2_sqrt, decay,
+                NF: tl.constexpr, DT: tl.constexpr, OBLIQUE: tl.constexpr, SINGLE: tl.constexpr,
+                ONE_TILE: tl.constexpr, WHOLE: tl.constexpr, SATURATE: tl.constexpr,
+                UPDATE: tl.constexpr, N_STATE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+                DECOUPLED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                RETRACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program: one group (SINGLE: BLOCK_M single-component groups). Roles: grad, weight, and for a
+    fused update (UPDATE != 0) the optimizer state. WHOLE: a component fits one row chunk."""
     pid = tl.program_id(0)
     t = tl.load(prog + 2 * pid)
     j = tl.load(prog + 2 * pid + 1)
@@ -141,88 +193,131 @@ def _pom_kernel(tab, prog, NF: tl.constexpr, DT: tl.constexpr, OBLIQUE: tl.const
     r_out = tl.load(row + 16).to(tl.pointer_type(tl.float32))
     bad_out = tl.load(row + 17).to(tl.pointer_type(tl.int32))
     r2 = tl.load(row + 18).to(tl.float64, bitcast=True).to(tl.float32)
+    first = tl.load(row + 19) != 0
+    r = tl.load(row + 20).to(tl.float64, bitcast=True).to(tl.float32)          # base_radius (retraction)
+    fixed = tl.load(row + 21).to(tl.float64, bitcast=True).to(tl.float32)
+    s1sk = tl.load(row + 26)
+    s2sk = tl.load(row + 31)
     m = tl.arange(0, BLOCK_M)
     rows = tl.arange(0, BLOCK_N)[None, :, None]
     kk = tl.arange(0, BLOCK_K)[None, None, :]
     if SINGLE:
         g = j * BLOCK_M + m
         live = g < n_groups
+    else:
+        start = tl.load(starts + j)
+        end = tl.load(starts + j + 1)
+        g = start + m
+        live = g < end
+    if SINGLE or ONE_TILE:
         comp = tl.load(members + g, mask=live, other=0)
         mask = live[:, None, None] & (rows < N) & (kk < K)
         g_base, gsn = _role_base(row, 6, DT, comp, G2)
         w_base, wsn = _role_base(row, 10, DT, comp, G2)
+        s1_base, s1sn = w_base, wsn                 # placeholders for absent state, never read
+        s2_base, s2sn = w_base, wsn
+        if N_STATE >= 1:
+            s1_base, s1sn = _role_base(row, 22, DT, comp, G2)
+        if N_STATE >= 2:
+            s2_base, s2sn = _role_base(row, 27, DT, comp, G2)
         graw, gf, wf, bad = _load_pair(g_base, w_base, gsn, gsk, wsn, wsk, rows, kk, mask)
         tangent = gf - _dots(gf, wf, OBLIQUE) * wf / r2
-        R = tl.sqrt(tl.sum(tl.sum(tangent * tangent, axis=2), axis=1))
-        _store_direction(g_base + rows * gsn + kk * gsk, tangent / _zeta(R)[:, None, None], graw, mask, DT, SATURATE)
-        tl.store(r_out + g, R, mask=live)
-        tl.store(bad_out + g, tl.max(tl.max(bad.to(tl.int32), axis=2), axis=1), mask=live)
+        sq = tl.sum(tl.sum(tangent * tangent, axis=2), axis=1)
+        bad = tl.max(tl.max(bad.to(tl.int32), axis=2), axis=1)
+        if SINGLE:
+            R = tl.sqrt(sq)
+            zeta = _zeta(R)[:, None, None]
+            tl.store(r_out + g, R, mask=live)
+            tl.store(bad_out + g, bad, mask=live)
+        else:
+            R = tl.sqrt(tl.sum(sq, axis=0))
+            zeta = _zeta(R)
+            tl.store(r_out + j, R)
+            tl.store(bad_out + j, tl.max(bad, axis=0))
+        _write(tangent / zeta, graw, g_base + rows * gsn + kk * gsk, w_base + rows * wsn + kk * wsk,
+               s1_base + rows * s1sn + kk * s1sk, s2_base + rows * s2sn + kk * s2sk, mask, first, r, fixed,
+               lr, momentum, one_minus_dampening, weight_decay, lerp_w, beta2, one_minus_beta2, eps,
+               neg_step_size, bc2_sqrt, decay, DT, SATURATE, OBLIQUE, UPDATE, N_STATE, MAXIMIZE, HAS_WD,
+               DECOUPLED, HAS_MOMENTUM, NESTEROV, RETRACT)
     else:
-        start = tl.load(starts + j)
-        end = tl.load(starts + j + 1)
-        if ONE_TILE:
-            idx = start + m
+        # pass 1: ‖tangent‖² of every member, ⟨g, w⟩ first (it needs all rows of a column)
+        acc = tl.zeros([BLOCK_M], tl.float32)
+        any_bad = tl.zeros([BLOCK_M], tl.int32)
+        for m0 in range(start, end, BLOCK_M):
+            idx = m0 + m
             live = idx < end
             comp = tl.load(members + idx, mask=live, other=0)
-            mask = live[:, None, None] & (rows < N) & (kk < K)
             g_base, gsn = _role_base(row, 6, DT, comp, G2)
             w_base, wsn = _role_base(row, 10, DT, comp, G2)
-            graw, gf, wf, bad = _load_pair(g_base, w_base, gsn, gsk, wsn, wsk, rows, kk, mask)
-            tangent = gf - _dots(gf, wf, OBLIQUE) * wf / r2
-            R = tl.sqrt(tl.sum(tl.sum(tl.sum(tangent * tangent, axis=2), axis=1), axis=0))
-            _store_direction(g_base + rows * gsn + kk * gsk, tangent / _zeta(R), graw, mask, DT, SATURATE)
-            tl.store(r_out + j, R)
-            tl.store(bad_out + j, tl.max(tl.max(tl.max(bad.to(tl.int32), axis=2), axis=1), axis=0))
-        else:
-            # pass 1: ‖tangent‖² of every member, ⟨g, w⟩ first (it needs all rows of a column)
-            acc = tl.zeros([BLOCK_M], tl.float32)
-            any_bad = tl.zeros([BLOCK_M], tl.int32)
-            for m0 in range(start, end, BLOCK_M):
-                idx = m0 + m
-                live = idx < end
-                comp = tl.load(members + idx, mask=live, other=0)
-                g_base, gsn = _role_base(row, 6, DT, comp, G2)
-                w_base, wsn = _role_base(row, 10, DT, comp, G2)
-                d = tl.zeros([BLOCK_M, 1, BLOCK_K], tl.float32)
-                for n0 in range(0, N, BLOCK_N):
-                    rr = n0 + rows
-                    mask = live[:, None, None] & (rr < N) & (kk < K)
-                    graw, gf, wf, bad = _load_pair(g_base, w_base, gsn, gsk, wsn, wsk, rr, kk, mask)
-                    d += tl.sum(gf * wf, axis=1)[:, None, :]
-                    any_bad = tl.maximum(any_bad, tl.max(tl.max(bad.to(tl.int32), axis=2), axis=1))
+            d = tl.zeros([BLOCK_M, 1, BLOCK_K], tl.float32)
+            for n0 in range(0, N, BLOCK_N):
+                rr = n0 + rows
+                mask = live[:, None, None] & (rr < N) & (kk < K)
+                graw, gf, wf, bad = _load_pair(g_base, w_base, gsn, gsk, wsn, wsk, rr, kk, mask)
+                d += tl.sum(gf * wf, axis=1)[:, None, :]
+                any_bad = tl.maximum(any_bad, tl.max(tl.max(bad.to(tl.int32), axis=2), axis=1))
+            if not OBLIQUE:
+                d = tl.sum(d, axis=2)[:, :, None]
+            for n0 in range(0, N, BLOCK_N):
+                rr = n0 + rows
+                mask = live[:, None, None] & (rr < N) & (kk < K)
+                graw, gf, wf, bad = _load_pair(g_base, w_base, gsn, gsk, wsn, wsk, rr, kk, mask)
+                tangent = gf - d * wf / r2
+                acc += tl.sum(tl.sum(tangent * tangent, axis=2), axis=1)
+        R = tl.sqrt(tl.sum(acc, axis=0))
+        zeta = _zeta(R)
+        tl.store(r_out + j, R)
+        tl.store(bad_out + j, tl.max(any_bad, axis=0))
+        # pass 2: the direction (and the update: whole components retracted in the same tile)
+        for m0 in range(start, end, BLOCK_M):
+            idx = m0 + m
+            live = idx < end
+            comp = tl.load(members + idx, mask=live, other=0)
+            g_base, gsn = _role_base(row, 6, DT, comp, G2)
+            w_base, wsn = _role_base(row, 10, DT, comp, G2)
+            s1_base, s1sn = w_base, wsn
+            s2_base, s2sn = w_base, wsn
+            if N_STATE >= 1:
+                s1_base, s1sn = _role_base(row, 22, DT, comp, G2)
+            if N_STATE >= 2:
+                s2_base, s2sn = _role_base(row, 27, DT, comp, G2)
+            d = tl.zeros([BLOCK_M, 1, BLOCK_K], tl.float32)
+            for n0 in range(0, N, BLOCK_N):
+                rr = n0 + rows
+                mask = live[:, None, None] & (rr < N) & (kk < K)
+                graw, gf, wf, bad = _load_pair(g_base, w_base, gsn, gsk, wsn, wsk, rr, kk, mask)
+                d += tl.sum(gf * wf, axis=1)[:, None, :]
+            if not OBLIQUE:
+                d = tl.sum(d, axis=2)[:, :, None]
+            new_sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+            new_bad = tl.zeros([BLOCK_M], tl.int32)
+            for n0 in range(0, N, BLOCK_N):
+                rr = n0 + rows
+                mask = live[:, None, None] & (rr < N) & (kk < K)
+                graw, gf, wf, bad = _load_pair(g_base, w_base, gsn, gsk, wsn, wsk, rr, kk, mask)
+                tangent = gf - d * wf / r2
+                w = _write(tangent / zeta, graw, g_base + rr * gsn + kk * gsk, w_base + rr * wsn + kk * wsk,
+                           s1_base + rr * s1sn + kk * s1sk, s2_base + rr * s2sn + kk * s2sk, mask, first, r,
+                           fixed, lr, momentum, one_minus_dampening, weight_decay, lerp_w, beta2,
+                           one_minus_beta2, eps, neg_step_size, bc2_sqrt, decay, DT, SATURATE, OBLIQUE, UPDATE,
+                           N_STATE, MAXIMIZE, HAS_WD, DECOUPLED, HAS_MOMENTUM, NESTEROV, RETRACT and WHOLE)
+                if UPDATE != 0 and RETRACT and not WHOLE:
+                    new_sq += tl.sum(w * w, axis=1)
+                    new_bad = tl.maximum(new_bad, tl.max(tl.max((~_finite(w)).to(tl.int32), axis=2), axis=1))
+            if UPDATE != 0 and RETRACT and not WHOLE:
+                # pass 3: components larger than a chunk, retracted from what pass 2 stored
+                tl.debug_barrier()
                 if not OBLIQUE:
-                    d = tl.sum(d, axis=2)[:, :, None]
+                    new_sq = tl.sum(new_sq, axis=1)[:, None]
+                norm = tl.sqrt(new_sq)[:, None, :]
+                good = (new_bad == 0)[:, None, None]
                 for n0 in range(0, N, BLOCK_N):
                     rr = n0 + rows
                     mask = live[:, None, None] & (rr < N) & (kk < K)
-                    graw, gf, wf, bad = _load_pair(g_base, w_base, gsn, gsk, wsn, wsk, rr, kk, mask)
-                    tangent = gf - d * wf / r2
-                    acc += tl.sum(tl.sum(tangent * tangent, axis=2), axis=1)
-            R = tl.sqrt(tl.sum(acc, axis=0))
-            zeta = _zeta(R)
-            # pass 2: the direction
-            for m0 in range(start, end, BLOCK_M):
-                idx = m0 + m
-                live = idx < end
-                comp = tl.load(members + idx, mask=live, other=0)
-                g_base, gsn = _role_base(row, 6, DT, comp, G2)
-                w_base, wsn = _role_base(row, 10, DT, comp, G2)
-                d = tl.zeros([BLOCK_M, 1, BLOCK_K], tl.float32)
-                for n0 in range(0, N, BLOCK_N):
-                    rr = n0 + rows
-                    mask = live[:, None, None] & (rr < N) & (kk < K)
-                    graw, gf, wf, bad = _load_pair(g_base, w_base, gsn, gsk, wsn, wsk, rr, kk, mask)
-                    d += tl.sum(gf * wf, axis=1)[:, None, :]
-                if not OBLIQUE:
-                    d = tl.sum(d, axis=2)[:, :, None]
-                for n0 in range(0, N, BLOCK_N):
-                    rr = n0 + rows
-                    mask = live[:, None, None] & (rr < N) & (kk < K)
-                    graw, gf, wf, bad = _load_pair(g_base, w_base, gsn, gsk, wsn, wsk, rr, kk, mask)
-                    tangent = gf - d * wf / r2
-                    _store_direction(g_base + rr * gsn + kk * gsk, tangent / zeta, graw, mask, DT, SATURATE)
-            tl.store(r_out + j, R)
-            tl.store(bad_out + j, tl.max(any_bad, axis=0))
+                    p = w_base + rr * wsn + kk * wsk
+                    x = tl.load(p, mask=mask, other=0.0).to(tl.float32)
+                    y = tl.where(norm == 0.0, fixed, x / tl.maximum(norm, _TINY)) * r
+                    tl.store(p, y.to(DT), mask=mask & good)
 
 
 @triton.jit
@@ -459,8 +554,16 @@ def _recorder(record: list | None, staging: _Staging) -> list | None:
     return record
 
 
-def _launch(kernel: str, schedule_rows: dict, nf: int, device, cache, slot, constexprs,
-            grad_role, record, keep) -> None:
+class _StatsLaunch(Launch):
+    """The statistics launch of a fused call: a replay hands every launch of the call the update's
+    scalars; this kernel takes none."""
+
+    def run(self, scalars: dict | None = None) -> None:
+        super().run(None)
+
+
+def _launch(kernel: str, schedule_rows: dict, nf: int, device, cache, slot, constexprs, scalars,
+            grad_role, record, keep, launch_type=Launch) -> None:
     """One launch per schedule: build (or reuse) the table of its tensors' rows and run it."""
     for schedule, (indices, rows, programs, sig) in schedule_rows.items():
         if sum(programs) == 0:
@@ -477,8 +580,8 @@ def _launch(kernel: str, schedule_rows: dict, nf: int, device, cache, slot, cons
 
         key = (slot, kernel, schedule)
         table, pmap, n = cache.get(key, sig, build) if cache is not None else build()
-        launch = Launch(sys.modules[__name__], kernel, n, table, pmap, (), constexprs(schedule), {}, indices,
-                        grad_role, [False] * len(indices), cache, key)
+        launch = launch_type(sys.modules[__name__], kernel, n, table, pmap, (), constexprs(schedule), scalars,
+                             indices, grad_role, [False] * len(indices), cache, key)
         launch.keep = keep                       # the tensors the table points into stay alive with it
         launch.run()
         if record is not None:
@@ -488,39 +591,65 @@ def _launch(kernel: str, schedule_rows: dict, nf: int, device, cache, slot, cons
 def pom_transform(weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], component: str,
                   manifold: str, radii: Sequence[float], groups: Sequence[Groups],
                   stats: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *,
+                  update=None, states: Sequence[Sequence[torch.Tensor]] | None = None,
+                  first: Sequence[bool] | None = None, retract_radii: Sequence[float] | None = None,
                   cache: TableCache | None = None, slot: Hashable = None, block_m: int | None = None,
                   block_n: int | None = None, record: list | None = None) -> None:
-    """``POM.pre_step`` on a bucket: ``grads[i] <- pom_direction(weights[i], grads[i])`` in place, and
-    stats[i] = (nonfinite_steps int64, last_max_group_norm fp32, normalised_groups int64), 0-d tensors
-    on the device, written as ``POM.pre_step`` writes them. radii[i]: ``state["radius"]`` (a float).
-    record: as ``psi.psi`` (None appended when a staged copy makes the launches unrepeatable)."""
+    """``POM.pre_step`` on a bucket, and stats[i] = (nonfinite_steps int64, last_max_group_norm fp32,
+    normalised_groups int64), 0-d tensors on the device, written as ``POM.pre_step`` writes them.
+    radii[i]: ``state["radius"]`` (a float).
+
+    update None: ``grads[i] <- pom_direction(weights[i], grads[i])`` in place. update ``SGDUpdate`` /
+    ``AdamUpdate``: the base update steps ``weights[i]`` and ``states[i]`` (momentum_buffer, or exp_avg
+    and exp_avg_sq; ``first[i]``: the momentum buffer is new) with that direction, grads are only read;
+    with ``retract_radii`` the components are then retracted onto radius ``retract_radii[i]``
+    (``POM.post_step``). record: as ``psi.psi`` (None appended when a staged copy makes the launches
+    unrepeatable)."""
     if manifold not in ("sphere", "oblique"):
         raise ValueError(f"the pom kernels take sphere and oblique components, got {manifold!r}")
+    scalars, flags = kernel_args(update)
+    fused = flags["UPDATE"] != NONE
+    n_state = flags["N_STATE"] if fused else 0
     live = [i for i, g in enumerate(grads) if g.numel()]
     if not live:
         return
-    dtypes = {t.dtype for i in live for t in (weights[i], grads[i])}
-    devices = {t.device for i in live for t in (weights[i], grads[i])}
+    if fused and states is not None and any(len(states[i]) < n_state for i in live):
+        raise ValueError(f"the update needs {n_state} state tensor(s) per weight")
+    if fused and n_state and states is None:
+        raise ValueError(f"the update needs {n_state} state tensor(s) per weight")
+    extra = [list(states[i])[:n_state] if n_state else [] for i in range(len(grads))]
+    tensors_of = [[weights[i], grads[i], *extra[i]] for i in live]
+    dtypes = {t.dtype for ts in tensors_of for t in ts}
+    devices = {t.device for ts in tensors_of for t in ts}
     if len(dtypes) > 1 or len(devices) > 1:
         raise ValueError(f"a bucket shares one dtype and device, got {sorted(map(str, dtypes))} on "
                          f"{sorted(map(str, devices))}")
     dtype, device = dtypes.pop(), devices.pop()
+    retract = fused and retract_radii is not None
     staging = _Staging()
     per_schedule: dict[Schedule, tuple] = {}
     stat_rows = []
     keep = []
     for i in live:
-        w, g, grp = weights[i], grads[i], groups[i]
-        if w.shape != g.shape:
-            raise ValueError(f"tensor {i}: weight {tuple(w.shape)} and gradient {tuple(g.shape)} differ")
-        g1, g2, n, k = _grid(w.shape, component)
-        (g, w), (gs, ws) = staging.place([g, w], _strides([g, w], component), [True, False], component)
+        grp = groups[i]
+        roles = [grads[i], weights[i], *extra[i]]
+        if any(t.shape != roles[0].shape for t in roles):
+            raise ValueError(f"tensor {i}: gradient, weight and state shapes differ: {[tuple(t.shape) for t in roles]}")
+        g1, g2, n, k = _grid(roles[0].shape, component)
+        roles, strides = staging.place(roles, _strides(roles, component), [not fused] + [fused] * (len(roles) - 1),
+                                       component)
+        (g, w), (gs, ws) = roles[:2], strides[:2]
         s = schedule_of(n, k, grp.max_members, grp.single, block_m, block_n)
         programs = triton.cdiv(grp.n_groups, s.block_m) if s.single else grp.n_groups
+        fixed = 1.0 / math.sqrt(n if manifold == "oblique" else n * k)
         row = [g2, n, k, grp.n_groups, grp.members.data_ptr(), grp.starts.data_ptr(),
                g.data_ptr(), gs[0], gs[1], gs[2], w.data_ptr(), ws[0], ws[1], ws[2], gs[3], ws[3],
-               grp.R.data_ptr(), grp.bad.data_ptr(), _bits(float(radii[i]) ** 2)]
-        indices, rows, progs, sig = per_schedule.setdefault(s, ([], [], [], []))
+               grp.R.data_ptr(), grp.bad.data_ptr(), _bits(float(radii[i]) ** 2),
+               int(bool(first[i])) if first is not None else 0,
+               _bits(retract_radii[i] if retract else 1.0), _bits(fixed)]
+        for t, st in zip(roles[2:] + [None] * (2 - len(roles[2:])), strides[2:] + [None] * (2 - len(strides[2:]))):
+            row += [0] * 5 if t is None else [t.data_ptr(), *st]
+        indices, rows, progs, sig = per_schedule.setdefault((s, s.block_n >= n), ([], [], [], []))
         indices.append(i)
         rows.append(row)
         progs.append(programs)
@@ -528,21 +657,22 @@ def pom_transform(weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
         stat_rows.append([grp.n_groups, grp.R.data_ptr(), grp.bad.data_ptr(), *(x.data_ptr() for x in
                           (stats[i][1], stats[i][2], stats[i][0]))])
         keep += [grp, *stats[i]]          # not the gradient: a plan must not keep it alive (triton_backend._Call)
-    for s, (indices, rows, progs, sig) in list(per_schedule.items()):
-        per_schedule[s] = (indices, rows, progs, tuple(sig))
+    for key, (indices, rows, progs, sig) in list(per_schedule.items()):
+        per_schedule[key] = (indices, rows, progs, tuple(sig))
     record = _recorder(record, staging)
     dt = tl_dtype(dtype)
 
-    def constexprs(s):
+    def constexprs(key):
+        s, whole = key
         return dict(NF=T_NF, DT=dt, OBLIQUE=manifold == "oblique", SINGLE=s.single, ONE_TILE=s.one_tile,
-                    SATURATE=dtype == torch.float16, BLOCK_M=s.block_m, BLOCK_N=s.block_n, BLOCK_K=s.block_k,
-                    num_warps=s.num_warps)
+                    WHOLE=whole, SATURATE=dtype == torch.float16, **flags, RETRACT=retract, BLOCK_M=s.block_m,
+                    BLOCK_N=s.block_n, BLOCK_K=s.block_k, num_warps=s.num_warps)
     with device_guard(device):
-        _launch("_pom_kernel", per_schedule, T_NF, device, cache, slot, constexprs, 0, record, keep)
+        _launch("_pom_kernel", per_schedule, T_NF, device, cache, slot, constexprs, scalars, 0, record, keep)
         staging.finish()
         stats_rows = {"stats": (live, stat_rows, [1] * len(live), tuple(map(tuple, stat_rows)))}
         _launch("_pom_stats_kernel", stats_rows, S_NF, device, cache, slot,
-                lambda s: dict(NF=S_NF, BLOCK=STATS_BLOCK, num_warps=4), None, record, keep)
+                lambda s: dict(NF=S_NF, BLOCK=STATS_BLOCK, num_warps=4), {}, None, record, keep, _StatsLaunch)
 
 
 def pom_retract_kernel(weights: Sequence[torch.Tensor], component: str, manifold: str, radii: Sequence[float], *,
@@ -582,7 +712,7 @@ def pom_retract_kernel(weights: Sequence[torch.Tensor], component: str, manifold
         return dict(NF=R_NF, DT=dt, OBLIQUE=manifold == "oblique", ONE_TILE=s.one_tile, BLOCK_M=s.block_m,
                     BLOCK_N=s.block_n, BLOCK_K=s.block_k, num_warps=s.num_warps)
     with device_guard(device):
-        _launch("_pom_retract_kernel", per_schedule, R_NF, device, cache, slot, constexprs, None, record, keep)
+        _launch("_pom_retract_kernel", per_schedule, R_NF, device, cache, slot, constexprs, {}, None, record, keep)
         staging.finish()
 
 
@@ -620,7 +750,6 @@ class POMKernels(KernelFamily):
 
     name = "pom"
     retracts = True
-    fuses = False                     # the base optimizer steps the direction the kernel writes
     retraction_rescales = False       # POM.post_step moves weights onto the manifold: no Rescale, no state
     state_outputs = ("nonfinite_steps", "last_max_group_norm", "normalised_groups")
 
@@ -672,6 +801,18 @@ class POMKernels(KernelFamily):
                       o["manifold"], [float(s["radius"]) for s in states],
                       [self.groups(geometry, s, e.param) for s, e in zip(states, entries)],
                       [self._stats(s, e.param.device) for s, e in zip(states, entries)],
+                      cache=cache, slot=slot, record=record)
+
+    def fused(self, geometry, entries, update, cache, slot, retract: bool = True, record=None) -> None:
+        o = geometry.opts
+        states = [e.extra["state"] for e in entries]
+        pom_transform([e.param.detach() for e in entries], [e.grad for e in entries], o["component"],
+                      o["manifold"], [float(s["radius"]) for s in states],
+                      [self.groups(geometry, s, e.param) for s, e in zip(states, entries)],
+                      [self._stats(s, e.param.device) for s, e in zip(states, entries)],
+                      update=update, states=[e.extra["states"] for e in entries],
+                      first=[e.extra["first"] for e in entries],
+                      retract_radii=[float(s["base_radius"]) for s in states] if retract else None,
                       cache=cache, slot=slot, record=record)
 
     def retract(self, geometry, entries, powers, cache, slot, record=None) -> None:

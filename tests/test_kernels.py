@@ -558,3 +558,44 @@ def test_pom_launchers_reject_stiefel_and_mixed_dtypes():
     with pytest.raises(ValueError, match="one dtype"):
         pom_transform([w, w.bfloat16()], [w.clone(), w.bfloat16()], "kernel", "sphere", [1.0, 1.0],
                       [groups_of(gid, n, 2, w.device)] * 2, [_stats(), _stats()])
+
+
+@pytest.mark.parametrize("opt_name", list(UPDATES))
+@pytest.mark.parametrize("component, manifold, grouping, blocks", [
+    ("kernel", "sphere", "PI", {}), ("kernel", "oblique", "PO", {"block_m": 2}), ("kernel", "sphere", "none", {}),
+    ("filter", "sphere", "PIO", {"block_m": 2, "block_n": 16})],        # 40-element filters: row chunks
+    ids=["kernel_sphere_PI", "kernel_oblique_PO_member_loops", "kernel_none", "filter_PIO_row_chunks"])
+def test_pom_fused_update_matches_direction_then_torch_step_then_retraction(component, manifold, grouping, blocks,
+                                                                            opt_name):
+    """The fused kernel against POM.pre_step's direction, torch's step and POM.post_step's retraction,
+    two steps (the first creates the optimizer state), a NaN gradient entry in the second."""
+    make_opt, make_update = UPDATES[opt_name]
+    gen = _gen(12)
+    weights, _, memberships = _pom_bucket(component, grouping, torch.float32, gen)
+    weights = [pom_retract(as_components(w, component), manifold, r).reshape(w.shape) for w, r in
+               zip(weights, POM_RADII)]                             # on the manifold, as after install
+    ref = [torch.nn.Parameter(w.clone()) for w in weights]
+    opt = make_opt(ref)
+    keys = make_update(1).state_keys
+    states = [[torch.zeros_like(w) for _ in keys] for w in weights]
+    groups = [groups_of(gid, n, most, w.device) for w, (gid, n, most) in zip(weights, memberships)]
+    stats = [_stats() for _ in weights]
+    for step in (1, 2):
+        grads = [_randn(w.shape, torch.float32, gen, 0.5 + i) for i, w in enumerate(weights)]
+        if step == 2:
+            grads[1].view(-1)[5] = float("nan")
+        for p, g, r, (gid, n, _) in zip(ref, grads, POM_RADII, memberships):
+            p.grad = _pom_reference(p.detach(), g, component, manifold, r, gid, n)[0]
+        opt.step()
+        with torch.no_grad():
+            for p, r in zip(ref, POM_RADII):
+                p.copy_(pom_retract(as_components(p, component), manifold, r).reshape(p.shape))
+        pom_transform(weights, grads, component, manifold, POM_RADII, groups, stats, update=make_update(step),
+                      states=states, first=[step == 1] * len(weights), retract_radii=POM_RADII, **blocks)
+    for i, (p, w, st) in enumerate(zip(ref, weights, states)):
+        what = f"pom fused {component} {manifold} {grouping} {opt_name} tensor {i}"
+        assert_close(torch.nan_to_num(w, nan=7.0), torch.nan_to_num(p, nan=7.0), torch.float32, f"{what} weight")
+        for key, s in zip(keys, st):
+            assert_close(torch.nan_to_num(s, nan=7.0), torch.nan_to_num(opt.state[p][key], nan=7.0), torch.float32,
+                         f"{what} {key}")
+    assert torch.isnan(weights[1].view(-1)[5]) and int(stats[1][0]) == 1
