@@ -30,13 +30,17 @@ w and g are read four times, from cache for small components).
 component / column -> r·ones/√count; a component with a non-finite entry is left as it is
 (``pom_retract``). It rescales no optimizer state: ``POM.post_step`` does not either.
 
-Bytes per element (e = element size): transform ONE_TILE / SINGLE 3e (g, w read; g written),
-loops up to 9e (mostly cache hits); retraction 2e. The tiles pad n and k to powers of two (a 3×3
-kernel uses 16 lanes): SINGLE and small-kernel schedules waste up to ~45% of the lanes.
+Fused (UPDATE SGD / Adam, ``optim_updates.base_update``): the direction, rounded to the parameter
+dtype as eager's base step reads it, steps weight and state; the new weight is retracted in the
+same tile (WHOLE: a component fits one row chunk) or by a third pass over what the second stored.
+
+Bytes per element (e = element size, k state tensors): transform ONE_TILE / SINGLE 3e (g, w read;
+g written), fused (3 + 2k)e; loops up to 9e / (10 + 2k)e (mostly cache hits); retraction 2e. The
+tiles pad n and k to powers of two (a 3×3 kernel uses 16 lanes): SINGLE and small-kernel schedules
+waste up to ~45% of the lanes.
 
 Limitations (the geometry then runs eager, said by ``POMKernels.problem``): Stiefel components (SVD /
-QR) and ``feature_std`` (a radius that is a device tensor changing every step). No fused update:
-the base optimizer steps the transformed gradient.
+QR) and ``feature_std`` (a radius that is a device tensor changing every step).
 """
 from __future__ import annotations
 
@@ -405,6 +409,7 @@ def _pom_retract_kernel(tab, prog, NF: tl.constexpr, DT: tl.constexpr, OBLIQUE: 
 # TILE elements is read in chunks of rows. kernels/report.py checks every schedule: <= 128
 # registers, no spills.
 TILE = 1024
+LOOP_TILE = 512
 STATS_BLOCK = 256
 
 
@@ -450,6 +455,11 @@ def schedule_of(n: int, k: int, max_members: int, single: bool, block_m: int | N
     if fits and block_m is None and next_power_of_2(max_members) * per_component <= TILE:
         bm = next_power_of_2(max_members)
         return Schedule(False, True, bm, bn, bk, _warps(bm * per_component))
+    if block_m is None and bn * bk <= TILE // 2:
+        # member loops: half a tile, 2 elements per thread (with 4, the transform spilled 16 bytes at
+        # 64 registers and fused Adam took 128; kernels/report.py)
+        bm = max(1, LOOP_TILE // per_component)
+        return Schedule(False, False, bm, bn, bk, max(1, min(8, bm * per_component // 64)))
     bm = block_m or max(1, TILE // per_component)
     return Schedule(False, False, bm, bn, bk, _warps(bm * per_component))
 
@@ -718,23 +728,30 @@ def pom_retract_kernel(weights: Sequence[torch.Tensor], component: str, manifold
 
 def configurations():
     """The schedules the launchers pick for typical components (3×3 kernels in groups of 1, 64 and 512;
-    filters of 576 and 4608 elements), both manifolds, fp32 and bf16, for kernels/report.py. Every
-    tile holds at most TILE elements with at most 4 per thread (``_warps``), so other component
-    shapes compile to the same register budget."""
-    from .report import KernelConfig
+    filters of 576 and 4608 elements), fp32 and bf16, for kernels/report.py: the transform on both
+    manifolds, the fused updates (SGD with momentum, Adam; the retraction included) on the oblique
+    one (per-column norms: the heavier). Every tile holds at most TILE elements with at most 4 per
+    thread (``_warps``), so other component shapes compile to the same register budget."""
+    from .report import KernelConfig, update_kinds
     types = {"tab": "*i64", "prog": "*i32"}
     out = []
     shapes = {"3x3 kernels, PI groups of 64": (3, 3, 64, False), "3x3 kernels, groups of 1": (3, 3, 1, True),
               "3x3 kernels, PO groups of 512": (3, 3, 512, False), "filters of 4608, PO groups of 64": (4608, 1, 64, False),
-              "filters of 576, groups of 1": (576, 1, 1, True)}
+              "filters of 576, groups of 1": (576, 1, 1, True), "filters of 576, PO groups of 64": (576, 1, 64, False)}
+    kinds = update_kinds()
     for dtype in (torch.float32, torch.bfloat16):
-        for oblique in (False, True):
-            for n, k, members, single in shapes.values():
-                s = schedule_of(n, k, members, single)
+        for n, k, members, single in shapes.values():
+            s = schedule_of(n, k, members, single)
+            runs = [(False, "transform"), (True, "transform"), (True, "sgd_momentum"), (True, "adam")]
+            for oblique, kind in runs:
+                flags = kinds[kind]
+                fused = flags["UPDATE"] != NONE
                 out.append(KernelConfig("pom", _pom_kernel, dict(
                     NF=T_NF, DT=tl_dtype(dtype), OBLIQUE=oblique, SINGLE=s.single, ONE_TILE=s.one_tile,
-                    SATURATE=False, BLOCK_M=s.block_m, BLOCK_N=s.block_n, BLOCK_K=s.block_k),
-                    s.num_warps, s.words, types, weight=2))
+                    WHOLE=s.block_n >= n, SATURATE=False, **flags, RETRACT=fused, BLOCK_M=s.block_m,
+                    BLOCK_N=s.block_n, BLOCK_K=s.block_k), s.num_warps, s.words, types,
+                    weight=2 + flags["N_STATE"] if fused else 2))
+        for oblique in (False, True):
             for n, k in ((3, 3), (4608, 1)):
                 s = retract_schedule_of(n, k)
                 out.append(KernelConfig("pom", _pom_retract_kernel, dict(

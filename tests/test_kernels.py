@@ -599,3 +599,34 @@ def test_pom_fused_update_matches_direction_then_torch_step_then_retraction(comp
             assert_close(torch.nan_to_num(s, nan=7.0), torch.nan_to_num(opt.state[p][key], nan=7.0), torch.float32,
                          f"{what} {key}")
     assert torch.isnan(weights[1].view(-1)[5]) and int(stats[1][0]) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("opt_name", ["sgd_momentum_wd_dampening", "adam_wd"])
+def test_pom_fused_update_low_precision(dtype, opt_name):
+    """16-bit weights and state against the eager chain in fp32 (the kernels' math; torch's own 16-bit
+    Adam overflows here: exp_avg_sq underflows to 0 and eps = 1e-8 is 0 in fp16), one step."""
+    make_opt, make_update = UPDATES[opt_name]
+    gen = _gen(13)
+    weights, grads, memberships = _pom_bucket("kernel", "PIO", dtype, gen)
+    weights = [pom_retract(as_components(w, "kernel"), "oblique", r).reshape(w.shape).to(dtype)
+               for w, r in zip(weights, POM_RADII)]
+    ref = [torch.nn.Parameter(w.float()) for w in weights]
+    opt = make_opt(ref)
+    for p, g, r, (gid, n, _) in zip(ref, grads, POM_RADII, memberships):
+        p.grad = _pom_reference(p.detach(), g.float(), "kernel", "oblique", r, gid, n)[0]
+    opt.step()
+    with torch.no_grad():
+        for p, r in zip(ref, POM_RADII):
+            p.copy_(pom_retract(as_components(p, "kernel"), "oblique", r).reshape(p.shape))
+    keys = make_update(1).state_keys
+    states = [[torch.zeros_like(w) for _ in keys] for w in weights]
+    pom_transform(weights, grads, "kernel", "oblique", POM_RADII,
+                  [groups_of(gid, n, most, w.device) for w, (gid, n, most) in zip(weights, memberships)],
+                  [_stats() for _ in weights], update=make_update(1), states=states, first=[True] * len(weights),
+                  retract_radii=POM_RADII)
+    for i, (p, w, st) in enumerate(zip(ref, weights, states)):
+        assert w.dtype == dtype
+        assert_close(w, p, dtype, f"pom fused {dtype} {opt_name} weight {i}")
+        for key, s in zip(keys, st):
+            assert_close(s, opt.state[p][key], dtype, f"pom fused {dtype} {opt_name} {key} {i}")
