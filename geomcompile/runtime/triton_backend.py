@@ -137,8 +137,6 @@ class KernelFamily:
 
     Attributes the backend reads (defaults here):
     retracts: the family has ``retract`` (the geometry's post_step as a kernel).
-    fuses: the family has ``fused``; False: its parameters always get the transform kernel, then
-        the base optimizer's own step.
     retraction_rescales: the geometry's retraction is a function-preserving rescale (it emits Rescale
         events and scales optimizer state by ``state_powers``), so observers decide whether a kernel
         may do it; False: it emits none and touches no optimizer state (the kernel always may).
@@ -150,7 +148,6 @@ class KernelFamily:
     """
 
     retracts = False
-    fuses = True
     retraction_rescales = True
     counter_key: str | None = None
     state_outputs: tuple[str, ...] = ()
@@ -249,11 +246,8 @@ class TritonBackend(Backend):
                 return problem
         return None
 
-    def fused_kind(self, name: str, p: torch.Tensor, ctx: StepContext, last_stage: bool,
-                   family=None) -> tuple[str | None, str]:
+    def fused_kind(self, name: str, p: torch.Tensor, ctx: StepContext, last_stage: bool) -> tuple[str | None, str]:
         """("sgd"/"adam", "") when this parameter's whole step can run in the kernel, else (None, why)."""
-        if family is not None and not family.fuses:
-            return None, f"the {family.name} kernels fuse no optimizer update (a transform kernel, then the base step)"
         if not last_stage:
             return None, "a later-stage geometry needs the gradient (it transforms it after this one)"
         kind, why = fused_kind(ctx.optimizer, ctx.group_of[name])
@@ -292,7 +286,7 @@ class TritonBackend(Backend):
                     transform["sharded (FSDP2): the kernel transforms the local shard, the base optimizer "
                               "steps the DTensor"].append(name)
                     continue
-                kind, why = self.fused_kind(name, p, ctx, last[name] == index, family)
+                kind, why = self.fused_kind(name, p, ctx, last[name] == index)
                 if kind:
                     fused[type(ctx.optimizer).__name__] += 1
                 else:
@@ -345,7 +339,7 @@ class TritonBackend(Backend):
                         transform.append(Entry(name, local(p), facts, item, local(grad),
                                                {"kind": None, "retract": False, "state": state}))
                     continue
-                kind, _ = self.fused_kind(name, p, ctx, last[name] == index, family)
+                kind, _ = self.fused_kind(name, p, ctx, last[name] == index)
                 retract = self.kernel_may_retract(item.geometry, name, p, kind, ctx)
                 entry = Entry(name, p, facts, item, grad, {"kind": kind, "retract": retract, "state": state})
                 (fused if kind else transform).append(entry)
