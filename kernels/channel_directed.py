@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from geomcompile.runtime.triton_backend import KernelFamily
+
 from .optim_updates import NONE, base_update, kernel_args, tl_dtype
 from .tables import (FIXED_FIELDS, Operand, Staged, TableCache, bucket_dtype, launch_all, launches, recorder,
                      vector_width, warps_for)
@@ -345,7 +347,7 @@ def configurations():
 
 
 # ---- the fast path the geometry declares ------------------------------------------------------
-class ChannelDirectedKernels:
+class ChannelDirectedKernels(KernelFamily):
     """The Triton fast path of geometries/channel_directed.py (protocol: runtime/triton_backend.KernelFamily)."""
 
     name = "channel_directed"

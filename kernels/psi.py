@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from geomcompile.runtime.triton_backend import KernelFamily
+
 from .optim_updates import NONE, base_update, kernel_args, tl_dtype
 from .tables import (Operand, Staged, TableCache, bucket_dtype, launch_all, launches, load_states, recorder,
                      role_ptrs, store_states, vector_width, warps_for)
@@ -415,11 +417,12 @@ def configurations():
 
 
 # ---- the fast path the geometry declares ------------------------------------------------------
-class PSIKernels:
+class PSIKernels(KernelFamily):
     """The Triton fast path of geometries/psi.py (protocol: runtime/triton_backend.KernelFamily)."""
 
     name = "psi"
     retracts = True          # renormalisation after the step
+    counter_key = "renormalised"     # units renormalised, counted by the kernels
 
     @staticmethod
     def _layouts(geometry, entries):

@@ -91,8 +91,8 @@ def update_kinds() -> dict[str, dict]:
 
 
 def all_configurations() -> list[KernelConfig]:
-    from . import channel_directed, psi
-    return channel_directed.configurations() + psi.configurations()
+    from geomcompile.runtime.triton_backend import _kernels
+    return [c for module in _kernels() for c in module.configurations()]
 
 
 def heaviest(configs: list[KernelConfig]) -> list[KernelConfig]:

@@ -416,3 +416,217 @@ def test_kernels_compile_for_a_gpu_target():
     if "ptxas" in out.stderr and "not found" in out.stderr.lower():
         pytest.skip("ptxas, the CUDA assembler triton ships, is missing in this install")
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-4000:]
+
+
+# ---- pom (FG-SGD): direction, state and retraction against geometries/pom.py ------------------------
+from geomcompile.geometries.base import fit_dtype, finite_entries, pass_nonfinite  # noqa: E402
+from geomcompile.geometries.pom import (as_components, component_grid, pom_direction, pom_max_group,  # noqa: E402
+                                        pom_membership, pom_retract, pom_zeta)
+from geomcompile.kernels.pom import groups_of, pom_retract_kernel, pom_transform  # noqa: E402
+
+# odd sizes (no multiple of a tile side), 1-d and 3-d convolutions; filters also of a linear weight
+# and one of 40 elements (chunked rows with the small blocks)
+POM_SHAPES = {"kernel": [(5, 3, 3, 2), (4, 6, 3, 3), (3, 7, 5), (2, 3, 2, 3, 3)],
+              "filter": [(5, 3, 3, 2), (6, 5), (9, 40), (3, 7, 5)]}
+POM_RADII = [1.0, 0.37, 2.5, 1.3]
+
+
+def _pom_reference(w, g, component, manifold, r, group_id, n_groups):
+    """POM.pre_step on one weight: the new gradient, R of every group, whether anything was non-finite."""
+    wc = finite_entries(as_components(w, component))
+    out = {}
+
+    def direction_of(gg):
+        d, out["R"] = pom_direction(wc, as_components(gg, component), manifold, r, group_id.reshape(-1), n_groups)
+        return fit_dtype(d.reshape(g.shape), g.dtype)
+    new = pass_nonfinite(direction_of, g)
+    bad = bool((~torch.isfinite(g)).any() or (~torch.isfinite(w)).any())
+    return new, out["R"], bad
+
+
+def _pom_bucket(component, grouping, dtype, gen, layout=None):
+    """Weights, gradients and memberships of a bucket; group_size alternates 2 and the whole axis."""
+    weights, grads, memberships = [], [], []
+    for i, shape in enumerate(POM_SHAPES[component]):
+        w, g = _randn(shape, dtype, gen), _randn(shape, dtype, gen, 0.7 + i)
+        if layout == "channels_last" and len(shape) == 4:
+            w, g = (t.contiguous(memory_format=torch.channels_last) for t in (w, g))
+        grid, _, _ = component_grid(shape, component)
+        size = 2 if i % 2 == 0 else 0
+        gid, n_groups = pom_membership(grid, grouping, size, _gen(7 + i))
+        weights.append(w)
+        grads.append(g)
+        memberships.append((gid, n_groups, pom_max_group(grid, grouping, size)))
+    return weights, grads, memberships
+
+
+def _stats():
+    return (torch.zeros((), dtype=torch.int64), torch.zeros(()), torch.zeros((), dtype=torch.int64))
+
+
+def _check_pom_transform(component, manifold, grouping, dtype, weights, grads, memberships, **blocks):
+    expected = [_pom_reference(w, g, component, manifold, r, gid, n)
+                for w, g, r, (gid, n, _) in zip(weights, grads, POM_RADII, memberships)]
+    got = [g.clone(memory_format=torch.preserve_format) for g in grads]
+    stats = [_stats() for _ in grads]
+    record = []
+    pom_transform(weights, got, component, manifold, POM_RADII,
+                  [groups_of(gid, n, most, w.device) for w, (gid, n, most) in zip(weights, memberships)],
+                  stats, record=record, **blocks)
+    for shape, g, (new, R, bad), (nonfinite, top, normalised) in zip(POM_SHAPES[component], got, expected, stats):
+        what = f"pom {component} {manifold} {grouping} {shape}"
+        assert_close(torch.nan_to_num(g, nan=7.0), torch.nan_to_num(new, nan=7.0), dtype, what)   # NaN where eager has it
+        torch.testing.assert_close(top, R.max(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{what} max R: {m}")
+        assert int(normalised) == int((pom_zeta(R) > 1).sum()), what
+        assert int(nonfinite) == int(bad), what
+    return got, record
+
+
+# the loop schedules (small blocks) in fp32; bf16 only changes the loads and stores
+@pytest.mark.parametrize("dtype, blocks", [(torch.float32, {}), (torch.float32, {"block_m": 2, "block_n": 16}),
+                                           (torch.bfloat16, {})], ids=["fp32", "fp32_small_blocks", "bf16"])
+@pytest.mark.parametrize("grouping", ["PI", "PO", "PIO", "none"])
+@pytest.mark.parametrize("component, manifold", [("kernel", "sphere"), ("kernel", "oblique"), ("filter", "sphere")])
+def test_pom_transform_matches_eager(component, manifold, grouping, dtype, blocks):
+    weights, grads, memberships = _pom_bucket(component, grouping, dtype, _gen(3))
+    _check_pom_transform(component, manifold, grouping, dtype, weights, grads, memberships, **blocks)
+
+
+def test_pom_large_gradients_are_normalised_and_counted():
+    """Gradients of norm ~1e3: every group's ζ > 1, so the direction is really divided (and counted)."""
+    weights, grads, memberships = _pom_bucket("kernel", "PO", torch.float32, _gen(4))
+    grads = [g * 1e3 for g in grads]
+    got, _ = _check_pom_transform("kernel", "sphere", "PO", torch.float32, weights, grads, memberships)
+    assert all(g.norm() < h.norm() / 10 for g, h in zip(got, grads))
+
+
+@pytest.mark.parametrize("component", ["kernel", "filter"])
+def test_pom_channels_last_is_read_in_place(component):
+    weights, grads, memberships = _pom_bucket(component, "PI", torch.float32, _gen(5), layout="channels_last")
+    got, record = _check_pom_transform(component, "sphere", "PI", torch.float32, weights, grads, memberships)
+    assert None not in record, "a channels_last weight was staged through a copy"
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pom_nonfinite_entries_pass_through_and_are_counted(dtype):
+    weights, grads, memberships = _pom_bucket("kernel", "PO", dtype, _gen(6))
+    grads[0][1, 2, 0, 1] = float("nan")
+    grads[1][0, 0, 1, 1] = float("inf")
+    weights[2][2, 3, 4] = float("-inf")                     # read as 0 by the direction, counted
+    got, _ = _check_pom_transform("kernel", "oblique", "PO", dtype, weights, grads, memberships)
+    assert torch.isnan(got[0][1, 2, 0, 1]) and torch.isinf(got[1][0, 0, 1, 1])
+    assert torch.isfinite(got[0]).sum() == got[0].numel() - 1     # the NaN did not spread over its group
+
+
+@pytest.mark.parametrize("block_n", [None, 16], ids=["default_blocks", "chunked_rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("component, manifold", [("kernel", "sphere"), ("kernel", "oblique"), ("filter", "sphere")])
+def test_pom_retract_matches_eager(component, manifold, dtype, block_n):
+    gen = _gen(8)
+    weights = [_randn(shape, dtype, gen, 3.0) for shape in POM_SHAPES[component]]
+    weights[0][1].zero_()                                   # zero components -> r·ones/√count
+    weights[1].view(-1)[3] = float("nan")                   # its component stays as it is
+    if len(POM_SHAPES[component][2]) == 2:
+        weights[2][4, ::2] = 0.0
+    expected = [pom_retract(as_components(w, component), manifold, r).reshape(w.shape).to(dtype)
+                for w, r in zip(weights, POM_RADII)]
+    got = [w.clone() for w in weights]
+    pom_retract_kernel(got, component, manifold, POM_RADII, block_n=block_n)
+    for shape, g, e in zip(POM_SHAPES[component], got, expected):
+        assert_close(torch.nan_to_num(g, nan=7.0), torch.nan_to_num(e, nan=7.0), dtype,
+                     f"pom retract {component} {manifold} {shape}")
+    assert torch.isnan(got[1].view(-1)[3])
+
+
+def test_pom_oblique_zero_column_and_strided_weight_retract():
+    w = _randn((4, 5, 3, 3), torch.float32, _gen(9))[:, ::2]          # a strided view: G1/G2 strides only
+    w[0, 1, :, 2] = 0.0
+    expected = pom_retract(as_components(w, "kernel"), "oblique", 0.5).reshape(w.shape)
+    pom_retract_kernel([w], "kernel", "oblique", [0.5])
+    assert_close(w, expected, torch.float32, "oblique retraction of a strided weight")
+    assert_close(w[0, 1, :, 2], torch.full((3,), 0.5 / 3 ** 0.5), torch.float32, "zero column")
+
+
+def test_pom_launchers_reject_stiefel_and_mixed_dtypes():
+    w = torch.randn(3, 2, 3, 3)
+    gid, n = pom_membership((3, 2), "PI")
+    with pytest.raises(ValueError, match="sphere and oblique"):
+        pom_transform([w], [w.clone()], "kernel", "stiefel", [1.0], [groups_of(gid, n, 2, w.device)], [_stats()])
+    with pytest.raises(ValueError, match="sphere and oblique"):
+        pom_retract_kernel([w], "kernel", "stiefel", [1.0])
+    with pytest.raises(ValueError, match="one dtype"):
+        pom_transform([w, w.bfloat16()], [w.clone(), w.bfloat16()], "kernel", "sphere", [1.0, 1.0],
+                      [groups_of(gid, n, 2, w.device)] * 2, [_stats(), _stats()])
+
+
+@pytest.mark.parametrize("opt_name", list(UPDATES))
+@pytest.mark.parametrize("component, manifold, grouping, blocks", [
+    ("kernel", "sphere", "PI", {}), ("kernel", "oblique", "PO", {"block_m": 2}), ("kernel", "sphere", "none", {}),
+    ("filter", "sphere", "PIO", {"block_m": 2, "block_n": 16})],        # 40-element filters: row chunks
+    ids=["kernel_sphere_PI", "kernel_oblique_PO_member_loops", "kernel_none", "filter_PIO_row_chunks"])
+def test_pom_fused_update_matches_direction_then_torch_step_then_retraction(component, manifold, grouping, blocks,
+                                                                            opt_name):
+    """The fused kernel against POM.pre_step's direction, torch's step and POM.post_step's retraction,
+    two steps (the first creates the optimizer state), a NaN gradient entry in the second."""
+    make_opt, make_update = UPDATES[opt_name]
+    gen = _gen(12)
+    weights, _, memberships = _pom_bucket(component, grouping, torch.float32, gen)
+    weights = [pom_retract(as_components(w, component), manifold, r).reshape(w.shape) for w, r in
+               zip(weights, POM_RADII)]                             # on the manifold, as after install
+    ref = [torch.nn.Parameter(w.clone()) for w in weights]
+    opt = make_opt(ref)
+    keys = make_update(1).state_keys
+    states = [[torch.zeros_like(w) for _ in keys] for w in weights]
+    groups = [groups_of(gid, n, most, w.device) for w, (gid, n, most) in zip(weights, memberships)]
+    stats = [_stats() for _ in weights]
+    for step in (1, 2):
+        grads = [_randn(w.shape, torch.float32, gen, 0.5 + i) for i, w in enumerate(weights)]
+        if step == 2:
+            grads[1].view(-1)[5] = float("nan")
+        for p, g, r, (gid, n, _) in zip(ref, grads, POM_RADII, memberships):
+            p.grad = _pom_reference(p.detach(), g, component, manifold, r, gid, n)[0]
+        opt.step()
+        with torch.no_grad():
+            for p, r in zip(ref, POM_RADII):
+                p.copy_(pom_retract(as_components(p, component), manifold, r).reshape(p.shape))
+        pom_transform(weights, grads, component, manifold, POM_RADII, groups, stats, update=make_update(step),
+                      states=states, first=[step == 1] * len(weights), retract_radii=POM_RADII, **blocks)
+    for i, (p, w, st) in enumerate(zip(ref, weights, states)):
+        what = f"pom fused {component} {manifold} {grouping} {opt_name} tensor {i}"
+        assert_close(torch.nan_to_num(w, nan=7.0), torch.nan_to_num(p, nan=7.0), torch.float32, f"{what} weight")
+        for key, s in zip(keys, st):
+            assert_close(torch.nan_to_num(s, nan=7.0), torch.nan_to_num(opt.state[p][key], nan=7.0), torch.float32,
+                         f"{what} {key}")
+    assert torch.isnan(weights[1].view(-1)[5]) and int(stats[1][0]) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("opt_name", ["sgd_momentum_wd_dampening", "adam_wd"])
+def test_pom_fused_update_low_precision(dtype, opt_name):
+    """16-bit weights and state against the eager chain in fp32 (the kernels' math; torch's own 16-bit
+    Adam overflows here: exp_avg_sq underflows to 0 and eps = 1e-8 is 0 in fp16), one step."""
+    make_opt, make_update = UPDATES[opt_name]
+    gen = _gen(13)
+    weights, grads, memberships = _pom_bucket("kernel", "PIO", dtype, gen)
+    weights = [pom_retract(as_components(w, "kernel"), "oblique", r).reshape(w.shape).to(dtype)
+               for w, r in zip(weights, POM_RADII)]
+    ref = [torch.nn.Parameter(w.float()) for w in weights]
+    opt = make_opt(ref)
+    for p, g, r, (gid, n, _) in zip(ref, grads, POM_RADII, memberships):
+        p.grad = _pom_reference(p.detach(), g.float(), "kernel", "oblique", r, gid, n)[0]
+    opt.step()
+    with torch.no_grad():
+        for p, r in zip(ref, POM_RADII):
+            p.copy_(pom_retract(as_components(p, "kernel"), "oblique", r).reshape(p.shape))
+    keys = make_update(1).state_keys
+    states = [[torch.zeros_like(w) for _ in keys] for w in weights]
+    pom_transform(weights, grads, "kernel", "oblique", POM_RADII,
+                  [groups_of(gid, n, most, w.device) for w, (gid, n, most) in zip(weights, memberships)],
+                  [_stats() for _ in weights], update=make_update(1), states=states, first=[True] * len(weights),
+                  retract_radii=POM_RADII)
+    for i, (p, w, st) in enumerate(zip(ref, weights, states)):
+        assert w.dtype == dtype
+        assert_close(w, p, dtype, f"pom fused {dtype} {opt_name} weight {i}")
+        for key, s in zip(keys, st):
+            assert_close(s, opt.state[p][key], dtype, f"pom fused {dtype} {opt_name} {key} {i}")

@@ -17,7 +17,7 @@ import geomcompile as gc
 from geomcompile.errors import GeomCompileError
 from geomcompile.geometries.pom import (MANIFOLDS, as_components, geometric_radius,
                                         pom_direction, pom_distance, pom_group_norms, pom_membership,
-                                        pom_proj, pom_retract, pom_zeta)
+                                        pom_max_group, pom_proj, pom_retract, pom_zeta)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -173,6 +173,23 @@ def test_membership_index_sets(group_size):
     assert n == 7 and gid.tolist() == list(range(7))
     gid, n = pom_membership((7,), "PO", 3, torch.Generator().manual_seed(0))
     assert n == 3 and sorted(gid.bincount().tolist()) == [1, 3, 3]
+
+
+@pytest.mark.parametrize("grouping", ["PI", "PO", "PIO", "none"])
+@pytest.mark.parametrize("grid", [(0,), (0, 5), (4, 0)])
+def test_membership_of_an_empty_grid_has_no_groups(grid, grouping):
+    """A zero-size layer (nn.Linear(5, 0)) has no components: no groups (PO/PIO once divided by 0)."""
+    gid, n = pom_membership(grid, grouping, 2, torch.Generator().manual_seed(0))
+    assert gid.shape == grid and gid.numel() == 0
+    assert n == 0
+
+
+def test_max_group_matches_the_drawn_membership():
+    for grid in ((6, 5), (7,), (1, 9)):
+        for grouping in ("PI", "PO", "PIO", "none"):
+            for size in (0, 1, 2, 4):
+                gid, n = pom_membership(grid, grouping, size, torch.Generator().manual_seed(3))
+                assert pom_max_group(grid, grouping, size) == int(gid.reshape(-1).bincount(minlength=n).max())
 
 
 def test_membership_is_random_but_seeded():

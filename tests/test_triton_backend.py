@@ -69,6 +69,16 @@ GEOMETRIES = {
                          (CONV_OR_LINEAR, {"channel_directed": {"metric": "sobolev", "lam": 0.5}})],
     "sobolev+pom": [(CONV, {"pom": {"manifold": "sphere", "component": "kernel", "grouping": "PI"}}),
                     (CONV_OR_LINEAR, {"channel_directed": {"metric": "sobolev", "lam": 0.5}})],
+    # pom's kernels: every grouping, both component kinds (filters of the linear head and of the
+    # zero-size layer too), oblique, a radius other than 1
+    "pom_oblique_po": [(CONV, {"pom": {"manifold": "oblique", "component": "kernel", "grouping": "PO",
+                                       "group_size": 2}})],
+    "pom_filter_pio": [(CONV_OR_LINEAR, {"pom": {"manifold": "sphere", "component": "filter", "grouping": "PIO",
+                                                 "group_size": 2}})],
+    "pom_none": [(CONV, {"pom": {"grouping": "none", "radius": 0.5}})],
+    # what pom's kernels refuse (eager, said in the report)
+    "pom_stiefel": [(CONV, {"pom": {"manifold": "stiefel", "component": "filter"}})],
+    "pom_feature_std": [(CONV, {"pom": {"feature_std": True, "radius": 2.0}})],
 }
 
 
@@ -188,10 +198,82 @@ def test_seven_step_parity_with_eager(geometry, opt_name):
         assert renormalised > 0, "the case never exercised psi's renormalisation"
 
 
-@pytest.mark.parametrize("geometry, opt_name", [("spectral", "sgd_momentum"), ("pom", "adam"),
-                                                ("spectral+sobolev", "adam"), ("sobolev+pom", "sgd_momentum")])
+@pytest.mark.parametrize("geometry, opt_name", [("spectral", "sgd_momentum"), ("spectral+sobolev", "adam")])
 def test_geometries_without_kernels_run_their_eager_program(geometry, opt_name):
     _parity(geometry, opt_name, steps=4)
+
+
+def _launched(run):
+    """The kernels launched (by name) while `run()` runs."""
+    from geomcompile.kernels.tables import Launch
+    names, real = [], Launch.run
+
+    def spy(self, scalars=None):
+        names.append(self.kernel)
+        return real(self, scalars)
+    Launch.run = spy
+    try:
+        out = run()
+    finally:
+        Launch.run = real
+    return out, set(names)
+
+
+@pytest.mark.parametrize("geometry, opt_name", [("pom", "adamw_maximize"), ("pom_oblique_po", "sgd_momentum"),
+                                                ("pom_filter_pio", "adam"), ("pom_none", "sgd_nesterov_maximize"),
+                                                ("sobolev+pom", "sgd_momentum"), ("pom_oblique_po", "adam_amsgrad"),
+                                                ("pom", "rmsprop_centered_momentum")])
+def test_pom_kernels_match_eager(geometry, opt_name):
+    """pom's kernels against the eager program, every grouping: fused with SGD / Adam / AdamW (direction,
+    base update and retraction in one launch), else the transform kernel, torch's step and the
+    retraction kernel; a stage before pom (sobolev) keeps its own kernel. RMSprop only on the
+    registry's sphere case: its first steps divide every coordinate by its own magnitude, so a 1-ulp
+    difference of a near-zero direction entry (a cancellation in g − ⟨g, w⟩w/r²) becomes 4e-5
+    relative in the momentum buffer (measured on oblique PO, with and without centring)."""
+    (eager, fast), launched = _launched(lambda: _parity(geometry, opt_name, steps=4))
+    assert {"_pom_kernel", "_pom_stats_kernel"} <= launched, launched
+    notes = fast[2].backend_notes()
+    if opt_name.startswith("rmsprop") or opt_name == "adam_amsgrad":
+        assert "_pom_retract_kernel" in launched, launched
+        assert any("gradient-transform kernels only" in line for line in notes), notes
+    else:
+        assert "_pom_retract_kernel" not in launched, launched      # retracted inside the fused launch
+        assert any("fused" in line for line in notes), notes
+
+
+def test_pom_kernels_channels_last_and_bf16():
+    _, launched = _launched(lambda: _parity("pom", "adam", channels_last=True, steps=3))
+    assert "_pom_kernel" in launched
+    _parity("pom_oblique_po", "sgd_momentum", dtype=torch.bfloat16, steps=3)
+
+
+@pytest.mark.parametrize("geometry, why", [("pom_stiefel", "manifold=stiefel has no Triton kernel"),
+                                           ("pom_feature_std", "feature_std=True has no Triton kernel")])
+def test_pom_options_without_kernels_run_eager_and_say_why(geometry, why):
+    (eager, fast), launched = _launched(lambda: _parity(geometry, "sgd_momentum", steps=2))
+    assert not {"_pom_kernel", "_pom_retract_kernel"} & launched, launched
+    notes = fast[2].backend_notes()
+    assert any("eager program for conv1.weight, conv2.weight" in line and why in line for line in notes), notes
+
+
+def test_pom_nonfinite_gradient_is_counted_and_passed_through_like_eager():
+    runs = []
+    for backend in ("eager", "triton"):
+        model, opt, plan = _setup("pom", "sgd_momentum", backend)
+        for step in range(3):
+            _grads(model, 1, torch.float32)
+            if step == 1:
+                model.conv1.weight.grad[0, 1, 2, 0] = float("nan")
+            opt.step()
+        runs.append((model, plan.diagnostics()))
+    (eager, d_eager), (fast, d_fast) = runs
+    # steps 1 (the gradient) and 2 (the weight entry that step 1 made NaN) are counted
+    assert d_eager["conv1.weight"]["pom"]["nonfinite_steps"] == d_fast["conv1.weight"]["pom"]["nonfinite_steps"] == 2
+    assert d_fast["conv2.weight"]["pom"]["nonfinite_steps"] == 0
+    for name in ("conv1.weight", "conv2.weight"):
+        torch.testing.assert_close(fast.get_parameter(name), eager.get_parameter(name), rtol=1e-5, atol=1e-6,
+                                   equal_nan=True)
+    assert torch.isnan(fast.conv1.weight[0, 1, 2, 0]) and torch.isfinite(fast.conv1.weight[0, 0]).all()
 
 
 @pytest.mark.parametrize("geometry, opt_name", [("sobolev", "adam"), ("psi", "sgd_momentum")])

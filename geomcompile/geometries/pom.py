@@ -277,7 +277,7 @@ def pom_membership(grid: tuple[int, ...], grouping: str, group_size: int = 0,
         raise ValueError(f"unknown grouping {grouping!r}; expected one of {', '.join(GROUPINGS)}")
 
     def pieces(n: int) -> tuple[int, int]:
-        size = group_size if 0 < group_size < n else n
+        size = group_size if 0 < group_size < n else max(n, 1)     # an empty axis (a zero-size layer): no groups
         return size, -(-n // size)
 
     n_all = math.prod(grid)
@@ -301,6 +301,20 @@ def pom_membership(grid: tuple[int, ...], grouping: str, group_size: int = 0,
     pos_o = torch.randperm(O, generator=generator).argsort()
     pos_i = torch.randperm(I, generator=generator).argsort()
     return (pos_o // size_o).unsqueeze(1) * count_i + (pos_i // size_i).unsqueeze(0), count_o * count_i
+
+
+def pom_max_group(grid: tuple[int, ...], grouping: str, group_size: int = 0) -> int:
+    """The number of components in the largest group ``pom_membership`` draws for these options
+    (1: every component is its own group). The Triton kernels pick their tiles by it."""
+    def piece(n: int) -> int:
+        return group_size if 0 < group_size < n else n
+
+    if grouping == "none" or (len(grid) == 1 and grouping == "PI"):
+        return 1
+    if len(grid) == 1:
+        return piece(grid[0])
+    O, I = grid
+    return {"PI": piece(I), "PO": piece(O)}.get(grouping, piece(O) * piece(I))
 
 
 def _rms_norm(components: torch.Tensor) -> float:
@@ -480,7 +494,8 @@ class POM(Geometry):
     hurt_by_weight_decay = True
     match_hint = "match only conv and linear weights whose components fit these options"
     shard_refusal = None      # sharded form: pom_direction_sharded; the retraction is local
-    fast_paths = {"compile": "geomcompile.geometries.pom:CompiledPOM"}
+    fast_paths = {"compile": "geomcompile.geometries.pom:CompiledPOM",
+                  "triton": "geomcompile.kernels.pom:POMKernels"}
     options = {
         "manifold": Option(str, "sphere", "component manifold: sphere (‖W‖=r), oblique (every column "
                                           "norm r) or stiefel (WᵀW = r²I)", choices=tuple(MANIFOLDS)),

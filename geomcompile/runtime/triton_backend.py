@@ -34,6 +34,7 @@ recorded tensors hold; new gradients are patched into the launches' tables. docs
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import weakref
 from collections import Counter, defaultdict
 from operator import is_not
@@ -51,16 +52,25 @@ from .buckets import KERNEL_DTYPES, BucketKey, Entry, bucketize, fused_kind, upd
 
 
 # ---- availability -----------------------------------------------------------------------------
+def kernel_modules() -> list[str]:
+    """The modules of every registered geometry's Triton kernel family (``fast_paths["triton"]``), in
+    registration order: the declarations decide, the runtime names none."""
+    from ..geometries import REGISTRY
+    names = [cls.fast_paths["triton"].partition(":")[0] for cls in REGISTRY.values() if "triton" in cls.fast_paths]
+    return list(dict.fromkeys(names))
+
+
 def _kernels():
     """The kernel modules. @triton.jit runs at their first import: TRITON_INTERPRET must be set before."""
-    from ..kernels import channel_directed, psi
-    return channel_directed, psi
+    return tuple(importlib.import_module(name) for name in kernel_modules())
 
 
 def interpreted() -> bool:
     """True when the kernels were built by the Triton interpreter (TRITON_INTERPRET=1 at import)."""
     from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_kernels()[1]._psi_kernel, InterpretedFunction)
+    from triton.runtime.jit import JITFunction
+    kernels = [v for m in _kernels() for v in vars(m).values() if isinstance(v, (JITFunction, InterpretedFunction))]
+    return bool(kernels) and all(isinstance(v, InterpretedFunction) for v in kernels)
 
 
 def triton_problem(params: list[torch.Tensor]) -> str | None:
@@ -98,10 +108,12 @@ def self_test(device: str) -> str | None:
         return None
     from ..geometries.psi import psi_grad
     try:
+        _kernels()                       # every family's module loads
+        from ..kernels import psi as psi_kernels     # the toolchain check: one known kernel
         w = torch.linspace(-1.0, 1.0, 15, device=device).reshape(3, 5)
         g = torch.linspace(0.5, -0.3, 15, device=device).reshape(3, 5)
         got = g.clone()
-        _kernels()[1].psi([w], [got], [("row", 0, None)])
+        psi_kernels.psi([w], [got], [("row", 0, None)])
         if not torch.allclose(got.cpu(), psi_grad(w, g).cpu(), rtol=1e-5, atol=1e-6):
             return "its result differs from the eager reference"
     except Exception as e:
@@ -122,9 +134,30 @@ class KernelFamily:
         state tensors in ``entry.extra["states"]`` by ``powers``. Only for ``retracts = True``.
     A retraction inside a kernel emits no Rescale event, so the backend lets a kernel retract only
     parameters whose rescale has no consequence outside the kernel (ctx.rescale_observed).
+
+    Attributes the backend reads (defaults here):
+    retracts: the family has ``retract`` (the geometry's post_step as a kernel).
+    retraction_rescales: the geometry's retraction is a function-preserving rescale (it emits Rescale
+        events and scales optimizer state by ``state_powers``), so observers decide whether a kernel
+        may do it; False: it emits none and touches no optimizer state (the kernel always may).
+    counter_key: the geometry-state key of an int64 0-d counter the kernels add to (entry.extra["counter"]).
+    state_outputs: geometry-state keys the kernels write in place (0-d device tensors); a recorded step
+        replays only while the state still holds those very tensors.
+    problem(geometry): why this geometry's options have no kernel (the unit then runs its eager
+        program, and describe() says why), or None.
     """
 
     retracts = False
+    retraction_rescales = True
+    counter_key: str | None = None
+    state_outputs: tuple[str, ...] = ()
+
+    def problem(self, geometry) -> str | None:
+        return None
+
+    def written_state(self) -> tuple[str, ...]:
+        """Every geometry-state key the kernels write in place."""
+        return ((self.counter_key,) if self.counter_key else ()) + tuple(self.state_outputs)
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -137,12 +170,18 @@ def _last_stage(items: list[WorkItem]) -> dict[str, int]:
     return last
 
 
-def _counter(state: dict, device: torch.device) -> torch.Tensor:
-    """psi's renormalised-units counter as an int64 0-d tensor the kernels add to (no host sync)."""
-    c = state.get("renormalised", 0)
+def _counter(state: dict, device: torch.device, key: str) -> torch.Tensor:
+    """A family's counter (``KernelFamily.counter_key``) as an int64 0-d tensor the kernels add to."""
+    c = state.get(key, 0)
     if not (isinstance(c, torch.Tensor) and c.device == device and c.dtype == torch.int64 and c.dim() == 0):
-        c = state["renormalised"] = torch.tensor(int(c), dtype=torch.int64, device=device)
+        c = state[key] = torch.tensor(int(c), dtype=torch.int64, device=device)
     return c
+
+
+def _written(family, entries) -> list[tuple[dict, str, object]]:
+    """(geometry state, key, value) of every state entry the family's kernels write for these entries."""
+    keys = family.written_state()
+    return [(e.extra["state"], key, e.extra["state"].get(key)) for e in entries if "state" in e.extra for key in keys]
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -210,7 +249,7 @@ class TritonBackend(Backend):
     def fused_kind(self, name: str, p: torch.Tensor, ctx: StepContext, last_stage: bool) -> tuple[str | None, str]:
         """("sgd"/"adam", "") when this parameter's whole step can run in the kernel, else (None, why)."""
         if not last_stage:
-            return None, "a later-stage geometry without a kernel needs the gradient"
+            return None, "a later-stage geometry needs the gradient (it transforms it after this one)"
         kind, why = fused_kind(ctx.optimizer, ctx.group_of[name])
         if kind is None:
             return None, why
@@ -233,7 +272,8 @@ class TritonBackend(Backend):
                 no_kernel[item.geometry.name] += 1
                 continue
             index = STAGES.index(item.geometry.stage)
-            problem = self.unit_problem(item, ctx)
+            family = fast_path(item.geometry, "triton")
+            problem = family.problem(item.geometry) or self.unit_problem(item, ctx)
             if problem is None and not runs_on_local_shards(item, ctx):
                 problem = ("sharded (FSDP2) in a layout whose update needs other ranks' rows: its eager sharded "
                            "program runs, collectives batched per stage")
@@ -289,6 +329,7 @@ class TritonBackend(Backend):
                 if record is not None:
                     record.eager.append(item)
                 continue
+            family, state = fast_path(item.geometry, "triton"), states(item)
             for name, facts, grad in zip(item.unit.names, item.unit.facts, grads):
                 if grad is None:
                     continue
@@ -296,18 +337,18 @@ class TritonBackend(Backend):
                 if ctx.shard(name) is not None:      # the local shards, transform only
                     if local(grad).numel():
                         transform.append(Entry(name, local(p), facts, item, local(grad),
-                                               {"kind": None, "retract": False}))
+                                               {"kind": None, "retract": False, "state": state}))
                     continue
                 kind, _ = self.fused_kind(name, p, ctx, last[name] == index)
                 retract = self.kernel_may_retract(item.geometry, name, p, kind, ctx)
-                entry = Entry(name, p, facts, item, grad, {"kind": kind, "retract": retract})
+                entry = Entry(name, p, facts, item, grad, {"kind": kind, "retract": retract, "state": state})
                 (fused if kind else transform).append(entry)
         for key, entries in bucketize(transform, _transform_key).items():
             launches = [] if record is not None else None
-            fast_path(key.geometry, "triton").transform(key.geometry, entries, self.cache, key.slot(entries),
-                                                         record=launches)
+            family = fast_path(key.geometry, "triton")
+            family.transform(key.geometry, entries, self.cache, key.slot(entries), record=launches)
             if record is not None:
-                record.calls.append(_Call(entries, launches))
+                record.calls.append(_Call(entries, launches, written=_written(family, entries)))
         for key, entries in bucketize(fused, lambda e: _fused_key(e, ctx)).items():
             calls = self._fused_step(key, entries, states, ctx, record is not None)
             if record is not None:
@@ -346,12 +387,16 @@ class TritonBackend(Backend):
     def _runs_eager(self, item: WorkItem, ctx: StepContext, grads=None) -> bool:
         """Whether the unit runs its geometry's eager program: no kernel family, a parameter the kernels
         cannot take, or a sharded parameter whose update needs other ranks' rows."""
-        return (fast_path(item.geometry, "triton") is None or self.unit_problem(item, ctx, grads) is not None
-                or not runs_on_local_shards(item, ctx))
+        family = fast_path(item.geometry, "triton")
+        return (family is None or family.problem(item.geometry) is not None
+                or self.unit_problem(item, ctx, grads) is not None or not runs_on_local_shards(item, ctx))
 
     def kernel_may_retract(self, geometry, name: str, p: torch.Tensor, kind: str | None, ctx: StepContext) -> bool:
         """Whether a kernel may do this parameter's retraction itself: nothing outside the kernel must
-        follow the rescale (see the module docstring)."""
+        follow the rescale (see the module docstring). A family whose retraction is no rescale at all
+        (``KernelFamily.retraction_rescales`` False) always may."""
+        if not fast_path(geometry, "triton").retraction_rescales:
+            return True
         if ctx.rescale_observed(name):
             return False
         state = ctx.optimizer.state.get(p, {})
@@ -392,16 +437,17 @@ class TritonBackend(Backend):
             launches += [(dataclasses.replace(key.update, step=s), group) for s, group in by_step.items()]
         retract = family.retracts and key.extra == ("retract",)
         for e in entries:
-            if family.retracts:
+            if family.counter_key:
                 # Also without retract: the kernel then adds 0 to it, and a counter that stays the same
                 # tensor keeps the bucket's cached table valid (a scratch one would change every step).
-                e.extra["counter"] = _counter(states(e.item), e.param.device)
+                e.extra["counter"] = _counter(states(e.item), e.param.device, family.counter_key)
         calls = []
         for update, group in launches:
             recorded = [] if recording else None
             family.fused(key.geometry, group, update, self.cache, key.slot(group), retract=retract, record=recorded)
             if recording:
-                calls.append(_Call(group, recorded, update, [ctx.group_of[e.name] for e in group], opt, states))
+                calls.append(_Call(group, recorded, update, [ctx.group_of[e.name] for e in group], opt,
+                                   written=_written(family, group)))
         for e in entries:
             self._hidden.append((e.param, e.param.grad))
             e.param.grad = None
@@ -449,18 +495,20 @@ class TritonBackend(Backend):
                         if name not in names:
                             continue
                         p = ctx.params[name]
-                        keys, tensors = _retract_state(ctx.optimizer.state.get(p, {}), p)
-                        retract.append(Entry(name, p, facts, item, None,
-                                             {"keys": keys, "states": tensors,
-                                              "counter": _counter(states(item), p.device)}))
+                        keys, tensors = (_retract_state(ctx.optimizer.state.get(p, {}), p)
+                                         if family.retraction_rescales else ((), []))
+                        extra = {"keys": keys, "states": tensors, "state": states(item)}
+                        if family.counter_key:
+                            extra["counter"] = _counter(states(item), p.device, family.counter_key)
+                        retract.append(Entry(name, p, facts, item, None, extra))
                 for key, entries in bucketize(retract, _retract_key).items():
                     geometry = key.geometry
                     powers = tuple(geometry.state_powers[k] for k in key.extra)
                     launches = []
-                    fast_path(geometry, "triton").retract(geometry, entries, powers, self.cache, key.slot(entries),
-                                                          record=launches)
-                    record.calls.append(_Call(entries, launches, opt=ctx.optimizer, states=states,
-                                              state_keys=key.extra))
+                    family = fast_path(geometry, "triton")
+                    family.retract(geometry, entries, powers, self.cache, key.slot(entries), record=launches)
+                    record.calls.append(_Call(entries, launches, opt=ctx.optimizer, state_keys=key.extra,
+                                              written=_written(family, entries)))
                 rescales += ctx.run_queued()
                 if plan is not None:
                     plan.stages.append(record)
@@ -529,7 +577,7 @@ class _Call:
     fused call the param groups its hyperparameters come from."""
 
     def __init__(self, entries: list[Entry], launches: list | None, update=None, groups=(), opt=None,
-                 states=None, state_keys: tuple = ()):
+                 state_keys: tuple = (), written: list | None = None):
         self.launches = launches or []
         self.replayable = launches is not None and None not in self.launches and not any(
             e.extra.get("first") for e in entries)           # a new momentum buffer is flagged in the table
@@ -556,8 +604,8 @@ class _Call:
         self.state_dicts = list(map(id, dicts))
         self.steps = [weakref.ref(d["step"]) for d in dicts] if self.kind == "AdamUpdate" else []
         self.state_tensors = [weakref.ref(t) for t in self._state_tensors(dicts)]
-        self.counter_dicts = [states(e.item) for e in entries if "counter" in e.extra] if states else []
-        self.counters = [e.extra["counter"] for e in entries if "counter" in e.extra]
+        # the geometry state the kernels write in place: (state dict, key, the tensor the table points to)
+        self.written = written or []
 
     def _state_tensors(self, dicts) -> list:
         return [d[k] for d in dicts for k in self.state_keys]
@@ -578,7 +626,7 @@ class _Call:
         return scalars if flags == self.flags else None
 
     def state_holds(self, opt) -> bool:
-        if any(map(is_not, [d.get("renormalised") for d in self.counter_dicts], self.counters)):
+        if any(d.get(key) is not value for d, key, value in self.written):
             return False
         if not self.state_keys:
             return True
