@@ -94,6 +94,9 @@ class Program:
         or a dict of tensors the call gets in the unit's ``states`` entry next to ``state_keys``
         (inputs of this step only, never stored). Python ints never enter the compiled function,
         whose guards would otherwise fail, and recompile it, whenever a counter changed.
+    inductor_config: a dict of torch._inductor.config settings in force while the program's
+        functions compile and run (spectral: no channels-last layout optimisation, whose different
+        rounding its eigensolver would amplify beyond parity with eager).
     """
 
     name: str = ""
@@ -153,6 +156,7 @@ class _Compiled:
     plain: Callable                  # the same function, uncompiled
     calls: int = 0
     failure: str | None = None
+    inductor: dict | None = None     # Program.inductor_config, set while it runs (and may compile)
 
 
 _CACHE: OrderedDict[Hashable, _Compiled] = OrderedDict()
@@ -256,13 +260,20 @@ class CompileBackend(Backend):
         if entry is None:
             plain = build(program, geometry, layouts)
             compiled = torch.compile(plain, dynamic=self.dynamic, fullgraph=True, mode=self.mode)
-            entry = _CACHE[key] = _Compiled(compiled, plain)
+            entry = _CACHE[key] = _Compiled(compiled, plain, inductor=getattr(program, "inductor_config", None))
             while len(_CACHE) > CACHE_SIZE:
                 _CACHE.popitem(last=False)
         _CACHE.move_to_end(key)
         return entry
 
     def _call(self, entry: _Compiled, geometry: Geometry, *args):
+        if entry.inductor and not entry.failure:
+            import torch._inductor.config as inductor_config
+            with inductor_config.patch(entry.inductor):     # a recompilation (a guard failed) sees it too
+                return self._run(entry, geometry, *args)
+        return self._run(entry, geometry, *args)
+
+    def _run(self, entry: _Compiled, geometry: Geometry, *args):
         if entry.calls or entry.failure:
             entry.calls += 1
             return entry.run(*args)
