@@ -514,18 +514,20 @@ def gram_matvec_layers(X: torch.Tensor, weights: torch.Tensor, spec: ConvSpec) -
 
 
 def penalty_grad_layers(weights: torch.Tensor, v: torch.Tensor, sign: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """penalty_grad of L layers at once: weights (L, O, I/g, *k), v (L, C, *size), sign (L,);
-    one grouped convolution and one explicit weight-gradient."""
-    L, O = weights.shape[:2]
+    """penalty_grad of L layers: weights (L, O, I/g, *k), v (L, C, *size), sign (L,); per layer one
+    convolution and one explicit weight-gradient (no autograd). Per layer, not grouped: oneDNN's
+    grouped weight-gradient rounds differently from a layer's own (1 ulp, measured), and the next
+    step's warm-started solve amplified that 1e4-fold in the bottom Ritz vectors of a layer with a
+    clustered spectrum (tests/test_spectral_batched.py); these are 2 of the step's ~50 operator calls
+    per layer, so the batching is not lost where it counts (the solve)."""
     stride, padding, dilation = _conv_args(spec)
-    groups = L * spec.groups
-    w = weights.reshape(-1, *weights.shape[2:])
-    x = _pad(v.reshape(1, -1, *v.shape[2:]), spec)
-    y = _CONV[w.dim() - 2](x, w, None, stride, padding, dilation, groups)
-    scale = (2.0 * sign).reshape(L, 1, *[1] * (y.dim() - 2)).to(y.dtype)
-    g_out = (y.reshape(L, O, *y.shape[2:]) * scale).reshape(y.shape)
-    grad = _CONV_WEIGHT[w.dim() - 2](x, tuple(w.shape), g_out, stride, padding, dilation, groups)
-    return grad.reshape(weights.shape)
+    conv, conv_weight = _CONV[weights.dim() - 3], _CONV_WEIGHT[weights.dim() - 3]
+    grads = []
+    for w, x, s in zip(weights.unbind(0), _pad(v, spec).unbind(0), sign.unbind(0)):
+        x = x.unsqueeze(0)
+        y = conv(x, w, None, stride, padding, dilation, spec.groups)
+        grads.append(conv_weight(x, tuple(w.shape), (2.0 * s).to(y.dtype) * y, stride, padding, dilation, spec.groups))
+    return torch.stack(grads)
 
 
 def _orthonormal_rows_layers(V: torch.Tensor, nudge: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,10 @@ the results straight into ``p.grad``.
   runs its geometry's eager sharded program, queued and run with the stage's collectives batched
   (runtime/distributed.py). The retraction flags of a bucket with sharded parameters are or'ed
   over the ranks (one all-reduce), so every rank runs the same eager post_steps.
+* A program may leave units to the eager program: for good (``Program.refusal``: spectral's reflect
+  and replicate padding) or for one step (``Program.host_step``, decided on the host from Python
+  ints: spectral's ``every`` schedule and each layer's first evaluation); ``describe()`` names the
+  refusals with their reasons.
 * A geometry without a program runs its eager ``pre_step`` / ``post_step`` in its stage's turn, and
   ``describe()`` says so for ``plan.summary()``. A bucket whose compilation fails runs the same
   list function uncompiled, with a GeomCompileWarning that quotes the error.
