@@ -85,7 +85,7 @@ def test_matches_eager_over_five_steps(case_name, opt_name):
 
 
 # The registry-driven runtime tests of tests/test_runtime.py with backend="compile": passed directly
-# to the tests that take a backend, and in place of "auto" for those that do not. Geometries without a compiled program (spectral) run their
+# to the tests that take a backend, and in place of "auto" for those that do not. Geometries without a compiled program (gspace) run their
 # eager program inside the compile backend, so they take part too.
 @pytest.fixture
 def compile_by_default(monkeypatch):

@@ -199,7 +199,9 @@ def test_seven_step_parity_with_eager(geometry, opt_name):
 
 
 @pytest.mark.parametrize("geometry, opt_name", [("spectral", "sgd_momentum"), ("spectral+sobolev", "adam")])
-def test_geometries_without_kernels_run_their_eager_program(geometry, opt_name):
+def test_spectral_runs_its_batched_torch_step_and_matches_eager(geometry, opt_name):
+    """spectral's Triton fast path runs its batched torch step, never fused (kernels/spectral.py), also
+    before a fused metric-stage kernel (spectral+sobolev)."""
     _parity(geometry, opt_name, steps=4)
 
 
@@ -376,7 +378,8 @@ def test_describe_reports_fused_transform_only_and_eager():
     model, opt, plan = _setup("spectral+sobolev", "sgd_momentum", "triton")
     lines = plan.backend_notes()        # the backend's report, as plan.summary() shows it
     assert any("fused" in line and "SGD" in line for line in lines), lines
-    assert any("spectral has no Triton kernel" in line for line in lines), lines
+    assert any("spectral's fast path launches no Triton kernel" in line and "never fused" in line
+               for line in lines), lines
     model, opt, plan = _setup("psi", "rmsprop_centered_momentum", "triton")
     lines = plan.backend_notes()        # the backend's report, as plan.summary() shows it
     assert any("gradient-transform kernels only" in line and "RMSprop has no fused kernel" in line

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
@@ -412,6 +413,312 @@ def spectral_estimates(theta: torch.Tensor, residual: torch.Tensor, alpha: float
             "sigma_max_bound": math.sqrt(alpha + R), "sigma_min_bound": math.sqrt(max(alpha - R, 0.0))}
 
 
+# ---- batched over layers: one solve for L layers that share a ConvSpec and a weight shape ----------
+# The same algebra as the per-layer code above, with a leading layer axis: (L, k, n) blocks, batched
+# eigh / qr, per-layer picks by gather. M of all L layers at once is one grouped convolution (input
+# (k, L·C, *size), weight (L·O, I/g, *k), groups L·g) and Mᵀ its explicit adjoint (the input-gradient
+# of that convolution, then the adjoint of the padding), so a step has no autograd call and traces
+# under torch.compile. The per-layer code stays the reference (tests/test_spectral_batched.py).
+_CONV_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+_CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+BATCHED_PADDING_MODES = ("zeros", "circular")
+
+
+def batched_refusal(spec: ConvSpec) -> str | None:
+    """Why the batched step cannot run this operator (its layers then run the per-layer program), or None."""
+    if spec.padding_mode not in BATCHED_PADDING_MODES:
+        return (f"{spec.padding_mode} padding has no explicit adjoint in the batched step (zeros and circular "
+                f"do); its layers run the per-layer program")
+    return None
+
+
+def _symmetric_zeros(spec: ConvSpec) -> bool:
+    return spec.padding_mode == "zeros" and all(b == a for b, a in spec.padding)
+
+
+def _pad(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """The input padded as conv_matvec pads it (nothing for symmetric zeros: the convolution pads)."""
+    if _symmetric_zeros(spec):
+        return x
+    flat = [p for pair in reversed(spec.padding) for p in pair]
+    return F.pad(x, flat, mode="constant" if spec.padding_mode == "zeros" else spec.padding_mode)
+
+
+def pad_adjoint(z: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """The adjoint of `_pad` (zeros: the crop; circular: each padded entry added back onto the entry it
+    copies), on (B, C, *padded size) -> (B, C, *input_size)."""
+    if _symmetric_zeros(spec):
+        return z
+    if spec.padding_mode not in BATCHED_PADDING_MODES:
+        raise GeomCompileError(batched_refusal(spec))
+    for dim, (n, (b, a)) in enumerate(zip(spec.input_size, spec.padding), start=2):
+        core = z.narrow(dim, b, n)
+        if spec.padding_mode == "circular":
+            # z[j] = x[(j − b) mod n]: the b entries before the core copy x's last b, the a after it x's first a
+            if b:
+                core = core + F.pad(z.narrow(dim, 0, b), _one_dim(z.dim(), dim, n - b, 0))
+            if a:
+                core = core + F.pad(z.narrow(dim, b + n, a), _one_dim(z.dim(), dim, 0, n - a))
+        z = core
+    return z
+
+
+def _one_dim(ndim: int, dim: int, before: int, after: int) -> list[int]:
+    """F.pad's argument that pads only `dim` (F.pad lists the last dimension first)."""
+    flat = [0] * (2 * (ndim - 2))
+    i = 2 * (ndim - 1 - dim)
+    flat[i], flat[i + 1] = before, after
+    return flat
+
+
+def _conv_args(spec: ConvSpec) -> tuple[list[int], list[int], list[int]]:
+    padding = [b for b, _ in spec.padding] if _symmetric_zeros(spec) else [0] * len(spec.input_size)
+    return list(spec.stride), padding, list(spec.dilation)
+
+
+def _stack_input(X: torch.Tensor) -> torch.Tensor:
+    """(L, k, C, *size) -> (k, L·C, *size): the L layers' blocks as the channels of one input."""
+    L, k, C = X.shape[:3]
+    return X.transpose(0, 1).reshape(k, L * C, *X.shape[3:])
+
+
+def conv_layers(X: torch.Tensor, weights: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """M_l x for the blocks X (L, k, C, *size) of L layers with kernels `weights` (L, O, I/g, *k):
+    one grouped convolution. Returns (L, k, O, *output size)."""
+    L, k = X.shape[:2]
+    stride, padding, dilation = _conv_args(spec)
+    w = weights.reshape(-1, *weights.shape[2:])                   # (L·O, I/g, *k)
+    y = _CONV[w.dim() - 2](_pad(_stack_input(X), spec), w, None, stride, padding, dilation, L * spec.groups)
+    return y.reshape(k, L, -1, *y.shape[2:]).transpose(0, 1)
+
+
+def conv_adjoint_layers(Y: torch.Tensor, weights: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """M_lᵀ y for the blocks Y (L, k, O, *output size) of conv_layers' outputs: the explicit
+    input-gradient of the grouped convolution (a transposed convolution with the output padding
+    that reaches the padded input size), then the adjoint of the padding. Returns (L, k, C, *size)."""
+    L, k = Y.shape[:2]
+    stride, padding, dilation = _conv_args(spec)
+    w = weights.reshape(-1, *weights.shape[2:])
+    padded = [n if _symmetric_zeros(spec) else n + b + a for n, (b, a) in zip(spec.input_size, spec.padding)]
+    y = Y.transpose(0, 1).reshape(k, -1, *Y.shape[3:])
+    back = _CONV_INPUT[w.dim() - 2]((k, L * spec.in_channels, *padded), w, y, stride, padding, dilation,
+                                    L * spec.groups)
+    return pad_adjoint(back, spec).reshape(k, L, spec.in_channels, *spec.input_size).transpose(0, 1)
+
+
+def gram_matvec_layers(X: torch.Tensor, weights: torch.Tensor, spec: ConvSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M_l x, M_lᵀ M_l x) for the blocks X (L, k, C, *size) of L layers (gram_matvec per layer):
+    one grouped convolution and its explicit adjoint, no autograd."""
+    y = conv_layers(X, weights, spec)
+    return y, conv_adjoint_layers(y, weights, spec)
+
+
+def penalty_grad_layers(weights: torch.Tensor, v: torch.Tensor, sign: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """penalty_grad of L layers: weights (L, O, I/g, *k), v (L, C, *size), sign (L,); per layer one
+    convolution and one explicit weight-gradient (no autograd). Per layer, not grouped: oneDNN's
+    grouped weight-gradient rounds differently from a layer's own (1 ulp, measured), and the next
+    step's warm-started solve amplified that 1e4-fold in the bottom Ritz vectors of a layer with a
+    clustered spectrum (tests/test_spectral_batched.py); these are 2 of the step's ~50 operator calls
+    per layer, so the batching is not lost where it counts (the solve)."""
+    stride, padding, dilation = _conv_args(spec)
+    conv, conv_weight = _CONV[weights.dim() - 3], _CONV_WEIGHT[weights.dim() - 3]
+    grads = []
+    for w, x, s in zip(weights.unbind(0), _pad(v, spec).unbind(0), sign.unbind(0)):
+        x = x.unsqueeze(0)
+        y = conv(x, w, None, stride, padding, dilation, spec.groups)
+        grads.append(conv_weight(x, tuple(w.shape), (2.0 * s).to(y.dtype) * y, stride, padding, dilation, spec.groups))
+    return torch.stack(grads)
+
+
+def _orthonormal_rows_layers(V: torch.Tensor, nudge: torch.Tensor) -> torch.Tensor:
+    """_orthonormal_rows per layer of V (L, b, n); `nudge` (b, n) is its fixed perturbation
+    (nudge_noise), made outside so that a compiled step holds no generator."""
+    tiny = torch.finfo(V.dtype).tiny
+    Q, Rf = torch.linalg.qr(V.mT)
+    d = Rf.diagonal(dim1=-2, dim2=-1).abs()
+    collapsed = (d <= 1e3 * torch.finfo(V.dtype).eps * d.amax(dim=-1, keepdim=True).clamp_min(tiny)).any(dim=-1)
+    norms = torch.linalg.vector_norm(V, dim=(-2, -1)).clamp_min(tiny)[:, None, None]
+    nudged, _ = torch.linalg.qr((V / norms + 1e-3 * nudge.to(V)).mT)
+    return torch.where(collapsed[:, None, None], nudged, Q).mT
+
+
+def nudge_noise(shape: tuple[int, int], dtype: torch.dtype, device=None) -> torch.Tensor:
+    """The fixed perturbation _orthonormal_rows adds to a collapsed block of `shape` (b, n)."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
+
+
+@lru_cache(maxsize=64)
+def nudge_of(spec: ConvSpec, block: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """nudge_noise for the start blocks of `spec` (shared, never written; made on the host, outside
+    any compiled function: a torch.Generator cannot be traced)."""
+    k = 2 * max(1, min(block, math.prod(spec.input_shape) // 2))
+    return nudge_noise((k, math.prod(spec.input_shape)), compute_dtype(dtype), device)
+
+
+def _independent_rows_layers(D: torch.Tensor, GD: torch.Tensor | None, drop: float):
+    """_independent_rows per layer of D (L, m, n): `kept` is (L, m)."""
+    tiny = torch.finfo(D.dtype).tiny
+    C = D @ D.mT
+    d, U = torch.linalg.eigh((C + C.mT) / 2)
+    kept = d > drop * d.amax(dim=-1, keepdim=True).clamp_min(tiny)
+    T = (U * torch.where(kept, d.clamp_min(tiny).rsqrt(), 0.0)[:, None, :]).mT
+    return T @ D, (None if GD is None else T @ GD), kept
+
+
+def _fixed_signs_layers(U: torch.Tensor) -> torch.Tensor:
+    """_fixed_signs per layer of U (L, m, c)."""
+    idx = U.abs().argmax(dim=1, keepdim=True)
+    return U * torch.where(U.gather(1, idx) < 0, -1.0, 1.0).to(U.dtype)
+
+
+def two_end_solve_layers(apply_G: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor, iters: int,
+                         nudge: torch.Tensor) -> TwoEnds:
+    """two_end_solve_program for L layers at once, with tol = 0 (exactly `iters` iterations, no host
+    decision): V (L, k, *shape), apply_G maps such a block of every layer to G_l of it. The TwoEnds
+    has a leading layer axis (theta, residual (L, k); vectors (L, k, *shape)). Step for step the
+    per-layer algebra: the same dropped-row sentinels, picks and sign rule, per layer."""
+    if iters < 1:
+        raise GeomCompileError(f"solver iterations must be >= 1, got {iters}")
+    shape, (L, k) = V.shape, V.shape[:2]
+    half = k // 2
+    drop = 1e3 * torch.finfo(V.dtype).eps
+    tiny = torch.finfo(V.dtype).tiny
+    X = _orthonormal_rows_layers(V.reshape(L, k, -1), nudge)
+    GX = apply_G(X.reshape(shape)).reshape(L, k, -1)
+    P = GP = None
+    done = 0
+    while True:
+        H = X @ GX.mT
+        theta, U = torch.linalg.eigh((H + H.mT) / 2)
+        theta, U = theta.flip(-1), _fixed_signs_layers(U.flip(-1))
+        X, GX = U.mT @ X, U.mT @ GX
+        W = GX - theta[..., None] * X
+        residual = W.norm(dim=-1)
+        if done == iters:
+            break
+        done += 1
+        for _ in range(2):
+            W = W - (W @ X.mT) @ X
+            W = W / W.norm(dim=-1, keepdim=True).clamp_min(tiny)
+        W, _, kept_W = _independent_rows_layers(W, None, drop)
+        GW = apply_G(W.reshape(L, -1, *shape[2:])).reshape(L, W.shape[1], -1)
+        basis, images, real = [X, W], [GX, GW], [torch.ones_like(kept_W), kept_W]
+        if P is not None:
+            long_enough = (P.norm(dim=-1, keepdim=True) > 10 * math.sqrt(torch.finfo(P.dtype).eps)).to(P.dtype)
+            P, GP = P * long_enough, GP * long_enough
+            for _ in range(2):
+                cx, cw = P @ X.mT, P @ W.mT
+                P, GP = P - cx @ X - cw @ W, GP - cx @ GX - cw @ GW
+                norms = P.norm(dim=-1, keepdim=True).clamp_min(tiny)
+                P, GP = P / norms, GP / norms
+            P, GP, kept_P = _independent_rows_layers(P, GP, 1e-2)
+            basis.append(P)
+            images.append(GP)
+            real.append(kept_P)
+        B, GB, real = torch.cat(basis, dim=1), torch.cat(images, dim=1), torch.cat(real, dim=1)
+        H = B @ GB.mT
+        H = (H + H.mT) / 2
+        # the per-layer code's sentinel: a dropped row's diagonal below every real Ritz value of its layer
+        sentinel = -(1 + 2 * torch.linalg.matrix_norm(H))[:, None]
+        H = H + torch.diag_embed(torch.where(real, 0.0, sentinel))
+        _, U = torch.linalg.eigh(H)
+        n = B.shape[1]
+        n_dropped = (~real).sum(dim=-1, keepdim=True)                       # (L, 1)
+        top = torch.arange(n - 1, n - 1 - half, -1, device=U.device).expand(L, half)
+        bottom = n_dropped + torch.arange(half - 1, -1, -1, device=U.device)
+        picks = torch.cat([top, bottom], dim=1)                              # (L, k)
+        C = _fixed_signs_layers(U.gather(2, picks[:, None, :].expand(L, n, k))).mT   # (L, k, n)
+        X_new, GX_new = C @ B, C @ GB
+        P, GP = C[:, :, k:] @ B[:, k:], C[:, :, k:] @ GB[:, k:]
+        X, GX = X_new, GX_new
+    return TwoEnds(theta, X.reshape(shape), residual, done)
+
+
+# The solve is one opaque operator (torch.library.custom_op) inside a compiled step: inductor's own
+# reductions (the residual norms, the Gram products' fusions) round differently from eager's by an ulp,
+# and the block eigensolver amplifies that (measured: one compiled step of a 6x3x3x3 layer from the
+# eager step's inputs, V off by 1.4e-6 with the solve traced; bit-identical as one operator; over a
+# few training steps such differences grow past the registry's 1e-5). Inside the operator every
+# op is eager's; the convolutions stay batched, and the graph around it (the end, the gradient, the
+# state and gradient update) is still compiled. It holds no host read, so a step stays sync-free.
+@torch.library.custom_op("geomcompile::spectral_two_end_solve_layers", mutates_args=())
+def _solve_layers_op(weights: torch.Tensor, V: torch.Tensor, nudge: torch.Tensor, input_size: list[int],
+                     in_channels: int, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                     padding_mode: str, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    spec = ConvSpec(tuple(input_size), in_channels, tuple(stride), tuple(zip(padding[::2], padding[1::2])),
+                    tuple(dilation), groups, padding_mode)
+    solve = two_end_solve_layers(lambda X: gram_matvec_layers(X, weights, spec)[1], V, iters, nudge)
+    return solve.theta.contiguous(), solve.vectors.contiguous(), solve.residual.contiguous()
+
+
+@_solve_layers_op.register_fake
+def _(weights, V, nudge, input_size, in_channels, stride, padding, dilation, groups, padding_mode, iters):
+    L, k = V.shape[:2]
+    return V.new_empty(L, k), V.new_empty(V.shape), V.new_empty(L, k)
+
+
+def solve_layers(weights: torch.Tensor, spec: ConvSpec, V: torch.Tensor, iters: int, nudge: torch.Tensor) -> TwoEnds:
+    """two_end_solve_layers on the layers' operators MᵀM (gram_matvec_layers), as one operator."""
+    if iters < 1:
+        raise GeomCompileError(f"solver iterations must be >= 1, got {iters}")
+    theta, vectors, residual = _solve_layers_op(weights, V, nudge, list(spec.input_size), spec.in_channels,
+                                                list(spec.stride), [p for pair in spec.padding for p in pair],
+                                                list(spec.dilation), spec.groups, spec.padding_mode, iters)
+    return TwoEnds(theta, vectors, residual, iters)
+
+
+def spectral_penalty_step_layers(weights: torch.Tensor, spec: ConvSpec, alpha: float, V: torch.Tensor,
+                                 iters: int, tie_tol: float, nudge: torch.Tensor) -> PenaltyStep:
+    """spectral_penalty_step for L layers at once (weights (L, O, I/g, *k), V (L, k, C, *size)), with
+    no early stop (a warm-started step). Every field of the PenaltyStep has a leading layer axis; the
+    gradient is in the weights' dtype."""
+    dtype = compute_dtype(weights.dtype)
+    w = weights.detach().to(dtype)
+    solve = solve_layers(w, spec, V.to(device=w.device, dtype=dtype).contiguous(), iters, nudge.to(dtype))
+    theta, residual = solve.theta, solve.residual
+    a_top, a_bottom = (theta[:, 0] - alpha).abs(), (theta[:, -1] - alpha).abs()
+    err = residual[:, 0] + residual[:, -1] + tie_tol * torch.maximum(a_top, a_bottom)
+    end = torch.where(a_top >= a_bottom, 0, theta.shape[1] - 1).to(torch.int64)[:, None]     # (L, 1)
+    ambiguous = (a_top - a_bottom).abs() <= err
+    lam = theta.gather(1, end)[:, 0] - alpha
+    sign = torch.where(lam >= 0, 1.0, -1.0).to(dtype)
+    L = V.shape[0]
+    v = solve.vectors.reshape(L, V.shape[1], -1).gather(1, end[:, :, None].expand(L, 1, math.prod(spec.input_shape)))
+    grad = penalty_grad_layers(w, v.reshape(L, *spec.input_shape), sign, spec).to(weights.dtype)
+    return PenaltyStep(lam.abs(), lam, residual.gather(1, end)[:, 0], grad, solve, ambiguous)
+
+
+def add_penalty(grad: torch.Tensor, penalty: torch.Tensor, coef: float) -> torch.Tensor:
+    """grad + coef·penalty, summed in float32 and stored in grad's dtype (saturating, base.fit_dtype).
+    An explicit product, not add(alpha=coef): ATen's add with alpha is a fused multiply-add on CPU
+    and inductor's is not, so only the explicit form rounds alike eager and compiled (measured)."""
+    work = compute_dtype(grad.dtype)
+    return fit_dtype(grad.to(work) + penalty.to(work) * coef, grad.dtype)
+
+
+def take_layers(step: PenaltyStep, grads: Sequence[torch.Tensor], weights: torch.Tensor, states: Sequence[dict],
+                coef: float) -> tuple[list[torch.Tensor], list[dict]]:
+    """Spectral._take for L layers, pure: (the new gradients, per layer the state entries to set:
+    V, theta, residual, ambiguous, nonfinite_steps). `weights` (L, …) are the raw weights (their
+    non-finite entries are counted); steps and calls are the host's (Spectral.host_step)."""
+    L = weights.shape[0]
+    vectors = step.solve.vectors.reshape(L, -1)
+    solved = torch.isfinite(vectors).all(dim=1) & torch.isfinite(step.solve.theta).all(dim=1)
+    bad = ~(torch.isfinite(weights.reshape(L, -1)).all(dim=1) & solved)
+    new_grads, updates = [], []
+    for i, (grad, state) in enumerate(zip(grads, states)):
+        keep = lambda new, old: torch.where(solved[i], new, old.to(new))
+        updates.append({"V": keep(step.solve.vectors[i], state["V"]), "theta": keep(step.solve.theta[i], state["theta"]),
+                        "residual": keep(step.solve.residual[i], state["residual"]),
+                        "ambiguous": state["ambiguous"] + step.ambiguous[i].to(torch.int64),
+                        "nonfinite_steps": state["nonfinite_steps"] + bad[i].to(state["nonfinite_steps"])})
+        if coef:
+            grad = add_penalty(grad, torch.where(solved[i] & torch.isfinite(step.grad[i]), step.grad[i], 0.0), coef)
+        new_grads.append(grad)
+    return new_grads, updates
+
+
 # ---- the geometry --------------------------------------------------------------------------------
 def _input_size_check(value) -> str | None:
     if value in ("auto", "largest") or (isinstance(value, list) and value and
@@ -440,6 +747,9 @@ class Spectral(Geometry):
     paper = "004_433ab1764c3faa0c.txt"
     match_hint = "add `kind: conv` to match"
     shard_refusal = None      # sharded form: sharded_gram_matvec (groups=1; shard_check refines it)
+    # batched over the layers of a bucket (CompiledSpectral, kernels/spectral.SpectralFamily: no Triton kernel)
+    fast_paths = {"compile": "geomcompile.geometries.spectral:CompiledSpectral",
+                  "triton": "geomcompile.kernels.spectral:SpectralFamily"}
     options = {
         "alpha": Option(float, 1.0, "α > 0: the penalty σ_max(MᵀM − αI) pulls the squared singular values "
                                     "of M towards α", check=Range(0, 1e6, low_open=True, why_high="beyond it αI swamps MᵀM and float32 cannot resolve its spectrum")),
@@ -549,31 +859,92 @@ class Spectral(Geometry):
         facts, (grad,) = unit.single(self.name), grads
         if grad is None:
             return
-        calls = state.get("calls", 0)
-        state["calls"] = calls + 1
-        if calls % self.opts["every"]:
-            return
-        # The first evaluation has nothing to warm-start from: up to init_iters iterations, stopped early
-        # at tol (host decisions, once per layer, like install). Every later one runs exactly power_iters
-        # iterations with no early stop, so the step makes no data-dependent decision on the host.
-        first = not state["steps"]
-        iters = max(self.opts["init_iters"], self.opts["power_iters"]) if first else self.opts["power_iters"]
-        tol = self.opts["tol"] if first else 0.0
-        # A NaN/Inf entry of the weight (left by an earlier non-finite step) would turn the warm-started
-        # vectors NaN for good: the solve sees it as 0, and a solve that still comes out non-finite
-        # (overflow) keeps the previous vectors and adds no penalty. The entry itself stays as the
-        # base optimizer leaves it, as in plain torch. Branch free (torch.where): no host sync.
         shard = ctx.shard(facts.name)
         if shard is None:
-            weight = ctx.params[facts.name].detach()
-            self._take(spectral_penalty_step(finite_entries(weight), self.spec(facts), self.opts["alpha"],
-                                             state["V"], iters, tol, self.opts["tie_tol"]),
-                       grad, state, weight)
+            self.step_layer(self.spec(facts), ctx.params[facts.name].detach(), grad, state)
+            return
+        due, iters, tol = self._schedule(state)
+        if not due:
             return
         weight = local(ctx.params[facts.name]).detach()       # sharded: the local output channels
         ctx.run_sharded(self._sharded(spectral_penalty_step_sharded(
             finite_entries(weight), self.spec(facts), self.opts["alpha"], state["V"], iters,
             tol, self.opts["tie_tol"], shard), local(grad), state, weight))
+
+    def _schedule(self, state: dict) -> tuple[bool, int, float]:
+        """Host side (Python ints, no sync): count the call, and say whether the penalty is evaluated
+        at this step (`every`) and with how many iterations and which early-stop tolerance.
+
+        The first evaluation has nothing to warm-start from: up to init_iters iterations, stopped early
+        at tol (host decisions, once per layer, like install). Every later one runs exactly power_iters
+        iterations with no early stop, so the step makes no data-dependent decision on the host."""
+        calls = state.get("calls", 0)
+        state["calls"] = calls + 1
+        if calls % self.opts["every"]:
+            return False, 0, 0.0
+        if not state["steps"]:
+            return True, max(self.opts["init_iters"], self.opts["power_iters"]), self.opts["tol"]
+        return True, self.opts["power_iters"], 0.0
+
+    def step_layer(self, spec: ConvSpec, weight: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
+        """The per-layer program of an unsharded layer (the reference): pre_step's work on `grad`, in place.
+
+        A NaN/Inf entry of the weight (left by an earlier non-finite step) would turn the warm-started
+        vectors NaN for good: the solve sees it as 0, and a solve that still comes out non-finite
+        (overflow) keeps the previous vectors and adds no penalty. The entry itself stays as the
+        base optimizer leaves it, as in plain torch. Branch free (torch.where): no host sync."""
+        due, iters, tol = self._schedule(state)
+        if due:
+            self._take(spectral_penalty_step(finite_entries(weight), spec, self.opts["alpha"], state["V"],
+                                             iters, tol, self.opts["tie_tol"]), grad, state, weight)
+
+    # -- batched over layers (the compile and triton fast paths) ---------------------------------
+    def joins_batch(self, spec: ConvSpec, state: dict) -> bool:
+        """Whether this step of a unit can be part of a batched step (host side, Python ints only): it
+        is due (`every`), it is not the layer's first evaluation (that one's early stop at tol is a
+        host decision: the per-layer program runs it) and its operator is batchable. When True,
+        host_step_of_batch must follow; when False, step_layer (or pre_step) runs the unit."""
+        return (not state.get("calls", 0) % self.opts["every"] and bool(state["steps"])
+                and batched_refusal(spec) is None)
+
+    @staticmethod
+    def host_step_of_batch(state: dict) -> None:
+        """The host part of a batched step of a unit (what _schedule and _take do to Python ints)."""
+        state["calls"] = state.get("calls", 0) + 1
+        state["steps"] += 1
+
+    def transform_layers(self, spec: ConvSpec, weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                         states: Sequence[dict], nudge: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
+        """The tensor part of one warm-started step of L layers sharing `spec`, a weight shape, dtype and
+        device, pure: (the new gradients, per layer the state entries to set). One solve over all L
+        (spectral_penalty_step_layers), then _take per layer (take_layers). `nudge`: nudge_of(...)."""
+        raw = torch.stack([w.detach() for w in weights])
+        V = torch.stack([s["V"] for s in states])
+        step = spectral_penalty_step_layers(finite_entries(raw), spec, self.opts["alpha"], V,
+                                            self.opts["power_iters"], self.opts["tie_tol"], nudge)
+        return take_layers(step, grads, raw, states, self.opts["coef"])
+
+    def step_layers(self, specs: Sequence[ConvSpec], weights: Sequence[torch.Tensor],
+                    grads: Sequence[torch.Tensor | None], states: Sequence[dict]) -> None:
+        """pre_step for a bucket of unsharded layers, in place and uncompiled: the layers that join a
+        batched step (joins_batch) are solved together per (spec, weight shape, dtype, device), the
+        others run the per-layer program. The same results as pre_step per layer."""
+        batches: dict[tuple, list[int]] = {}
+        for i, (spec, weight, grad, state) in enumerate(zip(specs, weights, grads, states)):
+            if grad is None:
+                continue
+            if not self.joins_batch(spec, state):
+                self.step_layer(spec, weight.detach(), grad, state)
+                continue
+            self.host_step_of_batch(state)
+            batches.setdefault((spec, tuple(weight.shape), weight.dtype, weight.device), []).append(i)
+        for (spec, _, dtype, device), index in batches.items():
+            nudge = nudge_of(spec, self.opts["block"], dtype, device)
+            new, updates = self.transform_layers(spec, [weights[i] for i in index], [grads[i] for i in index],
+                                                 [states[i] for i in index], nudge)
+            for i, grad, update in zip(index, new, updates):
+                grads[i].copy_(grad)
+                states[i].update(update)
 
     def _sharded(self, program, grad: torch.Tensor, state: dict, weight: torch.Tensor):
         self._take((yield from program), grad, state, weight)
@@ -590,9 +961,7 @@ class Spectral(Geometry):
         if self.opts["coef"]:
             penalty = torch.where(solved & torch.isfinite(step.grad), step.grad, 0.0)
             # the sum in float32, stored in grad's dtype (saturating, base.fit_dtype)
-            work = compute_dtype(grad.dtype)
-            total = grad.to(work).add(penalty.to(work), alpha=self.opts["coef"])
-            grad.copy_(fit_dtype(total, grad.dtype))
+            grad.copy_(add_penalty(grad, penalty, self.opts["coef"]))
 
     def diagnostics(self, unit: Unit, state) -> dict[str, float]:
         if not state.get("steps"):
@@ -600,3 +969,52 @@ class Spectral(Geometry):
         return {**spectral_estimates(state["theta"], state["residual"], self.opts["alpha"]),
                 "steps": float(state["steps"]), "ambiguous_steps": float(state.get("ambiguous", 0)),
                 "nonfinite_steps": float(state.get("nonfinite_steps", 0))}
+
+
+# ---- fast paths -----------------------------------------------------------------------------------
+class CompiledSpectral:
+    """The compile fast path (protocol: runtime/compile_backend.Program): a warm-started step of every
+    layer of a bucket that shares (ConvSpec, weight shape, dtype, device) as one batched solve
+    (Spectral.transform_layers: grouped convolutions, batched eigh), compiled per bucket.
+
+    What stays on the host, per unit and step (host_step, Python ints: no sync, and nothing that
+    makes dynamo specialise on a changing int): the `every` schedule and the counters calls / steps.
+    A unit that is not due this step (it only counts the call), a layer's first evaluation (init_iters
+    with the early stop at tol: host decisions) and an operator the batched step does not take
+    (refusal: reflect / replicate padding) run Spectral.pre_step, the per-layer program."""
+
+    name = "spectral"
+    uses_weights = True
+    retracts = False
+    # inductor's layout optimisation runs a conv-heavy graph channels-last, which on CPU rounds the
+    # adjoint's transposed convolution differently from eager (1e-6 relative, measured); the block
+    # eigensolver amplifies that tenfold in its bottom Ritz vectors, beyond the registry's parity
+    # tolerance. Without it the graph's convolutions are eager's own calls.
+    inductor_config = {"layout_optimization": False}
+    state_keys = ("V", "theta", "residual", "ambiguous", "nonfinite_steps")
+
+    def layout(self, geometry, facts):
+        return geometry.spec(facts)
+
+    def refusal(self, geometry, facts):
+        return batched_refusal(geometry.spec(facts))
+
+    def host_step(self, geometry, unit, state):
+        spec = geometry.spec(unit.single(geometry.name))
+        if not geometry.joins_batch(spec, state):
+            return None
+        geometry.host_step_of_batch(state)
+        return {"nudge": nudge_of(spec, geometry.opts["block"], state["V"].dtype, state["V"].device)}
+
+    def transform_with_state(self, geometry, layouts, grads, weights, states):
+        out: list = [None] * len(grads)
+        updates: list = [None] * len(grads)
+        batches: dict[tuple, list[int]] = {}
+        for i, (spec, weight) in enumerate(zip(layouts, weights)):
+            batches.setdefault((spec, tuple(weight.shape), weight.dtype), []).append(i)
+        for (spec, _, _), index in batches.items():
+            new, update = geometry.transform_layers(spec, [weights[i] for i in index], [grads[i] for i in index],
+                                                    [states[i] for i in index], states[index[0]]["nudge"])
+            for i, grad, u in zip(index, new, update):
+                out[i], updates[i] = grad, u
+        return out, updates

@@ -33,6 +33,10 @@ the results straight into ``p.grad``.
   runs its geometry's eager sharded program, queued and run with the stage's collectives batched
   (runtime/distributed.py). The retraction flags of a bucket with sharded parameters are or'ed
   over the ranks (one all-reduce), so every rank runs the same eager post_steps.
+* A program may leave units to the eager program: for good (``Program.refusal``: spectral's reflect
+  and replicate padding) or for one step (``Program.host_step``, decided on the host from Python
+  ints: spectral's ``every`` schedule and each layer's first evaluation); ``describe()`` names the
+  refusals with their reasons.
 * A geometry without a program runs its eager ``pre_step`` / ``post_step`` in its stage's turn, and
   ``describe()`` says so for ``plan.summary()``. A bucket whose compilation fails runs the same
   list function uncompiled, with a GeomCompileWarning that quotes the error.
@@ -93,6 +97,21 @@ class Program:
     transform, transform_with_state(geometry, layouts, grads, weights, states): ``states`` holds,
     per parameter, a dict of its unit's entries ``state_keys`` (those the state has); it returns (the new gradients, per
     parameter a dict of state entries to set), written into the unit's state after the call.
+
+    Optional, for programs that leave some units to the eager program (spectral):
+    refusal(geometry, facts): why the program cannot run this parameter's unit at all (a
+        configuration it does not batch), or None. Such a unit runs its geometry's eager pre_step and
+        post_step, and ``describe()`` gives the reason.
+    host_step(geometry, unit, state): called on the host for every unit with a gradient, before the
+        bucket's call, with the unit's whole state. It may read and update the state's host values
+        (Python ints: counters, schedules; no tensor read, so no sync) and returns None when this
+        step of the unit runs its geometry's eager pre_step instead (then it has changed nothing),
+        or a dict of tensors the call gets in the unit's ``states`` entry next to ``state_keys``
+        (inputs of this step only, never stored). Python ints never enter the compiled function,
+        whose guards would otherwise fail, and recompile it, whenever a counter changed.
+    inductor_config: a dict of torch._inductor.config settings in force while the program's
+        functions compile and run (spectral: no channels-last layout optimisation, whose different
+        rounding its eigensolver would amplify beyond parity with eager).
     """
 
     name: str = ""
@@ -124,15 +143,25 @@ def state_keys(program) -> tuple[str, ...]:
 
 def _program_states(program, slots) -> list[dict]:
     keys = state_keys(program)
-    return [{key: s.state[key] for key in keys if key in s.state} for s in slots] if keys else []
+    return [{**{key: s.state[key] for key in keys if key in s.state}, **(s.inputs or {})} for s in slots] if keys else []
+
+
+def refusal(program, item: WorkItem) -> str | None:
+    """Why the program refuses a parameter of this unit (Program.refusal), or None."""
+    refuse = getattr(program, "refusal", None)
+    if refuse is None:
+        return None
+    return next((why for why in (refuse(item.geometry, f) for f in item.unit.facts) if why), None)
 
 
 def compiled_program(item: WorkItem, ctx: StepContext) -> Program | None:
     """The item's compile program, or None when the item runs its geometry's eager program: the
-    geometry has none, or a parameter of the unit is sharded in a layout whose update needs other
-    ranks' rows (fastpath.runs_on_local_shards)."""
+    geometry has none, the program refuses the unit (Program.refusal), or a parameter of the unit
+    is sharded in a layout whose update needs other ranks' rows (fastpath.runs_on_local_shards)."""
     program = fast_path(item.geometry, "compile")
-    return program if program is not None and runs_on_local_shards(item, ctx) else None
+    if program is None or refusal(program, item) is not None:
+        return None
+    return program if runs_on_local_shards(item, ctx) else None
 
 
 # ---- compiled functions, cached for the process ------------------------------------------------
@@ -142,6 +171,7 @@ class _Compiled:
     plain: Callable                  # the same function, uncompiled
     calls: int = 0
     failure: str | None = None
+    inductor: dict | None = None     # Program.inductor_config, set while it runs (and may compile)
 
 
 _CACHE: OrderedDict[Hashable, _Compiled] = OrderedDict()
@@ -204,6 +234,7 @@ class _Slot:
     facts: ParamFacts
     tensor: torch.Tensor             # the gradient (pre-step) or the weight (post-step)
     state: dict | None = None        # the unit's state, for a program with state_keys (pre-step)
+    inputs: dict | None = None       # this step's inputs from Program.host_step
 
 
 class CompileBackend(Backend):
@@ -219,12 +250,16 @@ class CompileBackend(Backend):
 
     # -- report ---------------------------------------------------------------------------------
     def describe(self, items: list[WorkItem], ctx: StepContext) -> list[str]:
-        compiled, eager, sharded = Counter(), Counter(), Counter()
+        compiled, eager, sharded, refused = Counter(), Counter(), Counter(), Counter()
         for item in items:
+            program = fast_path(item.geometry, "compile")
+            why = refusal(program, item) if program is not None else None
             if compiled_program(item, ctx) is not None:
                 compiled[item.geometry.label()] += 1
+            elif why is not None:
+                refused[(item.geometry.label(), why)] += 1
             else:
-                (sharded if fast_path(item.geometry, "compile") else eager)[item.geometry.label()] += 1
+                (sharded if program else eager)[item.geometry.label()] += 1
         lines = []
         if compiled:
             what = ", ".join(f"{g} ({n} unit(s))" for g, n in compiled.items())
@@ -233,6 +268,8 @@ class CompileBackend(Backend):
                          f"(seconds to a minute on CPU, cached for the process)")
         lines += [f"backend compile: {g} has no compiled program; its eager program runs for {n} unit(s)"
                   for g, n in eager.items()]
+        lines += [f"backend compile: {g} runs its eager program for {n} unit(s): {why}"
+                  for (g, why), n in refused.items()]
         lines += [f"backend compile: {g} runs its eager sharded program for {n} sharded unit(s) whose update "
                   f"needs other ranks' rows (collectives batched per stage, docs/distributed.md)"
                   for g, n in sharded.items()]
@@ -248,13 +285,20 @@ class CompileBackend(Backend):
         if entry is None:
             plain = build(program, geometry, layouts)
             compiled = torch.compile(plain, dynamic=self.dynamic, fullgraph=True, mode=self.mode, options=options)
-            entry = _CACHE[key] = _Compiled(compiled, plain)
+            entry = _CACHE[key] = _Compiled(compiled, plain, inductor=getattr(program, "inductor_config", None))
             while len(_CACHE) > CACHE_SIZE:
                 _CACHE.popitem(last=False)
         _CACHE.move_to_end(key)
         return entry
 
     def _call(self, entry: _Compiled, geometry: Geometry, *args):
+        if entry.inductor and not entry.failure:
+            import torch._inductor.config as inductor_config
+            with inductor_config.patch(entry.inductor):     # a recompilation (a guard failed) sees it too
+                return self._run(entry, geometry, *args)
+        return self._run(entry, geometry, *args)
+
+    def _run(self, entry: _Compiled, geometry: Geometry, *args):
         if entry.calls or entry.failure:
             entry.calls += 1
             return entry.run(*args)
@@ -284,10 +328,16 @@ class CompileBackend(Backend):
                     item.geometry.pre_step(item.unit, grads, states(item), ctx)
                     continue
                 state = states(item) if state_keys(program) else None
+                inputs = None
+                if getattr(program, "host_step", None) is not None:
+                    inputs = program.host_step(item.geometry, item.unit, states(item))
+                    if inputs is None:         # this step of the unit is the eager program's
+                        item.geometry.pre_step(item.unit, grads, states(item), ctx)
+                        continue
                 for name, facts, grad in zip(item.unit.names, item.unit.facts, grads):
                     grad = local(grad) if grad is not None else None      # sharded: this rank's rows
                     if grad is not None and grad.numel():      # the transforms are the identity on empty grads
-                        buckets[item.geometry].append(_Slot(item, name, facts, grad, state))
+                        buckets[item.geometry].append(_Slot(item, name, facts, grad, state, inputs))
             for geometry, slots in buckets.items():
                 self._transform(geometry, slots, ctx)
             ctx.run_queued()            # the stage's sharded eager programs, collectives batched

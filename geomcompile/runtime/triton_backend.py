@@ -143,16 +143,30 @@ class KernelFamily:
     counter_key: the geometry-state key of an int64 0-d counter the kernels add to (entry.extra["counter"]).
     state_outputs: geometry-state keys the kernels write in place (0-d device tensors); a recorded step
         replays only while the state still holds those very tensors.
+    fuses: False when the family has no ``fused`` (a gradient transform the base optimizer must follow,
+        e.g. a penalty stage).
+    launches_kernels: False for a family whose transform runs torch ops, not a Triton kernel (it records
+        objects with Launch's ``run`` / ``patch_grads`` / ``scalars`` / ``grad_role``, so the step plan
+        replays it), said by its ``note`` in ``describe()``.
     problem(geometry): why this geometry's options have no kernel (the unit then runs its eager
         program, and describe() says why), or None.
+    refusal(geometry, facts): why the family cannot take this parameter (its unit then runs the eager
+        program, and ``describe()`` says why), or None.
+    Every entry's ``extra["state"]`` is its unit's geometry state (the dict the eager pre_step gets).
     """
 
     retracts = False
     retraction_rescales = True
     counter_key: str | None = None
     state_outputs: tuple[str, ...] = ()
+    fuses = True
+    launches_kernels = True
+    note = ""
 
     def problem(self, geometry) -> str | None:
+        return None
+
+    def refusal(self, geometry, facts) -> str | None:
         return None
 
     def written_state(self) -> tuple[str, ...]:
@@ -240,11 +254,20 @@ class TritonBackend(Backend):
     def unit_problem(self, item: WorkItem, ctx: StepContext, grads=None) -> str | None:
         """Why the kernels cannot take this unit (any of its parameters), or None."""
         grads = grads if grads is not None else [None] * len(item.unit.names)
-        for name, grad in zip(item.unit.names, grads):
-            problem = self.kernel_problem(ctx.params[name], grad)
+        family = fast_path(item.geometry, "triton")
+        refuse = getattr(family, "refusal", None)
+        for name, facts, grad in zip(item.unit.names, item.unit.facts, grads):
+            problem = self.kernel_problem(ctx.params[name], grad) or (refuse and refuse(item.geometry, facts))
             if problem:
                 return problem
         return None
+
+    def _fused_kind_of(self, family, name: str, p: torch.Tensor, ctx: StepContext,
+                       last_stage: bool) -> tuple[str | None, str]:
+        """fused_kind, for a family that may not fuse at all (KernelFamily.fuses)."""
+        if not getattr(family, "fuses", True):
+            return None, f"the {family.name} family is never fused with the base optimizer"
+        return self.fused_kind(name, p, ctx, last_stage)
 
     def fused_kind(self, name: str, p: torch.Tensor, ctx: StepContext, last_stage: bool) -> tuple[str | None, str]:
         """("sgd"/"adam", "") when this parameter's whole step can run in the kernel, else (None, why)."""
@@ -267,8 +290,10 @@ class TritonBackend(Backend):
         """Report lines: what is fused, what gets gradient-transform kernels only, what runs eager."""
         last = _last_stage(items)
         no_kernel, fused, transform, eager = Counter(), Counter(), defaultdict(list), defaultdict(list)
+        torch_steps = defaultdict(list)
         for item in items:
-            if fast_path(item.geometry, "triton") is None:
+            family = fast_path(item.geometry, "triton")
+            if family is None:
                 no_kernel[item.geometry.name] += 1
                 continue
             index = STAGES.index(item.geometry.stage)
@@ -280,13 +305,16 @@ class TritonBackend(Backend):
             if problem:
                 eager[problem] += list(item.unit.names)
                 continue
+            if not getattr(family, "launches_kernels", True):
+                torch_steps[(item.geometry.name, family.note)] += list(item.unit.names)
+                continue
             for name in item.unit.names:
                 p = ctx.params[name]
                 if ctx.shard(name) is not None:
                     transform["sharded (FSDP2): the kernel transforms the local shard, the base optimizer "
                               "steps the DTensor"].append(name)
                     continue
-                kind, why = self.fused_kind(name, p, ctx, last[name] == index)
+                kind, why = self._fused_kind_of(family, name, p, ctx, last[name] == index)
                 if kind:
                     fused[type(ctx.optimizer).__name__] += 1
                 else:
@@ -295,6 +323,8 @@ class TritonBackend(Backend):
                  f"kernel launch per bucket" for opt, n in fused.items()]
         lines += [f"backend triton: gradient-transform kernels only, then the base optimizer's own step, for "
                   f"{short_list(names, 4)}: {why}" for why, names in transform.items()]
+        lines += [f"backend triton: {g}'s fast path {note}, for {short_list(names, 4)}"
+                  for (g, note), names in torch_steps.items()]
         lines += [f"backend triton: {g} has no Triton kernel; its eager program runs for {n} unit(s)"
                   for g, n in no_kernel.items()]
         lines += [f"backend triton: eager program for {short_list(names, 4)}: {why}" for why, names in eager.items()]
@@ -339,7 +369,7 @@ class TritonBackend(Backend):
                         transform.append(Entry(name, local(p), facts, item, local(grad),
                                                {"kind": None, "retract": False, "state": state}))
                     continue
-                kind, _ = self.fused_kind(name, p, ctx, last[name] == index)
+                kind, _ = self._fused_kind_of(family, name, p, ctx, last[name] == index)
                 retract = self.kernel_may_retract(item.geometry, name, p, kind, ctx)
                 entry = Entry(name, p, facts, item, grad, {"kind": kind, "retract": retract, "state": state})
                 (fused if kind else transform).append(entry)
