@@ -119,6 +119,29 @@ def _zeta(R):
 
 
 @triton.jit
+def _rescaled(x, norm, fixed, r):
+    """x / |x| * r, the component's fixed point 1/sqrt(count) * r where its norm is 0 (as eager)."""
+    return tl.where(norm == 0.0, fixed, x / tl.maximum(norm, _TINY)) * r
+
+
+@triton.jit
+def _store_rescaled_chunks(base, wsn, wsk, live, N, K, rows, kk, sq, bad, fixed, r, DT: tl.constexpr,
+                           OBLIQUE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rescale components held in chunks of BLOCK_N rows to radius r from their squared norms `sq`
+    (per column when OBLIQUE) and store them; a component with a non-finite value (`bad`) is left."""
+    if not OBLIQUE:
+        sq = tl.sum(sq, axis=1)[:, None]
+    norm = tl.sqrt(sq)[:, None, :]
+    good = (bad == 0)[:, None, None]
+    for n0 in range(0, N, BLOCK_N):
+        rr = n0 + rows
+        mask = live[:, None, None] & (rr < N) & (kk < K)
+        p = base + rr * wsn + kk * wsk
+        x = tl.load(p, mask=mask, other=0.0).to(tl.float32)
+        tl.store(p, _rescaled(x, norm, fixed, r).to(DT), mask=mask & good)
+
+
+@triton.jit
 def _retract_tile(x, r, fixed, OBLIQUE: tl.constexpr):
     """pom_retract of whole components x (BLOCK_M, BLOCK_N, BLOCK_K; padding 0): r·x/‖x‖ per component
     or column, r·fixed for a zero one; a component with a non-finite entry stays as it is."""
@@ -127,8 +150,7 @@ def _retract_tile(x, r, fixed, OBLIQUE: tl.constexpr):
     if not OBLIQUE:
         sq = tl.sum(sq, axis=1)[:, None]
     norm = tl.sqrt(sq)[:, None, :]
-    y = tl.where(norm == 0.0, fixed, x / tl.maximum(norm, _TINY)) * r
-    return tl.where((bad == 0)[:, None, None], y, x)
+    return tl.where((bad == 0)[:, None, None], _rescaled(x, norm, fixed, r), x)
 
 
 @triton.jit
@@ -311,17 +333,8 @@ def _pom_kernel(tab, prog,
             if UPDATE != 0 and RETRACT and not WHOLE:
                 # pass 3: components larger than a chunk, retracted from what pass 2 stored
                 tl.debug_barrier()
-                if not OBLIQUE:
-                    new_sq = tl.sum(new_sq, axis=1)[:, None]
-                norm = tl.sqrt(new_sq)[:, None, :]
-                good = (new_bad == 0)[:, None, None]
-                for n0 in range(0, N, BLOCK_N):
-                    rr = n0 + rows
-                    mask = live[:, None, None] & (rr < N) & (kk < K)
-                    p = w_base + rr * wsn + kk * wsk
-                    x = tl.load(p, mask=mask, other=0.0).to(tl.float32)
-                    y = tl.where(norm == 0.0, fixed, x / tl.maximum(norm, _TINY)) * r
-                    tl.store(p, y.to(DT), mask=mask & good)
+                _store_rescaled_chunks(w_base, wsn, wsk, live, N, K, rows, kk, new_sq, new_bad, fixed, r, DT,
+                                       OBLIQUE, BLOCK_N)
 
 
 @triton.jit
@@ -375,13 +388,7 @@ def _pom_retract_kernel(tab, prog, NF: tl.constexpr, DT: tl.constexpr, OBLIQUE: 
         mask = live[:, None, None] & (rows < N) & (kk < K)
         p = base + rows * wsn + kk * wsk
         x = tl.load(p, mask=mask, other=0.0).to(tl.float32)
-        bad = tl.max(tl.max((~_finite(x)).to(tl.int32), axis=2), axis=1)
-        sq = tl.sum(x * x, axis=1)
-        if not OBLIQUE:
-            sq = tl.sum(sq, axis=1)[:, None]
-        norm = tl.sqrt(sq)[:, None, :]
-        y = tl.where(norm == 0.0, fixed, x / tl.maximum(norm, _TINY)) * r
-        tl.store(p, y.to(DT), mask=mask & (bad == 0)[:, None, None])
+        tl.store(p, _retract_tile(x, r, fixed, OBLIQUE).to(DT), mask=mask)   # a non-finite component: itself
     else:
         sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
         bad = tl.zeros([BLOCK_M], tl.int32)
@@ -391,17 +398,7 @@ def _pom_retract_kernel(tab, prog, NF: tl.constexpr, DT: tl.constexpr, OBLIQUE: 
             x = tl.load(base + rr * wsn + kk * wsk, mask=mask, other=0.0).to(tl.float32)
             bad = tl.maximum(bad, tl.max(tl.max((~_finite(x)).to(tl.int32), axis=2), axis=1))
             sq += tl.sum(x * x, axis=1)
-        if not OBLIQUE:
-            sq = tl.sum(sq, axis=1)[:, None]
-        norm = tl.sqrt(sq)[:, None, :]
-        good = (bad == 0)[:, None, None]
-        for n0 in range(0, N, BLOCK_N):
-            rr = n0 + rows
-            mask = live[:, None, None] & (rr < N) & (kk < K)
-            p = base + rr * wsn + kk * wsk
-            x = tl.load(p, mask=mask, other=0.0).to(tl.float32)
-            y = tl.where(norm == 0.0, fixed, x / tl.maximum(norm, _TINY)) * r
-            tl.store(p, y.to(DT), mask=mask & good)
+        _store_rescaled_chunks(base, wsn, wsk, live, N, K, rows, kk, sq, bad, fixed, r, DT, OBLIQUE, BLOCK_N)
 
 
 # ---- schedules ---------------------------------------------------------------------------------

@@ -91,8 +91,22 @@ def update_kinds() -> dict[str, dict]:
 
 
 def all_configurations() -> list[KernelConfig]:
+    """Every module's configurations(); a family module without kernels (spectral's) has none to list,
+    one with @triton.jit kernels but no configurations() is an error (the report would skip them)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
     from geomcompile.runtime.triton_backend import _kernels
-    return [c for module in _kernels() for c in module.configurations()]
+    configs = []
+    for module in _kernels():
+        if hasattr(module, "configurations"):
+            configs += module.configurations()
+            continue
+        jitted = sorted(n for n, v in vars(module).items() if isinstance(v, (JITFunction, InterpretedFunction)))
+        if jitted:
+            raise RuntimeError(f"{module.__name__} defines Triton kernels ({', '.join(jitted)}) but no "
+                               f"configurations(): add one listing every schedule its launchers pick")
+    return configs
 
 
 def heaviest(configs: list[KernelConfig]) -> list[KernelConfig]:
