@@ -30,10 +30,10 @@ def _in_place(model, step):
             p.grad = held[n]
 
 
-def _run(geometry, opt_name, steps=STEPS, grads=_in_place, event=None, setup=_setup):
-    """Both backends step by step (`event(model, opt, step)` before each step's gradients); returns
-    the triton backend's plan builds after each step."""
-    runs = [setup(geometry, opt_name, backend) for backend in ("eager", "triton")]
+def _run(geometry, opt_name, steps=STEPS, grads=_in_place, event=None, setup=_setup, backend="triton"):
+    """The eager backend and `backend` step by step (`event(model, opt, step)` before each step's
+    gradients); returns the second backend's plan builds after each step."""
+    runs = [setup(geometry, opt_name, b) for b in ("eager", backend)]
     builds = []
     for step in range(steps):
         for model, opt, _ in runs:
@@ -171,3 +171,72 @@ def test_the_plan_keeps_no_gradient_or_replaced_state_alive():
     collector.collect()
     assert all(ref() is None for ref in grads), "the step plan keeps last step's gradients alive"
     assert all(ref() is None for ref in states), "the step plan keeps a replaced optimizer state alive"
+
+
+# ---- the compile backend's recorded step (compile_backend._RecordedStep) ------------------------------
+# Its decisions depend on the work items and on which parameters have gradients only (no optimizer
+# state, no hyperparameters: torch's own step follows the transforms), so it is decided once and
+# replayed until one of those changes; tensors are read again at every replay.
+def test_compile_replays_its_step_with_cached_and_with_fresh_gradients():
+    for grads in (_same_grads, _fresh):
+        for geometry, opt_name in (("psi", "sgd_momentum"), ("sobolev", "adam")):
+            builds = _run(geometry, opt_name, steps=5, grads=lambda m, s: grads(m, 1), backend="compile")
+            assert builds == [1, 1, 1, 1, 1], (geometry, opt_name, grads.__name__, builds)
+
+
+def test_compile_decides_anew_when_a_gradient_becomes_none_and_comes_back():
+    builds = _run("psi", "adam", steps=STEPS, grads=_fresh, backend="compile")
+    assert 1 < builds[-1] < STEPS, builds            # the NO_GRAD steps decide anew, the others replay
+
+
+def test_compile_add_param_group_decides_anew():
+    def setup(geometry, opt_name, backend):
+        torch.manual_seed(0)
+        model = Net()
+        convs = [p for n, p in model.named_parameters() if n.startswith("conv")]
+        opt = torch.optim.SGD([{"params": convs}], lr=0.05, momentum=0.9)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", gc.GeomCompileWarning)
+            plan = gc.apply(model, _policy(geometry), opt, example_inputs=INPUTS, backend=backend)
+        return model, opt, plan
+
+    def event(model, opt, step):
+        if step == 3:
+            opt.add_param_group({"params": [model.head.weight, model.head.bias], "lr": 0.03})
+
+    builds = _run("sobolev", "sgd_momentum", steps=6, event=event, setup=setup, backend="compile",
+                  grads=lambda m, s: _in_place(m, 1))
+    assert builds == [1, 1, 1, 2, 2, 2], builds
+
+
+def test_compile_replay_reads_replaced_weights_and_gradients_of_another_layout():
+    """A replayed step reads the tensors again: weights replaced through .data and a channels_last
+    gradient (a guard failure in its compiled function: it recompiles) are stepped as eager steps them."""
+    def grads(model, step):
+        _fresh(model, 1)
+        if step == 4:
+            g = model.conv1.weight.grad
+            model.conv1.weight.grad = g.contiguous(memory_format=torch.channels_last)
+
+    def event(model, opt, step):
+        if step == 2:
+            with torch.no_grad():
+                model.conv1.weight.data = model.conv1.weight.data.clone() * 0.5
+
+    for geometry in ("psi", "sobolev"):
+        builds = _run(geometry, "sgd_momentum", steps=6, grads=grads, event=event, backend="compile")
+        assert builds == [1] * 6, builds
+
+
+def test_compile_recorded_step_keeps_no_gradient_alive():
+    import gc as collector
+    import weakref
+    model, opt, plan = _setup("psi", "sgd_momentum", "compile")
+    for step in range(3):
+        _fresh(model, 1)
+        opt.step()
+    assert plan.backend.plan_builds == 1 and plan.backend._pre_plan is not None
+    grads = [weakref.ref(p.grad) for p in model.parameters()]
+    opt.zero_grad(set_to_none=True)
+    collector.collect()
+    assert all(ref() is None for ref in grads), "the recorded step keeps last step's gradients alive"

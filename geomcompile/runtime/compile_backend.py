@@ -37,6 +37,10 @@ the results straight into ``p.grad``.
   and replicate padding) or for one step (``Program.host_step``, decided on the host from Python
   ints: spectral's ``every`` schedule and each layer's first evaluation); ``describe()`` names the
   refusals with their reasons.
+* The step's decisions (which units run eagerly, the buckets, their layouts and compiled functions)
+  are recorded and replayed while the same work items have the same parameters with gradients
+  (``_RecordedStep``); a replay reads the gradients, weights and state again and makes one compiled
+  call per bucket. Steps with sharded parameters or a program's ``host_step`` are decided every time.
 * A geometry without a program runs its eager ``pre_step`` / ``post_step`` in its stage's turn, and
   ``describe()`` says so for ``plan.summary()``. A bucket whose compilation fails runs the same
   list function uncompiled, with a GeomCompileWarning that quotes the error.
@@ -46,7 +50,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections import Counter, OrderedDict, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Hashable, Sequence
 
 import torch
@@ -56,7 +60,7 @@ from ..errors import GeomCompileWarning
 from ..geometries.base import STAGES, Geometry, StepContext, host_reads_are_free
 from .distributed import any_on_each_rank, local
 from .fastpath import (Backend, WorkItem, eager_post_step, fast_path, runs_on_local_shards, stage_items,
-                       stage_items_with_grads)
+                       stage_items_with_grads, unit_grads)
 
 # dynamic=False. Measured on ResNet-20 (9 distinct weight shapes), 2 CPU cores, empty inductor
 # cache: first step (compile) 12 s for channel_directed and 7 s for psi with static shapes, 24-27 s
@@ -232,7 +236,7 @@ class _Slot:
     item: WorkItem
     name: str
     facts: ParamFacts
-    tensor: torch.Tensor             # the gradient (pre-step) or the weight (post-step)
+    tensor: torch.Tensor | None      # the weight (post-step); None in recorded decisions
     state: dict | None = None        # the unit's state, for a program with state_keys (pre-step)
     inputs: dict | None = None       # this step's inputs from Program.host_step
 
@@ -247,6 +251,9 @@ class CompileBackend(Backend):
         self.mode = mode
         self.failures: list[str] = []
         self.compile_seconds = 0.0      # spent in first calls (compile + one run) made by this backend
+        self._pre_plan: _RecordedStep | None = None       # the last steps' decisions (replayed)
+        self._post_plan: _RecordedStep | None = None
+        self.plan_builds = 0            # pre-steps decided from scratch
 
     # -- report ---------------------------------------------------------------------------------
     def describe(self, items: list[WorkItem], ctx: StepContext) -> list[str]:
@@ -320,75 +327,127 @@ class CompileBackend(Backend):
 
     # -- hooks ----------------------------------------------------------------------------------
     def pre_step(self, items, states: Callable[[WorkItem], dict], ctx: StepContext) -> None:
+        """Each stage: the units without a compiled program run their eager pre_step, then one compiled
+        call per bucket. The decisions (which unit runs how, the buckets, their compiled functions) are
+        recorded and replayed while the same parameters have gradients (_RecordedStep.holds), so a
+        steady step costs a few Python calls per bucket; a program with a host_step (decided per step)
+        or sharded parameters are decided at every step."""
+        plan = self._pre_plan
+        if plan is not None and plan.holds(items, ctx):
+            plan.replays += 1
+            for stage in plan.stages:
+                self._run_pre_stage(stage, states, ctx)
+            return
+        plan = _RecordedStep(items, ctx)
         for stage in STAGES:
-            buckets: dict[Geometry, list[_Slot]] = defaultdict(list)
-            for item, grads in stage_items_with_grads(items, stage, ctx):
-                program = compiled_program(item, ctx)
-                if program is None:
-                    item.geometry.pre_step(item.unit, grads, states(item), ctx)
-                    continue
-                state = states(item) if state_keys(program) else None
-                inputs = None
-                if getattr(program, "host_step", None) is not None:
-                    inputs = program.host_step(item.geometry, item.unit, states(item))
-                    if inputs is None:         # this step of the unit is the eager program's
-                        item.geometry.pre_step(item.unit, grads, states(item), ctx)
-                        continue
-                for name, facts, grad in zip(item.unit.names, item.unit.facts, grads):
-                    grad = local(grad) if grad is not None else None      # sharded: this rank's rows
-                    if grad is not None and grad.numel():      # the transforms are the identity on empty grads
-                        buckets[item.geometry].append(_Slot(item, name, facts, grad, state, inputs))
-            for geometry, slots in buckets.items():
-                self._transform(geometry, slots, ctx)
-            ctx.run_queued()            # the stage's sharded eager programs, collectives batched
+            decided = self._decide_pre_stage(stage, items, states, ctx, plan)
+            self._run_pre_stage(decided, states, ctx)
+            plan.stages.append(decided)
+        self._pre_plan = plan if plan.replayable else None
+        self.plan_builds += 1
 
-    def _transform(self, geometry: Geometry, slots: list[_Slot], ctx: StepContext) -> None:
-        program = fast_path(geometry, "compile")
-        layouts = tuple(program.layout(geometry, s.facts) for s in slots)
-        grads = [s.tensor for s in slots]
+    def _decide_pre_stage(self, stage: str, items, states, ctx: StepContext, plan: "_RecordedStep") -> "_StagePlan":
+        decided = _StagePlan()
+        buckets: dict[Geometry, list[_Slot]] = defaultdict(list)
+        for item, grads in stage_items_with_grads(items, stage, ctx):
+            program = compiled_program(item, ctx)
+            if program is None:
+                decided.eager.append(item)
+                continue
+            inputs = None
+            if getattr(program, "host_step", None) is not None:
+                plan.replayable = False       # decided on the host at every step
+                inputs = program.host_step(item.geometry, item.unit, states(item))
+                if inputs is None:            # this step of the unit is the eager program's
+                    decided.eager.append(item)
+                    continue
+            for name, facts, grad in zip(item.unit.names, item.unit.facts, grads):
+                grad = local(grad) if grad is not None else None      # sharded: this rank's rows
+                if grad is not None and grad.numel():      # the transforms are the identity on empty grads
+                    # no tensor kept: a recorded step must not hold this step's gradients alive
+                    buckets[item.geometry].append(_Slot(item, name, facts, None, None, inputs))
+        for geometry, slots in buckets.items():
+            program = fast_path(geometry, "compile")
+            decided.buckets.append(_Bucket(geometry, program, slots,
+                                           tuple(program.layout(geometry, s.facts) for s in slots)))
+        return decided
+
+    def _run_pre_stage(self, decided: "_StagePlan", states, ctx: StepContext) -> None:
+        for item in decided.eager:
+            item.geometry.pre_step(item.unit, unit_grads(item, ctx), states(item), ctx)
+        for bucket in decided.buckets:
+            self._transform(bucket, states, ctx)
+        ctx.run_queued()            # the stage's sharded eager programs, collectives batched
+
+    def _transform(self, bucket: "_Bucket", states, ctx: StepContext) -> None:
+        program, geometry, slots = bucket.program, bucket.geometry, bucket.slots
+        grads = [local(ctx.params[s.name].grad) for s in slots]      # this step's gradient tensors
         weights = [local(ctx.params[s.name]).detach() for s in slots] if program.uses_weights else []
-        states = _program_states(program, slots)
-        entry = self._function("transform", program, geometry, layouts, grads + weights, _transform_function)
+        keys = state_keys(program)
+        unit_states = [states(s.item) for s in slots] if keys else []
+        inputs = [{**{k: st[k] for k in keys if k in st}, **(s.inputs or {})}
+                  for s, st in zip(slots, unit_states)]
+        if bucket.entry is None:
+            bucket.entry = self._function("transform", program, geometry, bucket.layouts, grads + weights,
+                                          _transform_function)
         with torch.no_grad():
-            updates = self._call(entry, geometry, grads, weights, states)
-        for slot, update in zip(slots, updates):
-            slot.state.update(update)
+            updates = self._call(bucket.entry, geometry, grads, weights, inputs)
+        for state, update in zip(unit_states, updates):
+            state.update(update)
 
     def post_step(self, items, states: Callable[[WorkItem], dict], ctx: StepContext):
+        plan = self._post_plan
+        if plan is None or not plan.holds(items, ctx):
+            plan = _RecordedStep(items, ctx)
+            plan.stages = [self._decide_post_stage(stage, items, ctx) for stage in STAGES]
+            self._post_plan = plan if plan.replayable else None
+        else:
+            plan.replays += 1
         rescales = []
         with torch.no_grad():
-            for stage in STAGES:
-                buckets: dict[Geometry, list[_Slot]] = defaultdict(list)
-                for item in stage_items(items, stage):
-                    program = compiled_program(item, ctx)
-                    if program is None:
-                        rescales += eager_post_step(item, states, ctx)
-                    elif program.retracts:
-                        for name, facts in zip(item.unit.names, item.unit.facts):
-                            p = ctx.params[name]
-                            if p.numel() and ctx.has_grad(name):     # the whole tensor's: alike on every rank
-                                buckets[item.geometry].append(_Slot(item, name, facts, local(p).detach()))
-                for geometry, slots in buckets.items():
-                    rescales += self._retract(geometry, slots, states, ctx)
+            for decided in plan.stages:
+                for item in decided.eager:
+                    rescales += eager_post_step(item, states, ctx)
+                for bucket in decided.buckets:
+                    slots = [_Slot(s.item, s.name, s.facts, local(ctx.params[s.name]).detach()) for s in bucket.slots]
+                    rescales += self._retract(bucket, slots, states, ctx)
                 rescales += ctx.run_queued()
         return rescales
 
-    def _retract(self, geometry: Geometry, slots: list[_Slot], states, ctx: StepContext):
+    def _decide_post_stage(self, stage: str, items, ctx: StepContext) -> "_StagePlan":
+        decided = _StagePlan()
+        buckets: dict[Geometry, list[_Slot]] = defaultdict(list)
+        for item in stage_items(items, stage):
+            program = compiled_program(item, ctx)
+            if program is None:
+                decided.eager.append(item)
+            elif program.retracts:
+                for name, facts in zip(item.unit.names, item.unit.facts):
+                    p = ctx.params[name]
+                    if p.numel() and ctx.has_grad(name):     # the whole tensor's: alike on every rank
+                        buckets[item.geometry].append(_Slot(item, name, facts, None))
+        for geometry, slots in buckets.items():
+            program = fast_path(geometry, "compile")
+            decided.buckets.append(_Bucket(geometry, program, slots,
+                                           tuple(program.layout(geometry, s.facts) for s in slots)))
+        return decided
+
+    def _retract(self, bucket: "_Bucket", slots: list[_Slot], states, ctx: StepContext):
         """On CPU tensors the compiled check flags parameters near their limit and every unit with a
         flagged parameter runs the geometry's exact eager post_step, whole (a unit is never split). On
         a device (base.host_reads_are_free is False) the flags are not read, which would be a host
         sync: every unit runs the eager post_step. A program that always retracts needs no check:
         every unit runs it."""
-        program = fast_path(geometry, "compile")
+        program, geometry = bucket.program, bucket.geometry
         if getattr(program, "always_retracts", False) and program.retracts_in_graph(geometry):
-            self._retract_in_graph(program, geometry, slots, states)
+            self._retract_in_graph(bucket, slots, states)
             return []
         # On a device, reading the flags would make the host wait for the GPU: every unit runs the
         # geometry's eager post_step, which is branch-free there (psi: factors of 1 rescale nothing)
         if getattr(program, "always_retracts", False) or not all(host_reads_are_free(s.tensor) for s in slots):
             units = {id(slot.item): slot.item for slot in slots}
             return [rescale for item in units.values() for rescale in eager_post_step(item, states, ctx)]
-        layouts = tuple(program.layout(geometry, s.facts) for s in slots)
+        layouts = bucket.layouts
         live = [i for i, s in enumerate(slots) if s.tensor.numel()]     # a shard may hold no rows
         sharded = [ctx.shard(s.name) for s in slots if ctx.shard(s.name) is not None]
         screen = getattr(program, "screen", None)
@@ -410,13 +469,50 @@ class CompileBackend(Backend):
             rescales += eager_post_step(item, states, ctx)
         return rescales
 
-    def _retract_in_graph(self, program: Program, geometry: Geometry, slots: list[_Slot], states) -> None:
+    def _retract_in_graph(self, bucket: "_Bucket", slots: list[_Slot], states) -> None:
         """The bucket's retraction as one compiled function writing the weights (no Rescale events:
         a program retracts in the graph only where its geometry's post_step returns none)."""
+        program, geometry = bucket.program, bucket.geometry
         for slot in slots:
             slot.state = states(slot.item)
-        layouts = tuple(program.layout(geometry, s.facts) for s in slots)
         weights = [s.tensor for s in slots]
-        entry = self._function("retract in graph", program, geometry, layouts, weights, _retraction_function)
-        for slot, update in zip(slots, self._call(entry, geometry, weights, _program_states(program, slots))):
+        if bucket.entry is None:
+            bucket.entry = self._function("retract in graph", program, geometry, bucket.layouts, weights,
+                                          _retraction_function)
+        for slot, update in zip(slots, self._call(bucket.entry, geometry, weights, _program_states(program, slots))):
             slot.state.update(update)
+
+
+@dataclass(eq=False)
+class _Bucket:
+    """One compiled call of a stage: a geometry configuration's parameters (slots, their layouts) and,
+    once looked up, its compiled function."""
+    geometry: Geometry
+    program: object
+    slots: list[_Slot]
+    layouts: tuple
+    entry: _Compiled | None = None
+
+
+@dataclass(eq=False)
+class _StagePlan:
+    eager: list[WorkItem] = field(default_factory=list)     # units that run their eager program
+    buckets: list[_Bucket] = field(default_factory=list)
+
+
+class _RecordedStep:
+    """The decisions of one pre- or post-step, replayed while they still apply: the same work items
+    (add_param_group replaces the list) and the same parameters with gradients (``ctx.stepped``).
+    Everything else a decision depends on is fixed at install (programs, refusals, layouts); the
+    tensors themselves (gradients, weights, state) are read again at every replay, and a gradient
+    with new strides is a guard failure inside its compiled function (it recompiles, never runs
+    stale code). Never replayed: a step with sharded parameters or with a program's host_step."""
+
+    def __init__(self, items, ctx: StepContext):
+        self.items, self.stepped = items, ctx.stepped
+        self.stages: list[_StagePlan] = []
+        self.replayable = not ctx.shards
+        self.replays = 0
+
+    def holds(self, items, ctx: StepContext) -> bool:
+        return items is self.items and ctx.stepped == self.stepped
