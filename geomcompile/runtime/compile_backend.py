@@ -145,11 +145,6 @@ def state_keys(program) -> tuple[str, ...]:
     return getattr(program, "state_keys", ())
 
 
-def _program_states(program, slots) -> list[dict]:
-    keys = state_keys(program)
-    return [{**{key: s.state[key] for key in keys if key in s.state}, **(s.inputs or {})} for s in slots] if keys else []
-
-
 def refusal(program, item: WorkItem) -> str | None:
     """Why the program refuses a parameter of this unit (Program.refusal), or None."""
     refuse = getattr(program, "refusal", None)
@@ -233,11 +228,10 @@ def _check_function(program: Program, geometry: Geometry, layouts: tuple) -> Cal
 # ---- the backend ---------------------------------------------------------------------------------
 @dataclass
 class _Slot:
+    """One parameter of a bucket, as decided (no tensor: a recorded step keeps none alive)."""
     item: WorkItem
     name: str
     facts: ParamFacts
-    tensor: torch.Tensor | None      # the weight (post-step); None in recorded decisions
-    state: dict | None = None        # the unit's state, for a program with state_keys (pre-step)
     inputs: dict | None = None       # this step's inputs from Program.host_step
 
 
@@ -365,7 +359,7 @@ class CompileBackend(Backend):
                 grad = local(grad) if grad is not None else None      # sharded: this rank's rows
                 if grad is not None and grad.numel():      # the transforms are the identity on empty grads
                     # no tensor kept: a recorded step must not hold this step's gradients alive
-                    buckets[item.geometry].append(_Slot(item, name, facts, None, None, inputs))
+                    buckets[item.geometry].append(_Slot(item, name, facts, inputs))
         for geometry, slots in buckets.items():
             program = fast_path(geometry, "compile")
             decided.buckets.append(_Bucket(geometry, program, slots,
@@ -409,8 +403,8 @@ class CompileBackend(Backend):
                 for item in decided.eager:
                     rescales += eager_post_step(item, states, ctx)
                 for bucket in decided.buckets:
-                    slots = [_Slot(s.item, s.name, s.facts, local(ctx.params[s.name]).detach()) for s in bucket.slots]
-                    rescales += self._retract(bucket, slots, states, ctx)
+                    weights = [local(ctx.params[s.name]).detach() for s in bucket.slots]
+                    rescales += self._retract(bucket, weights, states, ctx)
                 rescales += ctx.run_queued()
         return rescales
 
@@ -425,41 +419,41 @@ class CompileBackend(Backend):
                 for name, facts in zip(item.unit.names, item.unit.facts):
                     p = ctx.params[name]
                     if p.numel() and ctx.has_grad(name):     # the whole tensor's: alike on every rank
-                        buckets[item.geometry].append(_Slot(item, name, facts, None))
+                        buckets[item.geometry].append(_Slot(item, name, facts))
         for geometry, slots in buckets.items():
             program = fast_path(geometry, "compile")
             decided.buckets.append(_Bucket(geometry, program, slots,
                                            tuple(program.layout(geometry, s.facts) for s in slots)))
         return decided
 
-    def _retract(self, bucket: "_Bucket", slots: list[_Slot], states, ctx: StepContext):
+    def _retract(self, bucket: "_Bucket", weights: list[torch.Tensor], states, ctx: StepContext):
         """On CPU tensors the compiled check flags parameters near their limit and every unit with a
         flagged parameter runs the geometry's exact eager post_step, whole (a unit is never split). On
         a device (base.host_reads_are_free is False) the flags are not read, which would be a host
         sync: every unit runs the eager post_step. A program that always retracts needs no check:
-        every unit runs it."""
-        program, geometry = bucket.program, bucket.geometry
+        every unit runs it. ``weights``: this step's weight (local shard) of each of the bucket's slots."""
+        program, geometry, slots = bucket.program, bucket.geometry, bucket.slots
         if getattr(program, "always_retracts", False) and program.retracts_in_graph(geometry):
-            self._retract_in_graph(bucket, slots, states)
+            self._retract_in_graph(bucket, weights, states)
             return []
         # On a device, reading the flags would make the host wait for the GPU: every unit runs the
         # geometry's eager post_step, which is branch-free there (psi: factors of 1 rescale nothing)
-        if getattr(program, "always_retracts", False) or not all(host_reads_are_free(s.tensor) for s in slots):
+        if getattr(program, "always_retracts", False) or not all(host_reads_are_free(w) for w in weights):
             units = {id(slot.item): slot.item for slot in slots}
             return [rescale for item in units.values() for rescale in eager_post_step(item, states, ctx)]
         layouts = bucket.layouts
-        live = [i for i, s in enumerate(slots) if s.tensor.numel()]     # a shard may hold no rows
-        sharded = [ctx.shard(s.name) for s in slots if ctx.shard(s.name) is not None]
+        live = [i for i, w in enumerate(weights) if w.numel()]     # a shard may hold no rows
+        sharded = [ctx.shard(s.name) for s in slots if ctx.shard(s.name) is not None] if ctx.shards else []
         screen = getattr(program, "screen", None)
         if screen is not None and not sharded and live and not bool(
-                screen(geometry, tuple(layouts[i] for i in live), [slots[i].tensor for i in live]).any()):
+                screen(geometry, tuple(layouts[i] for i in live), [weights[i] for i in live]).any()):
             return []                    # certainly nothing to retract (CPU: a free read)
         flags = [False] * len(slots)
         if live:
-            weights = [slots[i].tensor for i in live]
-            entry = self._function("retract", program, geometry, tuple(layouts[i] for i in live), weights,
+            live_weights = [weights[i] for i in live]
+            entry = self._function("retract", program, geometry, tuple(layouts[i] for i in live), live_weights,
                                    _check_function)
-            for i, f in zip(live, self._call(entry, geometry, weights).tolist()):   # CPU: a free read
+            for i, f in zip(live, self._call(entry, geometry, live_weights).tolist()):   # CPU: a free read
                 flags[i] = f
         if sharded:                      # every rank must run the same (collective) eager post_steps
             flags = any_on_each_rank(flags, sharded[0])
@@ -469,18 +463,18 @@ class CompileBackend(Backend):
             rescales += eager_post_step(item, states, ctx)
         return rescales
 
-    def _retract_in_graph(self, bucket: "_Bucket", slots: list[_Slot], states) -> None:
+    def _retract_in_graph(self, bucket: "_Bucket", weights: list[torch.Tensor], states) -> None:
         """The bucket's retraction as one compiled function writing the weights (no Rescale events:
         a program retracts in the graph only where its geometry's post_step returns none)."""
         program, geometry = bucket.program, bucket.geometry
-        for slot in slots:
-            slot.state = states(slot.item)
-        weights = [s.tensor for s in slots]
+        unit_states = [states(s.item) for s in bucket.slots]
+        keys = state_keys(program)
+        inputs = [{k: st[k] for k in keys if k in st} for st in unit_states] if keys else []
         if bucket.entry is None:
             bucket.entry = self._function("retract in graph", program, geometry, bucket.layouts, weights,
                                           _retraction_function)
-        for slot, update in zip(slots, self._call(bucket.entry, geometry, weights, _program_states(program, slots))):
-            slot.state.update(update)
+        for state, update in zip(unit_states, self._call(bucket.entry, geometry, weights, inputs)):
+            state.update(update)
 
 
 @dataclass(eq=False)

@@ -68,6 +68,7 @@ class Installation:
         self._known_params = self._optimizer_param_ids()
         self._unscaled_keys_warned: set[tuple[str, str]] = set()
         self._facts_of = {n: f for it in self.items for n, f in zip(it.unit.names, it.unit.facts)}
+        self._planned = self._planned_params()
         ctx.rescale_observed = self._rescale_observed
 
     # -- state -----------------------------------------------------------------------------
@@ -146,7 +147,7 @@ class Installation:
         if self._amp_skipped_step():
             self.ctx.stepped = frozenset()
             return replaced
-        stepped = frozenset(n for it in self.items for n in it.unit.names if self.ctx.params[n].grad is not None)
+        stepped = frozenset(n for n, p in self._planned if p.grad is not None)
         self.ctx.stepped = stepped if stepped and not self._is_initialisation_step(stepped) else frozenset()
         if self.ctx.stepped:
             self.backend.pre_step(self.items, self.state_of, self.ctx)
@@ -230,6 +231,11 @@ class Installation:
                 self.report += item.geometry.on_install(item.unit, self.state_of(item), self.ctx)
             self.items = sorted(self.items + items, key=lambda it: STAGES.index(it.geometry.stage))
             self._facts_of.update({n: f for it in items for n, f in zip(it.unit.names, it.unit.facts)})
+            self._planned = self._planned_params()
+
+    def _planned_params(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, parameter) of every parameter of the work items, once each (read at every step)."""
+        return [(n, self.ctx.params[n]) for n in dict.fromkeys(n for it in self.items for n in it.unit.names)]
 
     def _optimizer_param_ids(self) -> frozenset:
         # Cheap: a set of ids per step, compared with the last one.
