@@ -186,12 +186,17 @@ def _signature(tensors: Sequence[torch.Tensor]) -> tuple:
     return tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
 
 
-def _inductor_options(tensors: Sequence[torch.Tensor]) -> dict | None:
-    """{"cpp.threads": 1} for a small CPU bucket (SINGLE_THREAD_ELEMENTS), else None (the defaults)."""
+def _inductor_options(tensors: Sequence[torch.Tensor]) -> dict:
+    """Inductor settings of a bucket's compiled function: ``cpp.threads = 1`` for a small CPU bucket
+    (SINGLE_THREAD_ELEMENTS), and no size/stride asserts on the inputs. Those repeat what dynamo's
+    guards check before every call (static shapes: each input's sizes and strides; a mismatch
+    recompiles), and cost about 1 µs per tensor: psi's transform over ResNet-20's 21 weights took
+    96-102 µs per call without them against 120-124 µs with them (medians of 500 interleaved calls)."""
+    options = {"size_asserts": False}
     if tensors and all(t.device.type == "cpu" for t in tensors) and \
             sum(t.numel() for t in tensors) <= SINGLE_THREAD_ELEMENTS:
-        return {"cpp.threads": 1}
-    return None
+        options["cpp.threads"] = 1
+    return options
 
 
 def _transform_function(program: Program, geometry: Geometry, layouts: tuple) -> Callable:
