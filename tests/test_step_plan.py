@@ -66,22 +66,25 @@ def test_a_gradient_that_becomes_none_and_comes_back():
     assert len(set(builds)) > 2, f"the changing gradients never rebuilt the plan: {builds}"
 
 
+def _convs_only_setup(geometry, opt_name, backend):
+    """An optimizer over the convolutions only (the head joins later, _add_head_at_step_3)."""
+    torch.manual_seed(0)
+    model = Net()
+    convs = [p for n, p in model.named_parameters() if n.startswith("conv")]
+    opt = torch.optim.SGD([{"params": convs}], lr=0.05, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gc.GeomCompileWarning)
+        plan = gc.apply(model, _policy(geometry), opt, example_inputs=INPUTS, backend=backend)
+    return model, opt, plan
+
+
+def _add_head_at_step_3(model, opt, step):
+    if step == 3:
+        opt.add_param_group({"params": [model.head.weight, model.head.bias], "lr": 0.03})
+
+
 def test_add_param_group_rebuilds_the_plan():
-    def setup(geometry, opt_name, backend):
-        torch.manual_seed(0)
-        model = Net()
-        convs = [p for n, p in model.named_parameters() if n.startswith("conv")]
-        opt = torch.optim.SGD([{"params": convs}], lr=0.05, momentum=0.9)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", gc.GeomCompileWarning)
-            plan = gc.apply(model, _policy(geometry), opt, example_inputs=INPUTS, backend=backend)
-        return model, opt, plan
-
-    def event(model, opt, step):
-        if step == 3:
-            opt.add_param_group({"params": [model.head.weight, model.head.bias], "lr": 0.03})
-
-    builds = _run("sobolev", "sgd_momentum", steps=6, event=event, setup=setup)
+    builds = _run("sobolev", "sgd_momentum", steps=6, event=_add_head_at_step_3, setup=_convs_only_setup)
     assert builds[3] > builds[2], builds
 
 
@@ -190,22 +193,8 @@ def test_compile_decides_anew_when_a_gradient_becomes_none_and_comes_back():
 
 
 def test_compile_add_param_group_decides_anew():
-    def setup(geometry, opt_name, backend):
-        torch.manual_seed(0)
-        model = Net()
-        convs = [p for n, p in model.named_parameters() if n.startswith("conv")]
-        opt = torch.optim.SGD([{"params": convs}], lr=0.05, momentum=0.9)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", gc.GeomCompileWarning)
-            plan = gc.apply(model, _policy(geometry), opt, example_inputs=INPUTS, backend=backend)
-        return model, opt, plan
-
-    def event(model, opt, step):
-        if step == 3:
-            opt.add_param_group({"params": [model.head.weight, model.head.bias], "lr": 0.03})
-
-    builds = _run("sobolev", "sgd_momentum", steps=6, event=event, setup=setup, backend="compile",
-                  grads=lambda m, s: _in_place(m, 1))
+    builds = _run("sobolev", "sgd_momentum", steps=6, event=_add_head_at_step_3, setup=_convs_only_setup,
+                  backend="compile", grads=lambda m, s: _in_place(m, 1))
     assert builds == [1, 1, 1, 2, 2, 2], builds
 
 

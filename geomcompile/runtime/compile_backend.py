@@ -333,7 +333,6 @@ class CompileBackend(Backend):
         or sharded parameters are decided at every step."""
         plan = self._pre_plan
         if plan is not None and plan.holds(items, ctx):
-            plan.replays += 1
             for stage in plan.stages:
                 self._run_pre_stage(stage, states, ctx)
             return
@@ -365,10 +364,7 @@ class CompileBackend(Backend):
                 if grad is not None and grad.numel():      # the transforms are the identity on empty grads
                     # no tensor kept: a recorded step must not hold this step's gradients alive
                     buckets[item.geometry].append(_Slot(item, name, facts, inputs))
-        for geometry, slots in buckets.items():
-            program = fast_path(geometry, "compile")
-            decided.buckets.append(_Bucket(geometry, program, slots,
-                                           tuple(program.layout(geometry, s.facts) for s in slots)))
+        decided.buckets = [_Bucket.of(geometry, slots) for geometry, slots in buckets.items()]
         return decided
 
     def _run_pre_stage(self, decided: "_StagePlan", states, ctx: StepContext) -> None:
@@ -400,8 +396,6 @@ class CompileBackend(Backend):
             plan = _RecordedStep(items, ctx)
             plan.stages = [self._decide_post_stage(stage, items, ctx) for stage in STAGES]
             self._post_plan = plan if plan.replayable else None
-        else:
-            plan.replays += 1
         rescales = []
         with torch.no_grad():
             for decided in plan.stages:
@@ -425,10 +419,7 @@ class CompileBackend(Backend):
                     p = ctx.params[name]
                     if p.numel() and ctx.has_grad(name):     # the whole tensor's: alike on every rank
                         buckets[item.geometry].append(_Slot(item, name, facts))
-        for geometry, slots in buckets.items():
-            program = fast_path(geometry, "compile")
-            decided.buckets.append(_Bucket(geometry, program, slots,
-                                           tuple(program.layout(geometry, s.facts) for s in slots)))
+        decided.buckets = [_Bucket.of(geometry, slots) for geometry, slots in buckets.items()]
         return decided
 
     def _retract(self, bucket: "_Bucket", weights: list[torch.Tensor], states, ctx: StepContext):
@@ -492,6 +483,11 @@ class _Bucket:
     layouts: tuple
     entry: _Compiled | None = None
 
+    @classmethod
+    def of(cls, geometry: Geometry, slots: list[_Slot]) -> "_Bucket":
+        program = fast_path(geometry, "compile")
+        return cls(geometry, program, slots, tuple(program.layout(geometry, s.facts) for s in slots))
+
 
 @dataclass(eq=False)
 class _StagePlan:
@@ -511,7 +507,6 @@ class _RecordedStep:
         self.items, self.stepped = items, ctx.stepped
         self.stages: list[_StagePlan] = []
         self.replayable = not ctx.shards
-        self.replays = 0
 
     def holds(self, items, ctx: StepContext) -> bool:
         return items is self.items and ctx.stepped == self.stepped
