@@ -87,9 +87,10 @@ class Program:
     needs_retraction(geometry, layouts, weights): a bool tensor with one entry per parameter, True
         where the geometry's eager post_step may change something. Only for ``retracts = True``,
         whose eager post_step must act on each parameter of a unit independently. Optionally
-        ``screen`` (same arguments and result), run uncompiled before it on CPU tensors of unsharded
-        buckets: a cheaper conservative test (a few multi-tensor ops), False only where the eager
-        post_step certainly changes nothing; when it flags no parameter the compiled check is skipped. A program with
+        ``screen`` (same arguments; a list of Python bools), run uncompiled before it on CPU tensors
+        of unsharded buckets, where reading values costs nothing: a cheaper conservative test (a few
+        multi-tensor ops), False only where the eager post_step certainly changes nothing; when it
+        flags no parameter the compiled check is skipped. A program with
         ``always_retracts = True`` has none: its geometry's eager post_step runs for every unit
         that took part in the step, with no compiled check and no host sync; where its
         ``retracts_in_graph(geometry)`` is True, the retraction itself is compiled instead:
@@ -441,8 +442,8 @@ class CompileBackend(Backend):
         live = [i for i, w in enumerate(weights) if w.numel()]     # a shard may hold no rows
         sharded = [ctx.shard(s.name) for s in slots if ctx.shard(s.name) is not None] if ctx.shards else []
         screen = getattr(program, "screen", None)
-        if screen is not None and not sharded and live and not bool(
-                screen(geometry, tuple(layouts[i] for i in live), [weights[i] for i in live]).any()):
+        if screen is not None and not sharded and live and not any(
+                screen(geometry, tuple(layouts[i] for i in live), [weights[i] for i in live])):
             return []                    # certainly nothing to retract (CPU: a free read)
         flags = [False] * len(slots)
         if live:
