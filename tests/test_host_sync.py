@@ -18,9 +18,13 @@ from .registry import CASES
 from .test_matrix import _set_grads, _setup
 from .test_triton_backend import INPUTS, Net
 
-# Geometries whose step is known to sync (strict xfail); none today. spectral's first evaluation (the
-# long cold-start solve, stopped early at tol) syncs once per layer; step 3 is the steady state.
-KNOWN_SYNCS: dict[str, str] = {}
+# Geometries whose step is known to sync (strict xfail, so removing the sync fails until this is
+# updated). spectral's first evaluation (the long cold-start solve, stopped early at tol) syncs once
+# per layer and iteration; step 3 is the steady state, and it still syncs: torch.linalg.eigh reads
+# its solver's error info on the host on a GPU (at::_linalg_check_errors), and the block solver calls
+# it about 2 + 2 * power_iters times per layer (eager) or per batch of layers (compile, triton).
+KNOWN_SYNCS: dict[str, str] = {
+    "spectral": "torch.linalg.eigh checks its info on the host on a GPU (docs/bench.md, Host syncs)"}
 
 
 def _counted_step(model, opt, launches_stubbed: bool):
@@ -121,6 +125,66 @@ def test_detector_sees_every_kind_of_sync():
     assert len(free) == 0
     host_step = torch.tensor(3.0)                   # Adam's step: a CPU tensor even for CUDA parameters
     assert len(count_host_syncs(lambda: float(host_step), host=[host_step])) == 0
+
+
+def test_detector_sees_solvers_that_check_their_errors_on_the_host():
+    """torch's linear-algebra solvers read their info on the host on a GPU (torch's docs: "this
+    function synchronizes that device with the CPU"); QR and the _ex forms without check_errors do not."""
+    a = torch.randn(5, 5)
+    spd = a @ a.T + torch.eye(5)
+    for sync in (lambda: torch.linalg.eigh(spd), lambda: torch.linalg.eigvalsh(spd), lambda: torch.linalg.svd(a),
+                 lambda: torch.linalg.svdvals(a), lambda: torch.linalg.cholesky(spd),
+                 lambda: torch.linalg.solve(spd, a), lambda: torch.linalg.inv(spd),
+                 lambda: torch.linalg.cholesky_ex(spd, check_errors=True)):
+        assert len(count_host_syncs(sync)) == 1
+    for free in (lambda: torch.linalg.qr(a), lambda: torch.linalg.cholesky_ex(spd),
+                 lambda: torch.linalg.inv_ex(spd)):
+        assert len(count_host_syncs(free)) == 0
+
+
+@torch.library.custom_op("geomcompile::_test_eigvalsh_inside", mutates_args=())
+def _eigvalsh_inside(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.eigvalsh(x) * 2
+
+
+@torch.library.custom_op("gctest::opaque_add_one", mutates_args=())
+def _opaque(x: torch.Tensor) -> torch.Tensor:
+    return x + 1
+
+
+def test_detector_looks_inside_geomcompile_custom_ops_and_flags_foreign_ones():
+    """A dispatch mode sees a custom operator, not the ops its kernel runs: the detector runs
+    geomcompile's own operators as their Python functions (spectral's batched solve is one), and
+    counts any other custom operator as a possible sync."""
+    a = torch.randn(4, 4)
+    spd = a @ a.T + torch.eye(4)
+    log = count_host_syncs(lambda: _eigvalsh_inside(spd))
+    assert len(log) == 1 and "eigvalsh" in log.summary(), log.summary()
+    torch.testing.assert_close(_eigvalsh_inside(spd), 2 * torch.linalg.eigvalsh(spd))
+    log = count_host_syncs(lambda: _opaque(a))
+    assert len(log) == 1 and "cannot see inside" in log.summary(), log.summary()
+
+
+def test_pom_stiefel_polar_syncs_and_qr_does_not():
+    """pom's Stiefel retraction: polar is an SVD (a sync per call on a GPU), qr is sync-free."""
+    counts = {}
+    for method in ("polar", "qr"):
+        torch.manual_seed(0)
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        policy = {"version": 1, "rules": [{"name": "pom", "match": {"kind": "conv"},
+                                           "use": {"pom": {"manifold": "stiefel", "component": "kernel",
+                                                           "stiefel_retraction": method}}}]}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", gc.GeomCompileWarning)
+            gc.apply(model, policy, opt, example_inputs=INPUTS, backend="eager")
+            for step in range(2):
+                _set_grads(model, step, torch.float32)
+                opt.step()
+            _set_grads(model, 2, torch.float32)
+            counts[method] = count_host_syncs(opt.step)
+    assert len(counts["qr"]) == 0, counts["qr"].summary()
+    assert len(counts["polar"]) > 0 and "svd" in counts["polar"].summary(), counts["polar"].summary()
 
 
 def test_compile_backend_on_a_device_reads_no_flags_and_matches_eager(monkeypatch):

@@ -9,7 +9,18 @@ step on CPU tensors under two torch modes that see exactly those calls:
 * a ``TorchFunctionMode`` for the Python-level ones (``Tensor.item``, ``__bool__``, ``__float__``,
   ``tolist``, ``cpu``, ``numpy``, ...), which never reach the dispatcher as such;
 * a ``TorchDispatchMode`` for the aten ops that sync inside C++ (``_local_scalar_dense``,
-  ``is_nonzero``, ``equal``, ``nonzero``, boolean-mask ``index`` / ``index_put_``, ...).
+  ``is_nonzero``, ``equal``, ``nonzero``, boolean-mask ``index`` / ``index_put_``, ...), among them
+  the linear-algebra ops that read their solver's error code on the host on a GPU
+  (``_linalg_check_errors``, which does ``infos.any().item()``: ``torch.linalg.eigh`` / ``eigvalsh``,
+  ``svd`` / ``svdvals``, ``eig``, ``cholesky``, ``inv``, ``solve``, ``lu_factor``, ``pinv``
+  and the ``_ex`` forms called with ``check_errors=True``; torch's documentation says of these
+  "When inputs are on a CUDA device, this function synchronizes that device with the CPU").
+  ``torch.linalg.qr`` and the ``_ex`` forms with ``check_errors=False`` do not.
+
+A custom operator (``torch.library.custom_op``) is opaque to a dispatch mode: the ops inside its
+kernel run below it. The detector runs geomcompile's own operators (namespace ``geomcompile``) as
+their Python functions under both modes, so what they call is seen; any other custom operator
+counts as a possible sync (the detector cannot look inside).
 
 ``host`` names tensors that live on the host even in a GPU run (Adam's ``step`` is a CPU tensor for
 CUDA parameters, as torch keeps it): reading those is not a sync and is not counted.
@@ -47,7 +58,23 @@ _DISPATCH_SYNCS = {
     "aten::unique_dim": "unique (data-dependent shape)",
     "aten::unique_consecutive": "unique_consecutive (data-dependent shape)",
     "aten::repeat_interleave": None,       # only with a tensor of repeats and no output_size; see below
+    # Solvers whose CUDA kernels check their info on the host (at::_linalg_check_errors inside the op,
+    # or called after it by the public function: then it is dispatched on its own).
+    "aten::_linalg_check_errors": "a linear-algebra error check (_linalg_check_errors reads the info on the host)",
+    "aten::_linalg_eigh": "torch.linalg.eigh / eigvalsh (reads the solver's info on the host on a GPU)",
+    "aten::_linalg_svd": "torch.linalg.svd / svdvals (reads the solver's info on the host on a GPU)",
+    "aten::linalg_eig": "torch.linalg.eig / eigvals (computed on the host for CUDA inputs)",
+    "aten::linalg_pinv": "torch.linalg.pinv (an SVD / eigh, which read their info on the host on a GPU)",
 }
+# The public composites of those solvers, as a dispatch mode sees them when it is entered below
+# autograd (inside a custom operator's function, see _custom_op_function): one entry each, so the
+# op they decompose into is not counted twice.
+_DISPATCH_SYNCS.update({f"aten::linalg_{op}": f"torch.linalg.{op} (reads the solver's info on the host on a GPU)"
+                        for op in ("eigh", "eigvalsh", "svd", "svdvals", "cholesky", "inv", "solve", "lu_factor",
+                                   "eigvals", "matrix_rank")})
+# The _ex forms check (and sync) only when asked to: check_errors=True.
+_EX_SOLVERS = ("aten::linalg_cholesky_ex", "aten::linalg_inv_ex", "aten::_linalg_solve_ex",
+               "aten::linalg_lu_factor_ex", "aten::linalg_ldl_factor_ex")
 _MASK_DTYPES = (torch.bool, torch.uint8)
 
 
@@ -114,11 +141,27 @@ class _DispatchDetector(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        inside = _custom_op_function(func)
+        if inside is not None:           # run what the operator runs, seen by this mode
+            with self:
+                return inside(*args, **kwargs)
         if not self.muted[0]:
             what = _dispatch_sync(func, args, kwargs)
             if what is not None and not (args and args[0] in self.host):
                 self.log.events.append((what, _where()))
         return func(*args, **kwargs)
+
+
+_ATEN_LIKE = {"aten", "prim", "prims", "_c10d_functional", "c10d", "profiler", "debugprims"}
+
+
+def _custom_op_function(func):
+    """The Python function of one of geomcompile's custom operators, or None for any other op."""
+    if getattr(func, "namespace", "aten") != "geomcompile":
+        return None
+    from torch._library import custom_ops
+    opdef = custom_ops.OPDEFS.get(func._schema.name)
+    return getattr(opdef, "_init_fn", None)
 
 
 def _on_device(t) -> bool:
@@ -132,6 +175,12 @@ def _dispatch_sync(func, args, kwargs) -> str | None:
         if any(isinstance(i, torch.Tensor) and i.dtype in _MASK_DTYPES for i in indices or ()):
             return f"boolean-mask indexing ({name[6:]}: data-dependent shape)"
         return None
+    if name in _EX_SOLVERS:
+        if kwargs.get("check_errors", False):
+            return f"{name[6:]}(check_errors=True) (reads the solver's info on the host on a GPU)"
+        return None
+    if func.namespace not in _ATEN_LIKE:
+        return f"custom operator {name} (the detector cannot see inside it)"
     if name == "aten::repeat_interleave":
         repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
         if isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None:

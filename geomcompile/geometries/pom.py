@@ -172,7 +172,8 @@ def pom_retract(x: torch.Tensor, manifold: str, r=1.0, method: str = "polar") ->
 
     A component with a non-finite entry (NaN, ±Inf) has no point to project to: it is returned
     unchanged, so the bad entries stay where a plain optimizer step put them and do not spread over
-    the component (nor make the SVD fail to converge). Branch free: no host sync."""
+    the component (nor make the SVD fail to converge). Branch free; the polar retraction's SVD
+    still reads its error info on the host on a GPU (torch's _linalg_check_errors), QR does not."""
     work = compute_dtype(x.dtype)
     xw = x.to(work)
     rw = r.to(work) if isinstance(r, torch.Tensor) else r

@@ -641,7 +641,8 @@ def two_end_solve_layers(apply_G: Callable[[torch.Tensor], torch.Tensor], V: tor
 # eager step's inputs, V off by 1.4e-6 with the solve traced; bit-identical as one operator; over a
 # few training steps such differences grow past the registry's 1e-5). Inside the operator every
 # op is eager's; the convolutions stay batched, and the graph around it (the end, the gradient, the
-# state and gradient update) is still compiled. It holds no host read, so a step stays sync-free.
+# state and gradient update) is still compiled. It holds no Python-level host read; its eigh calls
+# do read their error info on the host on a GPU (torch's _linalg_check_errors: docs/spectral.md).
 @torch.library.custom_op("geomcompile::spectral_two_end_solve_layers", mutates_args=())
 def _solve_layers_op(weights: torch.Tensor, V: torch.Tensor, nudge: torch.Tensor, input_size: list[int],
                      in_channels: int, stride: list[int], padding: list[int], dilation: list[int], groups: int,
