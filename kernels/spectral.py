@@ -43,10 +43,6 @@ class SpectralFamily(KernelFamily):
             "group of layers sharing a convolution, weight shape and dtype, matmul/conv bound; never fused "
             "with the base optimizer")
 
-    def refusal(self, geometry, facts):
-        from geomcompile.geometries.spectral import batched_refusal
-        return batched_refusal(geometry.spec(facts))
-
     def transform(self, geometry, entries, cache, slot, record=None) -> None:
         specs = [geometry.spec(e.facts) for e in entries]
         weights = [e.param.detach() for e in entries]

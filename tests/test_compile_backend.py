@@ -84,6 +84,24 @@ def test_matches_eager_over_five_steps(case_name, opt_name):
         assert renormalised > 0, "the case should exercise the renormalisation path"
 
 
+def test_a_program_refusal_runs_the_eager_program_and_is_reported(monkeypatch):
+    """Program.refusal (no shipped program refuses today: spectral batches every padding mode since
+    2026-12-04): the refused unit runs its geometry's eager program, describe() names it with the
+    reason, the others stay in the compiled bucket, and the run equals eager's."""
+    program = type(_program("channel_directed"))
+    monkeypatch.setattr(program, "refusal", lambda self, geometry, facts:
+                        "a test refusal" if facts.name == "conv1.weight" else None, raising=False)
+    monkeypatch.setattr(compile_backend, "_CACHE", type(compile_backend._CACHE)())
+    plan, run, reference = _twin_runs(PARITY_CASES["channel_directed"], PARITY_OPTIMIZERS["sgd_momentum"])
+    notes = plan.backend_notes()
+    assert any("runs its eager program for 1 unit(s): a test refusal" in line for line in notes), notes
+    compiled = [key for key, entry in compile_backend._CACHE.items() if key[0] == "transform" and entry.calls]
+    stepped = [n for n, p in run[0].named_parameters() if plan.assignments.get(n) and p.grad is not None]
+    assert "conv1.weight" in stepped
+    assert compiled and max(len(key[3]) for key in compiled) == len(stepped) - 1, (stepped, [k[3] for k in compiled])
+    _assert_same_run(run, reference, **TOLERANCE)
+
+
 # The registry-driven runtime tests of tests/test_runtime.py with backend="compile": passed directly
 # to the tests that take a backend, and in place of "auto" for those that do not. Geometries without a compiled program (gspace) run their
 # eager program inside the compile backend, so they take part too.

@@ -5,13 +5,13 @@ kernels/spectral.SpectralFamily) beyond the registry matrix.
 * The explicit adjoint (a grouped transposed convolution, then the adjoint of the padding): the
   adjoint identity ⟨M x, y⟩ = ⟨x, Mᵀ y⟩ per layer, Mᵀ y against autograd's vector-Jacobian product
   of the per-layer convolution, and MᵀM x against the eager gram_matvec, for strides, dilations,
-  groups, asymmetric padding, circular padding, 1-d / 2-d / 3-d. Float64.
+  groups, asymmetric padding, circular, reflect and replicate padding, 1-d / 2-d / 3-d. Float64.
 * The batched solver against the per-layer solver step for step, including degenerate start blocks
   (a collapsed block is nudged; converged vectors make every residual direction a dropped row).
 * Training: the batched backends against eager over several steps with `every` > 1, two convolution
-  configurations (strides) with the same weight shape in one model (mixed buckets), a layer the
-  batched step refuses (reflect padding: reported, per-layer program), the warm-start state, and a
-  state_dict save / load in the middle of the run.
+  configurations (strides) with the same weight shape in one model (mixed buckets), a reflect-padded
+  layer (batched since 2026-12-04), the warm-start state, and a state_dict save / load in the middle
+  of the run.
 """
 from __future__ import annotations
 
@@ -51,6 +51,15 @@ CONVS = {   # name: (module, input size, boundary)
     "conv1d_stride2": (lambda: nn.Conv1d(3, 4, 5, padding=2, stride=2, bias=False), (13,), "module"),
     "conv3d_groups": (lambda: nn.Conv3d(2, 4, 3, padding=1, groups=2, bias=False), (3, 4, 3), "module"),
     "conv3d_circular": (lambda: nn.Conv3d(2, 3, 3, stride=(1, 2, 1), padding=1, bias=False), (3, 4, 3), "circular"),
+    "reflect": (lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect", bias=False), (5, 6), "module"),
+    "reflect_stride2_pad2": (lambda: nn.Conv2d(2, 3, 5, stride=2, padding=2, padding_mode="reflect", bias=False),
+                             (7, 6), "module"),
+    "replicate": (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="replicate", bias=False), (6, 5), "module"),
+    "replicate_dilation2": (lambda: nn.Conv2d(2, 3, 3, padding=2, dilation=2, padding_mode="replicate", bias=False),
+                            (5, 7), "module"),
+    "conv1d_reflect": (lambda: nn.Conv1d(3, 4, 5, padding=2, padding_mode="reflect", bias=False), (9,), "module"),
+    "conv3d_replicate": (lambda: nn.Conv3d(2, 3, 3, padding=1, padding_mode="replicate", bias=False), (3, 4, 3),
+                         "module"),
 }
 LAYERS = 3
 
@@ -69,7 +78,6 @@ def _layers(name: str, dtype=torch.float64):
 @pytest.mark.parametrize("name", list(CONVS))
 def test_explicit_adjoint_against_autograd_and_the_adjoint_identity(name):
     spec, weights = _layers(name)
-    assert S.batched_refusal(spec) is None
     g = torch.Generator().manual_seed(0)
     X = torch.randn((LAYERS, 2, *spec.input_shape), generator=g, dtype=torch.float64)
     Y = torch.randn(S.conv_layers(X, weights, spec).shape, generator=g, dtype=torch.float64)
@@ -88,17 +96,19 @@ def test_explicit_adjoint_against_autograd_and_the_adjoint_identity(name):
 
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate"])
-def test_padding_modes_without_an_adjoint_are_refused_with_the_reason(mode):
-    spec = S.conv_spec((3, 2, 3, 3), (5, 6), 1, 1, 1, 1, mode)
-    why = S.batched_refusal(spec)
-    assert why is not None and mode in why and "per-layer program" in why
-    with pytest.raises(gc.GeomCompileError, match=f"{mode} padding has no explicit adjoint"):
-        S.pad_adjoint(torch.zeros(1, 2, 7, 8), spec)
+def test_reflect_and_replicate_adjoints_equal_autograd_of_the_padding_bit_for_bit(mode):
+    """pad_adjoint is F.pad's backward op, the one autograd runs in the per-layer program."""
+    spec = S.conv_spec((3, 2, 3, 3), (5, 6), 1, (1, 2), 1, 1, mode)
+    x = torch.randn(4, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    padded = S._pad(x, spec)
+    z = torch.randn_like(padded)
+    (want,) = torch.autograd.grad(padded, x, z)
+    assert torch.equal(S.pad_adjoint(z, spec), want)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("name", ["plain", "stride2", "groups2", "same_even_kernel", "circular_boundary",
-                                  "conv1d_stride2", "conv3d_groups"])
+                                  "conv1d_stride2", "conv3d_groups", "reflect_stride2_pad2", "conv3d_replicate"])
 def test_penalty_gradient_of_layers_equals_the_per_layer_gradient(name):
     spec, weights = _layers(name)
     g = torch.Generator().manual_seed(1)
@@ -126,7 +136,8 @@ def _assert_steps_match(batched, reference, tol):
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("name", ["plain", "stride2", "dilation2", "groups2", "same_even_kernel",
-                                  "circular_module", "conv1d_stride2", "conv3d_circular"])
+                                  "circular_module", "conv1d_stride2", "conv3d_circular", "reflect",
+                                  "replicate_dilation2", "conv1d_reflect"])
 @pytest.mark.parametrize("iters", [1, 6])
 def test_batched_step_equals_the_per_layer_step(name, iters):
     spec, weights = _layers(name)
@@ -158,7 +169,7 @@ def test_degenerate_start_blocks_follow_the_per_layer_rules():
 # ---- training: the fast paths against eager ------------------------------------------------------------
 class MixedNet(nn.Module):
     """conv2 / conv3 share a weight shape with conv4 but not its stride: two ConvSpecs of one shape (two
-    batched solves in one bucket); conv1 is alone; conv5's reflect padding is not batchable."""
+    batched solves in one bucket); conv1 is alone; conv5's reflect padding is a spec of its own."""
 
     def __init__(self):
         super().__init__()
@@ -245,7 +256,7 @@ def test_fast_paths_match_eager_with_every_and_mixed_buckets(backend, dtype, unc
     assert state["calls"] == 6 and state["steps"] == 3, state      # step 3 had no gradient; every=2
     if backend == "compile":
         used = [key for key, entry in compile_backend._CACHE.items() if key[:2] == ("transform", "spectral") and entry.calls]
-        assert used and max(len(key[3]) for key in used) == 4, "conv1-conv4 never ran in one call"
+        assert used and max(len(key[3]) for key in used) == 5, "conv1-conv5 never ran in one call"
     else:
         assert any("launches no Triton kernel" in line for line in fast[2].backend_notes())
         # decided anew at steps 0, 1 (momentum buffers appeared), 3 and 4 (conv3's gradient went and came
@@ -281,17 +292,17 @@ def test_state_dict_mid_run_resumes_exactly(backend, uncompiled):
     _assert_same_run(reference, resumed, dict(rtol=0, atol=0), f"{backend} resumed")
 
 
-def test_fallback_and_the_torch_step_are_reported():
+def test_the_batched_step_and_the_torch_step_are_reported():
+    """Every layer, the reflect-padded conv5 included, runs the batched step; none falls back."""
     _, _, compiled = _install("compile", _policy())
     notes = compiled.backend_notes()
-    assert any("runs spectral" in line and "(4 unit(s))" in line for line in notes), notes
-    assert any("runs its eager program for 1 unit(s): reflect padding has no explicit adjoint" in line
-               for line in notes), notes
+    assert any("runs spectral" in line and "(5 unit(s))" in line for line in notes), notes
+    assert not any("eager program" in line for line in notes), notes
     _, opt, triton = _install("triton", _policy())
     notes = triton.backend_notes()
-    assert any("launches no Triton kernel" in line and "never fused" in line and "conv4.weight" in line
-               for line in notes), notes
-    assert any("eager program for conv5.weight: reflect padding" in line for line in notes), notes
+    assert any("launches no Triton kernel" in line and "never fused" in line
+               and "conv4.weight and 1 more" in line for line in notes), notes      # all five
+    assert not any("eager program" in line for line in notes), notes
     assert not any("fused:" in line for line in notes), notes
 
 

@@ -421,15 +421,10 @@ def spectral_estimates(theta: torch.Tensor, residual: torch.Tensor, alpha: float
 # under torch.compile. The per-layer code stays the reference (tests/test_spectral_batched.py).
 _CONV_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
-BATCHED_PADDING_MODES = ("zeros", "circular")
-
-
-def batched_refusal(spec: ConvSpec) -> str | None:
-    """Why the batched step cannot run this operator (its layers then run the per-layer program), or None."""
-    if spec.padding_mode not in BATCHED_PADDING_MODES:
-        return (f"{spec.padding_mode} padding has no explicit adjoint in the batched step (zeros and circular "
-                f"do); its layers run the per-layer program")
-    return None
+# reflect / replicate: the adjoint of F.pad is the padding's own backward op, the one autograd runs in
+# the per-layer program (gram_matvec), so the two agree bit for bit on every element.
+_PAD_BACKWARD = {(mode, d): getattr(torch.ops.aten, f"{name}_pad{d}d_backward")
+                 for mode, name in (("reflect", "reflection"), ("replicate", "replication")) for d in (1, 2, 3)}
 
 
 def _symmetric_zeros(spec: ConvSpec) -> bool:
@@ -446,11 +441,14 @@ def _pad(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
 
 def pad_adjoint(z: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
     """The adjoint of `_pad` (zeros: the crop; circular: each padded entry added back onto the entry it
-    copies), on (B, C, *padded size) -> (B, C, *input_size)."""
+    copies; reflect / replicate: F.pad's backward op, which adds each padded entry back onto the entry
+    it mirrors / repeats), on (B, C, *padded size) -> (B, C, *input_size)."""
     if _symmetric_zeros(spec):
         return z
-    if spec.padding_mode not in BATCHED_PADDING_MODES:
-        raise GeomCompileError(batched_refusal(spec))
+    if spec.padding_mode in ("reflect", "replicate"):
+        backward = _PAD_BACKWARD[(spec.padding_mode, len(spec.input_size))]
+        like = z.new_empty(()).expand(*z.shape[:2], *spec.input_size)     # read for its shape only
+        return backward(z, like, [p for pair in reversed(spec.padding) for p in pair])
     for dim, (n, (b, a)) in enumerate(zip(spec.input_size, spec.padding), start=2):
         core = z.narrow(dim, b, n)
         if spec.padding_mode == "circular":
@@ -900,13 +898,12 @@ class Spectral(Geometry):
                                              iters, tol, self.opts["tie_tol"]), grad, state, weight)
 
     # -- batched over layers (the compile and triton fast paths) ---------------------------------
-    def joins_batch(self, spec: ConvSpec, state: dict) -> bool:
+    def joins_batch(self, state: dict) -> bool:
         """Whether this step of a unit can be part of a batched step (host side, Python ints only): it
-        is due (`every`), it is not the layer's first evaluation (that one's early stop at tol is a
-        host decision: the per-layer program runs it) and its operator is batchable. When True,
+        is due (`every`) and it is not the layer's first evaluation (that one's early stop at tol is a
+        host decision: the per-layer program runs it). When True,
         host_step_of_batch must follow; when False, step_layer (or pre_step) runs the unit."""
-        return (not state.get("calls", 0) % self.opts["every"] and bool(state["steps"])
-                and batched_refusal(spec) is None)
+        return not state.get("calls", 0) % self.opts["every"] and bool(state["steps"])
 
     @staticmethod
     def host_step_of_batch(state: dict) -> None:
@@ -934,7 +931,7 @@ class Spectral(Geometry):
         for i, (spec, weight, grad, state) in enumerate(zip(specs, weights, grads, states)):
             if grad is None:
                 continue
-            if not self.joins_batch(spec, state):
+            if not self.joins_batch(state):
                 self.step_layer(spec, weight.detach(), grad, state)
                 continue
             self.host_step_of_batch(state)
@@ -980,9 +977,9 @@ class CompiledSpectral:
 
     What stays on the host, per unit and step (host_step, Python ints: no sync, and nothing that
     makes dynamo specialise on a changing int): the `every` schedule and the counters calls / steps.
-    A unit that is not due this step (it only counts the call), a layer's first evaluation (init_iters
-    with the early stop at tol: host decisions) and an operator the batched step does not take
-    (refusal: reflect / replicate padding) run Spectral.pre_step, the per-layer program."""
+    A unit that is not due this step (it only counts the call) and a layer's first evaluation (init_iters
+    with the early stop at tol: host decisions) run Spectral.pre_step, the per-layer program. Every
+    padding mode is batched (pad_adjoint)."""
 
     name = "spectral"
     uses_weights = True
@@ -997,12 +994,9 @@ class CompiledSpectral:
     def layout(self, geometry, facts):
         return geometry.spec(facts)
 
-    def refusal(self, geometry, facts):
-        return batched_refusal(geometry.spec(facts))
-
     def host_step(self, geometry, unit, state):
         spec = geometry.spec(unit.single(geometry.name))
-        if not geometry.joins_batch(spec, state):
+        if not geometry.joins_batch(state):
             return None
         geometry.host_step_of_batch(state)
         return {"nudge": nudge_of(spec, geometry.opts["block"], state["V"].dtype, state["V"].device)}

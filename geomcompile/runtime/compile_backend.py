@@ -33,8 +33,8 @@ the results straight into ``p.grad``.
   runs its geometry's eager sharded program, queued and run with the stage's collectives batched
   (runtime/distributed.py). The retraction flags of a bucket with sharded parameters are or'ed
   over the ranks (one all-reduce), so every rank runs the same eager post_steps.
-* A program may leave units to the eager program: for good (``Program.refusal``: spectral's reflect
-  and replicate padding) or for one step (``Program.host_step``, decided on the host from Python
+* A program may leave units to the eager program: for good (``Program.refusal``; no shipped program
+  refuses today, tests/test_compile_backend.py checks the path with a test refusal) or for one step (``Program.host_step``, decided on the host from Python
   ints: spectral's ``every`` schedule and each layer's first evaluation); ``describe()`` names the
   refusals with their reasons.
 * The step's decisions (which units run eagerly, the buckets, their layouts and compiled functions)
