@@ -396,6 +396,13 @@ def host_reads_are_free(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and not _CPU_STANDS_IN_FOR_DEVICE[0] and not torch.compiler.is_compiling()
 
 
+def host_reads_are_free_for(tensors) -> bool:
+    """host_reads_are_free for every tensor of a list (the switches read once, then each tensor's device)."""
+    if _CPU_STANDS_IN_FOR_DEVICE[0] or torch.compiler.is_compiling():
+        return False
+    return all(t.is_cpu for t in tensors)
+
+
 def finite_entries(t: torch.Tensor) -> torch.Tensor:
     """`t` with its non-finite entries (NaN, ±Inf) read as 0: what a geometry's mixing transforms and
     iterative state see, so one bad entry cannot spread over its unit, its group or the next steps."""

@@ -57,7 +57,7 @@ import torch
 
 from ..analysis.facts import ParamFacts
 from ..errors import GeomCompileWarning
-from ..geometries.base import STAGES, Geometry, StepContext, host_reads_are_free
+from ..geometries.base import STAGES, Geometry, StepContext, host_reads_are_free_for
 from .distributed import any_on_each_rank, local
 from .fastpath import (Backend, WorkItem, eager_post_step, fast_path, runs_on_local_shards, stage_items,
                        stage_items_with_grads, unit_grads)
@@ -365,7 +365,7 @@ class CompileBackend(Backend):
                 if grad is not None and grad.numel():      # the transforms are the identity on empty grads
                     # no tensor kept: a recorded step must not hold this step's gradients alive
                     buckets[item.geometry].append(_Slot(item, name, facts, inputs))
-        decided.buckets = [_Bucket.of(geometry, slots) for geometry, slots in buckets.items()]
+        decided.buckets = [_Bucket.of(geometry, slots, ctx) for geometry, slots in buckets.items()]
         return decided
 
     def _run_pre_stage(self, decided: "_StagePlan", states, ctx: StepContext) -> None:
@@ -377,8 +377,10 @@ class CompileBackend(Backend):
 
     def _transform(self, bucket: "_Bucket", states, ctx: StepContext) -> None:
         program, geometry, slots = bucket.program, bucket.geometry, bucket.slots
-        grads = [local(ctx.params[s.name].grad) for s in slots]      # this step's gradient tensors
-        weights = [local(ctx.params[s.name]).detach() for s in slots] if program.uses_weights else []
+        grads = [p.grad for p in bucket.params]                      # this step's gradient tensors
+        weights = [p.detach() for p in bucket.params] if program.uses_weights else []
+        if ctx.shards:                                              # sharded: this rank's rows
+            grads, weights = [local(g) for g in grads], [local(w) for w in weights]
         keys = state_keys(program)
         unit_states = [states(s.item) for s in slots] if keys else []
         inputs = [{**{k: st[k] for k in keys if k in st}, **(s.inputs or {})}
@@ -403,7 +405,9 @@ class CompileBackend(Backend):
                 for item in decided.eager:
                     rescales += eager_post_step(item, states, ctx)
                 for bucket in decided.buckets:
-                    weights = [local(ctx.params[s.name]).detach() for s in bucket.slots]
+                    weights = [p.detach() for p in bucket.params]
+                    if ctx.shards:
+                        weights = [local(w) for w in weights]
                     rescales += self._retract(bucket, weights, states, ctx)
                 rescales += ctx.run_queued()
         return rescales
@@ -420,7 +424,7 @@ class CompileBackend(Backend):
                     p = ctx.params[name]
                     if p.numel() and ctx.has_grad(name):     # the whole tensor's: alike on every rank
                         buckets[item.geometry].append(_Slot(item, name, facts))
-        decided.buckets = [_Bucket.of(geometry, slots) for geometry, slots in buckets.items()]
+        decided.buckets = [_Bucket.of(geometry, slots, ctx) for geometry, slots in buckets.items()]
         return decided
 
     def _retract(self, bucket: "_Bucket", weights: list[torch.Tensor], states, ctx: StepContext):
@@ -435,7 +439,7 @@ class CompileBackend(Backend):
             return []
         # On a device, reading the flags would make the host wait for the GPU: every unit runs the
         # geometry's eager post_step, which is branch-free there (psi: factors of 1 rescale nothing)
-        if getattr(program, "always_retracts", False) or not all(host_reads_are_free(w) for w in weights):
+        if getattr(program, "always_retracts", False) or not host_reads_are_free_for(weights):
             units = {id(slot.item): slot.item for slot in slots}
             return [rescale for item in units.values() for rescale in eager_post_step(item, states, ctx)]
         layouts = bucket.layouts
@@ -482,12 +486,14 @@ class _Bucket:
     program: object
     slots: list[_Slot]
     layouts: tuple
+    params: list            # the slots' parameters (ctx.params is fixed at install)
     entry: _Compiled | None = None
 
     @classmethod
-    def of(cls, geometry: Geometry, slots: list[_Slot]) -> "_Bucket":
+    def of(cls, geometry: Geometry, slots: list[_Slot], ctx: StepContext) -> "_Bucket":
         program = fast_path(geometry, "compile")
-        return cls(geometry, program, slots, tuple(program.layout(geometry, s.facts) for s in slots))
+        return cls(geometry, program, slots, tuple(program.layout(geometry, s.facts) for s in slots),
+                   [ctx.params[s.name] for s in slots])
 
 
 @dataclass(eq=False)
