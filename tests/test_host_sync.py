@@ -22,7 +22,7 @@ from .test_triton_backend import INPUTS, Net
 # updated). spectral's first evaluation (the long cold-start solve, stopped early at tol) syncs once
 # per layer and iteration; step 3 is the steady state, and it still syncs: torch.linalg.eigh reads
 # its solver's error info on the host on a GPU (at::_linalg_check_errors), and the block solver calls
-# it about 2 + 2 * power_iters times per layer (eager) or per batch of layers (compile, triton).
+# it 4 * power_iters times per layer (eager) or per batch of layers (compile, triton) and step.
 KNOWN_SYNCS: dict[str, str] = {
     "spectral": "torch.linalg.eigh checks its info on the host on a GPU (docs/bench.md, Host syncs)"}
 
