@@ -393,14 +393,14 @@ def host_reads_are_free(t: torch.Tensor) -> bool:
     running-statistics rescales, is about 1 ms of the demo's 5 ms CPU step. On a GPU the program stays
     branch-free (no sync). Under the host-sync detector this is False, so the detector checks the path
     a GPU takes."""
-    return t.device.type == "cpu" and not _CPU_STANDS_IN_FOR_DEVICE[0] and not torch.compiler.is_compiling()
+    return host_reads_are_free_for((t,))
 
 
 def host_reads_are_free_for(tensors) -> bool:
     """host_reads_are_free for every tensor of a list (the switches read once, then each tensor's device)."""
     if _CPU_STANDS_IN_FOR_DEVICE[0] or torch.compiler.is_compiling():
         return False
-    return all(t.is_cpu for t in tensors)
+    return all(t.device.type == "cpu" for t in tensors)
 
 
 def finite_entries(t: torch.Tensor) -> torch.Tensor:

@@ -34,9 +34,9 @@ the results straight into ``p.grad``.
   (runtime/distributed.py). The retraction flags of a bucket with sharded parameters are or'ed
   over the ranks (one all-reduce), so every rank runs the same eager post_steps.
 * A program may leave units to the eager program: for good (``Program.refusal``; no shipped program
-  refuses today, tests/test_compile_backend.py checks the path with a test refusal) or for one step (``Program.host_step``, decided on the host from Python
-  ints: spectral's ``every`` schedule and each layer's first evaluation); ``describe()`` names the
-  refusals with their reasons.
+  refuses today, tests/test_compile_backend.py checks the path with a test refusal) or for one step
+  (``Program.host_step``, decided on the host from Python ints: spectral's ``every`` schedule and
+  each layer's first evaluation); ``describe()`` names the refusals with their reasons.
 * The step's decisions (which units run eagerly, the buckets, their layouts and compiled functions)
   are recorded and replayed while the same work items have the same parameters with gradients
   (``_RecordedStep``); a replay reads the gradients, weights and state again and makes one compiled
@@ -144,6 +144,12 @@ class Program:
 def state_keys(program) -> tuple[str, ...]:
     """The unit-state entries a program reads and sets (programs need not subclass Program)."""
     return getattr(program, "state_keys", ())
+
+
+def _state_inputs(keys: Sequence[str], state: dict, extra: dict | None = None) -> dict:
+    """A compiled call's entry for one parameter: its unit's state entries ``keys`` (those it has),
+    plus this step's host_step inputs."""
+    return {**{k: state[k] for k in keys if k in state}, **(extra or {})}
 
 
 def refusal(program, item: WorkItem) -> str | None:
@@ -377,14 +383,11 @@ class CompileBackend(Backend):
 
     def _transform(self, bucket: "_Bucket", states, ctx: StepContext) -> None:
         program, geometry, slots = bucket.program, bucket.geometry, bucket.slots
-        grads = [p.grad for p in bucket.params]                      # this step's gradient tensors
-        weights = [p.detach() for p in bucket.params] if program.uses_weights else []
-        if ctx.shards:                                              # sharded: this rank's rows
-            grads, weights = [local(g) for g in grads], [local(w) for w in weights]
+        grads = bucket.tensors([p.grad for p in bucket.params], ctx)     # this step's gradient tensors
+        weights = bucket.weights(ctx) if program.uses_weights else []
         keys = state_keys(program)
         unit_states = [states(s.item) for s in slots] if keys else []
-        inputs = [{**{k: st[k] for k in keys if k in st}, **(s.inputs or {})}
-                  for s, st in zip(slots, unit_states)]
+        inputs = [_state_inputs(keys, st, s.inputs) for s, st in zip(slots, unit_states)]
         if bucket.entry is None:
             bucket.entry = self._function("transform", program, geometry, bucket.layouts, grads + weights,
                                           _transform_function)
@@ -405,10 +408,7 @@ class CompileBackend(Backend):
                 for item in decided.eager:
                     rescales += eager_post_step(item, states, ctx)
                 for bucket in decided.buckets:
-                    weights = [p.detach() for p in bucket.params]
-                    if ctx.shards:
-                        weights = [local(w) for w in weights]
-                    rescales += self._retract(bucket, weights, states, ctx)
+                    rescales += self._retract(bucket, bucket.weights(ctx), states, ctx)
                 rescales += ctx.run_queued()
         return rescales
 
@@ -470,7 +470,7 @@ class CompileBackend(Backend):
         program, geometry = bucket.program, bucket.geometry
         unit_states = [states(s.item) for s in bucket.slots]
         keys = state_keys(program)
-        inputs = [{k: st[k] for k in keys if k in st} for st in unit_states] if keys else []
+        inputs = [_state_inputs(keys, st) for st in unit_states] if keys else []
         if bucket.entry is None:
             bucket.entry = self._function("retract in graph", program, geometry, bucket.layouts, weights,
                                           _retraction_function)
@@ -494,6 +494,15 @@ class _Bucket:
         program = fast_path(geometry, "compile")
         return cls(geometry, program, slots, tuple(program.layout(geometry, s.facts) for s in slots),
                    [ctx.params[s.name] for s in slots])
+
+    @staticmethod
+    def tensors(tensors: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
+        """The tensors as the compiled call takes them: this rank's rows where parameters are sharded."""
+        return [local(t) for t in tensors] if ctx.shards else tensors
+
+    def weights(self, ctx: StepContext) -> list[torch.Tensor]:
+        """This step's weights of the bucket's parameters (detached; local shards)."""
+        return self.tensors([p.detach() for p in self.params], ctx)
 
 
 @dataclass(eq=False)
