@@ -38,6 +38,7 @@ POLICIES = {
     "oblique_po_groups": {"manifold": "oblique", "component": "kernel", "grouping": "PO", "group_size": 3},
     "stiefel_pio_qr": {"manifold": "stiefel", "component": "kernel", "grouping": "PIO", "group_size": 4,
                        "radius": 0.7, "stiefel_retraction": "qr"},
+    "stiefel_pi_polar": {"manifold": "stiefel", "component": "kernel", "grouping": "PI", "radius": "init"},
     "filter_feature_std": {"manifold": "sphere", "component": "filter", "grouping": "PO", "feature_std": True},
 }
 
@@ -69,8 +70,8 @@ def test_program_uncompiled_equals_eager_pre_step(case, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     _, model, opt = _run(POLICIES[case], "compile")
     assert [e.calls for _, e in _pom_entries("transform")] and all(e.calls for _, e in _pom_entries("transform"))
-    in_graph = _pom_entries("retract in graph")       # Stiefel's SVD / QR retraction stays eager
-    assert bool(in_graph) == (POLICIES[case]["manifold"] != "stiefel") and all(e.calls for _, e in in_graph)
+    in_graph = _pom_entries("retract in graph")       # every manifold, Stiefel's QR / polar included
+    assert in_graph and all(e.calls for _, e in in_graph)
     _, ref, opt_ref = _run(POLICIES[case], "eager")
     tol = dict(rtol=1e-5, atol=1e-6, equal_nan=True)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
@@ -126,3 +127,23 @@ def test_compiled_single_group():
     assert R.shape == (1,)
     torch.testing.assert_close(R, R_want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["polar", "qr"])
+def test_compiled_stiefel_retraction_equals_eager(method):
+    """Stiefel components retract in the compiled graph (QR + Newton for polar: no SVD, no graph
+    break under fullgraph=True), equal to the eager pom_retract and on the manifold, with a
+    per-layer radius and a zero component."""
+    from geomcompile.geometries.pom import as_components, pom_distance, pom_retract, pom_retract_layers
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(4, 3, 3, 3, generator=g), torch.randn(6, 4, 3, 3, generator=g)]
+    weights[1][2, 1] = 0
+    radii = [0.7, 1.3]
+
+    def retract(ws):
+        return pom_retract_layers(ws, "kernel", "stiefel", radii, method)
+    got = torch.compile(retract, fullgraph=True)(weights)
+    for w, r, y in zip(weights, radii, got):
+        want = pom_retract(as_components(w, "kernel"), "stiefel", r, method).reshape(w.shape)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+        assert pom_distance(as_components(y, "kernel"), "stiefel", r).max() < 1e-5

@@ -26,7 +26,7 @@ the results straight into ``p.grad``.
   and radius in, the diagnostics its eager pre_step records out); they enter the compiled function
   as inputs and come back as outputs, written into the unit's state after the call. A program
   that always retracts (pom) skips the check: its retraction either runs compiled per bucket
-  (``retracts_in_graph``: pom's sphere and oblique components) or is the eager post_step (Stiefel).
+  (``retracts_in_graph``: pom, every manifold) or is the geometry's eager post_step.
 * Sharded (FSDP2) parameters: a program whose ``shard_local(geometry, facts)`` says the transform
   of that layout needs no other rank's rows (``Geometry.shard_local``: psi's one-row units along
   dim 0, channel_directed on a conv-transpose's independent columns) runs compiled on the local shards; any other sharded unit
