@@ -211,6 +211,17 @@ def test_gpu_parity_part_runs_on_cpu():
         assert any("fused" in n for n in case["triton_notes"]), case["triton_notes"]
 
 
+def test_gpu_eigh_part_runs_on_cpu():
+    """gpu.sh's check of spectral's Jacobi kernel against torch's eigh (interpreted here): the errors
+    are measured and within 20 n eps; no timing off CUDA."""
+    from geomcompile.bench.gpu import eigh_parity
+    result = eigh_parity(torch.device("cpu"), quick=True)
+    assert result["failed"] == 0 and len(result["rows"]) == 2, result
+    for row in result["rows"]:
+        assert set(row["errors_in_n_eps"]) == {"eigenvalues", "residual", "orthonormality"}
+        assert all(0 <= e <= 20 for e in row["errors_in_n_eps"].values()) and "jacobi_ms" not in row, row
+
+
 def test_gpu_main_needs_cuda_or_a_dry_run(tmp_path, capsys):
     from geomcompile.bench.gpu import main as gpu_main
     assert gpu_main(["--out", str(tmp_path), "--device", "cpu"]) == 2

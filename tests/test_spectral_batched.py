@@ -258,7 +258,7 @@ def test_fast_paths_match_eager_with_every_and_mixed_buckets(backend, dtype, unc
         used = [key for key, entry in compile_backend._CACHE.items() if key[:2] == ("transform", "spectral") and entry.calls]
         assert used and max(len(key[3]) for key in used) == 5, "conv1-conv5 never ran in one call"
     else:
-        assert any("launches no Triton kernel" in line for line in fast[2].backend_notes())
+        assert any("launches no fused update kernel" in line for line in fast[2].backend_notes())
         # decided anew at steps 0, 1 (momentum buffers appeared), 3 and 4 (conv3's gradient went and came
         # back); steps 2, 5 and 6 replay the recorded torch step, with the schedule decided at each run
         assert fast[2].backend._plan.replays == 2, "the step plan was not replayed"
@@ -300,7 +300,7 @@ def test_the_batched_step_and_the_torch_step_are_reported():
     assert not any("eager program" in line for line in notes), notes
     _, opt, triton = _install("triton", _policy())
     notes = triton.backend_notes()
-    assert any("launches no Triton kernel" in line and "never fused" in line
+    assert any("launches no fused update kernel" in line and "never fused" in line
                and "conv4.weight and 1 more" in line for line in notes), notes      # all five
     assert not any("eager program" in line for line in notes), notes
     assert not any("fused:" in line for line in notes), notes

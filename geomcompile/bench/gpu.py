@@ -145,6 +145,45 @@ def parity(device, quick: bool) -> dict:
     return {"cases": cases, "failed": sum(not c["ok"] for c in cases)}
 
 
+def eigh_parity(device, quick: bool) -> dict:
+    """spectral's Jacobi kernel (kernels/spectral.py jacobi_eigh, which replaces torch.linalg.eigh for
+    the solver's matrices up to 16×16 on a GPU) against torch's eigh on the device: eigenvalues,
+    residual ‖AV − VΛ‖ and orthonormality, in units of n·eps·‖A‖ (tests/test_spectral_jacobi.py
+    allows 20); and, on CUDA, both timed per call (host wall time over repeated calls, then one
+    synchronize: eigh's own sync per call included, which is what the kernel avoids)."""
+    from geomcompile.kernels.spectral import jacobi_eigh
+    rows = []
+    for dtype in (torch.float32, torch.float64):
+        for n in ((4,) if quick else (4, 12, 16)):
+            batch = 2 if quick else 64
+            gen = torch.Generator().manual_seed(n)
+            a = torch.randn(batch, n, n, dtype=torch.float64, generator=gen)
+            a = (a + a.mT) / 2
+            A = a.to(device=device, dtype=dtype)
+            w, V = jacobi_eigh(A)
+            w, V = w.double().cpu(), V.double().cpu()
+            unit = n * torch.finfo(dtype).eps * float(torch.linalg.matrix_norm(a, ord=2).max().clamp_min(1.0))
+            errors = {"eigenvalues": float((w - torch.linalg.eigvalsh(a.to(dtype).double())).abs().max()) / unit,
+                      "residual": float((a.to(dtype).double() @ V - V * w[..., None, :]).abs().max()) / unit,
+                      "orthonormality": float((V.mT @ V - torch.eye(n, dtype=torch.float64)).abs().max())
+                      / (n * torch.finfo(dtype).eps)}
+            row = {"n": n, "batch": batch, "dtype": str(dtype).replace("torch.", ""), "errors_in_n_eps": errors,
+                   "ok": all(e <= 20 for e in errors.values())}
+            if device.type == "cuda":
+                for name, fn in (("jacobi_ms", lambda: jacobi_eigh(A)), ("torch_eigh_ms", lambda: torch.linalg.eigh(A))):
+                    for _ in range(3):
+                        fn()
+                    torch.cuda.synchronize(device)
+                    calls = 50
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    torch.cuda.synchronize(device)
+                    row[name] = (time.perf_counter() - t0) * 1e3 / calls
+            rows.append(row)
+    return {"rows": rows, "failed": sum(not r["ok"] for r in rows)}
+
+
 # ---- 2./3. timed steps ------------------------------------------------------------------------------
 def step_bench(model: str, device: str, quick: bool, backends, geometries=STEP_GEOMETRIES) -> dict:
     from . import BenchConfig, run_bench
@@ -224,6 +263,15 @@ def main(argv=None) -> int:
         if not case["ok"]:
             print(f"  FAILED {case['geometry']} {case['optimizer']} {case['dtype']} channels_last="
                   f"{case['channels_last']}: {', '.join(case['failures'][:4])}")
+    result = eigh_parity(device, args.quick)
+    failed += result["failed"]
+    stamp(f"spectral's Jacobi eigh: {len(result['rows']) - result['failed']}/{len(result['rows'])} within "
+          f"20 n eps -> {_write(args.out, 'spectral_eigh.json', result)}")
+    for row in result["rows"]:
+        timing = (f"  jacobi {row['jacobi_ms']:.3f} ms, torch eigh {row['torch_eigh_ms']:.3f} ms per call"
+                  if "jacobi_ms" in row else "")
+        print(f"  {'ok' if row['ok'] else 'FAILED'} n={row['n']} {row['dtype']} batch {row['batch']}: "
+              + ", ".join(f"{k} {v:.2g}" for k, v in row["errors_in_n_eps"].items()) + timing)
     for model in (STEP_MODELS[:1] if args.quick else STEP_MODELS):
         result = step_bench(model, args.device, args.quick, backends, args.geometries.split(","))
         stamp(f"optimizer step {model} -> {_write(args.out, f'optimizer_step_{model}.json', result)}")

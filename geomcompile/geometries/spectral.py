@@ -22,6 +22,7 @@ convolution's spectrum slowly.)
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from ..analysis.facts import ParamFacts
-from ..errors import GeomCompileError
+from ..errors import GeomCompileError, GeomCompileWarning
 from ..runtime.distributed import local
+from . import base
 from .base import (Geometry, Option, Range, StepContext, Unit, compute_dtype, count_nonfinite, finite_entries,
                    fit_dtype, register)
 
@@ -139,6 +141,52 @@ def conv_matrix(weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
     return conv_matvec(basis, weight, spec).reshape(n, -1).T
 
 
+# ---- the small symmetric eigenproblems -----------------------------------------------------------
+def _jacobi_kernel_for(H: torch.Tensor):
+    """geomcompile.kernels.spectral.jacobi_eigh where it applies to H, else None: a CUDA tensor (or, for
+    the sync detector, a CPU tensor standing in for one with the kernels built by the Triton
+    interpreter), float32/float64, n ≤ its tile, not while torch.compile traces."""
+    if H.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling():
+        return None
+    if not (H.is_cuda or (H.device.type == "cpu" and base._CPU_STANDS_IN_FOR_DEVICE[0])):
+        return None
+    try:
+        from ..kernels import spectral as kernels
+    except ImportError:              # no Triton: torch's eigh (a sync per call on a GPU)
+        return None
+    if H.shape[-1] > kernels.JACOBI_MAX_N:
+        return None
+    if not H.is_cuda:                # built for a GPU, it cannot read CPU memory (a stub can stand in)
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+        kernel = kernels._jacobi_eigh_kernel
+        if isinstance(kernel, JITFunction) and not isinstance(kernel, InterpretedFunction):
+            return None
+    return kernels.jacobi_eigh
+
+
+_JACOBI_FAILED: list[str] = []      # why the kernel could not run in this process (then torch's eigh)
+
+
+def symmetric_eigh(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.linalg.eigh(H) for the solver's small symmetric matrices (…, n, n): eigenvalues ascending,
+    eigenvectors as columns (signs arbitrary; callers fix them with _fixed_signs). On a GPU, for
+    n ≤ 16 (the default block gives 4 and 12), the Jacobi kernel of geomcompile.kernels.spectral,
+    because torch's eigh reads its solver's error code on the host after every call (a sync); on
+    CPU, and for larger n, torch.linalg.eigh. A kernel that cannot be built or launched here (a GPU
+    Triton does not support) is said once, as a warning, and torch's eigh runs from then on."""
+    jacobi = None if _JACOBI_FAILED else _jacobi_kernel_for(H)
+    if jacobi is not None:
+        try:
+            return jacobi(H)
+        except Exception as error:   # compile or launch failure: the correct result still comes from eigh
+            _JACOBI_FAILED.append(f"{type(error).__name__}: {error}")
+            warnings.warn(f"spectral: the Jacobi eigensolver kernel failed on {H.device} ({_JACOBI_FAILED[0]}); "
+                          f"torch.linalg.eigh runs instead for the rest of this process, which syncs the host "
+                          f"4 times per solver iteration on a GPU", GeomCompileWarning, stacklevel=2)
+    return torch.linalg.eigh(H)
+
+
 # ---- both ends of the spectrum: block LOBPCG on G = MᵀM -----------------------------------------
 def initial_block(spec: ConvSpec, dtype: torch.dtype, device=None, seed: int = 0, block: int = BLOCK) -> torch.Tensor:
     """A random start block (2·block, C_in, *input_size) from a private generator (global RNG untouched):
@@ -169,7 +217,7 @@ def _independent_rows(D: torch.Tensor, GD: torch.Tensor | None, drop: float):
     Fixed shapes: a dropped direction becomes a zero row, and `kept` (bool, one per row) says which
     rows are real; the caller keeps zero rows out of the Rayleigh–Ritz picks."""
     C = D @ D.T
-    d, U = torch.linalg.eigh((C + C.T) / 2)
+    d, U = symmetric_eigh((C + C.T) / 2)
     kept = d > drop * d.max().clamp_min(torch.finfo(D.dtype).tiny)
     T = (U * torch.where(kept, d.clamp_min(torch.finfo(D.dtype).tiny).rsqrt(), 0.0)).T
     return T @ D, (None if GD is None else T @ GD), kept
@@ -180,6 +228,16 @@ def _fixed_signs(U: torch.Tensor) -> torch.Tensor:
     signs are arbitrary, and a flip under a rounding-size change of the weights would flip the state."""
     idx = U.abs().argmax(dim=0, keepdim=True)
     return U * torch.where(U.gather(0, idx) < 0, -1.0, 1.0).to(U.dtype)
+
+
+def _signs_by_largest_entry(X: torch.Tensor) -> torch.Tensor:
+    """The rows of X (…, k, N) with the sign that makes each one's largest entry positive: the Ritz
+    vectors' own sign, whatever basis they were combined from. _fixed_signs fixes the coefficients in
+    a basis whose own signs (and, within a cluster of Gram eigenvalues, rotation) depend on the
+    eigensolver: torch's eigh and the Jacobi kernel (symmetric_eigh) agree on the vectors' span,
+    not on their signs."""
+    idx = X.abs().argmax(dim=-1, keepdim=True)
+    return X * torch.where(X.gather(-1, idx) < 0, -1.0, 1.0).to(X.dtype)
 
 
 @dataclass
@@ -235,7 +293,7 @@ def two_end_solve_program(V: torch.Tensor, iters: int, tol: float = 0.0):
     done = 0
     while True:
         H = X @ GX.T
-        theta, U = torch.linalg.eigh((H + H.T) / 2)
+        theta, U = symmetric_eigh((H + H.T) / 2)
         theta, U = theta.flip(0), _fixed_signs(U.flip(1))
         X, GX = U.T @ X, U.T @ GX
         W = GX - theta[:, None] * X
@@ -273,7 +331,7 @@ def two_end_solve_program(V: torch.Tensor, iters: int, tol: float = 0.0):
         # are the n_dropped lowest pairs, skipped by the picks (X's k rows are always real, so at
         # least k pairs remain).
         H = H + torch.diag(torch.where(real, 0.0, -(1 + 2 * H.norm())))
-        _, U = torch.linalg.eigh(H)
+        _, U = symmetric_eigh(H)
         n = B.shape[0]
         n_dropped = (~real).sum()
         top = torch.arange(n - 1, n - 1 - half, -1, device=U.device)
@@ -282,7 +340,7 @@ def two_end_solve_program(V: torch.Tensor, iters: int, tol: float = 0.0):
         X_new, GX_new = C @ B, C @ GB
         P, GP = C[:, k:] @ B[k:], C[:, k:] @ GB[k:]               # the step taken outside the old X
         X, GX = X_new, GX_new
-    return TwoEnds(theta, X.reshape(shape), residual, done)
+    return TwoEnds(theta, _signs_by_largest_entry(X).reshape(shape), residual, done)
 
 
 # ---- the penalty and its gradient ----------------------------------------------------------------
@@ -558,7 +616,7 @@ def _independent_rows_layers(D: torch.Tensor, GD: torch.Tensor | None, drop: flo
     """_independent_rows per layer of D (L, m, n): `kept` is (L, m)."""
     tiny = torch.finfo(D.dtype).tiny
     C = D @ D.mT
-    d, U = torch.linalg.eigh((C + C.mT) / 2)
+    d, U = symmetric_eigh((C + C.mT) / 2)
     kept = d > drop * d.amax(dim=-1, keepdim=True).clamp_min(tiny)
     T = (U * torch.where(kept, d.clamp_min(tiny).rsqrt(), 0.0)[:, None, :]).mT
     return T @ D, (None if GD is None else T @ GD), kept
@@ -588,7 +646,7 @@ def two_end_solve_layers(apply_G: Callable[[torch.Tensor], torch.Tensor], V: tor
     done = 0
     while True:
         H = X @ GX.mT
-        theta, U = torch.linalg.eigh((H + H.mT) / 2)
+        theta, U = symmetric_eigh((H + H.mT) / 2)
         theta, U = theta.flip(-1), _fixed_signs_layers(U.flip(-1))
         X, GX = U.mT @ X, U.mT @ GX
         W = GX - theta[..., None] * X
@@ -620,7 +678,7 @@ def two_end_solve_layers(apply_G: Callable[[torch.Tensor], torch.Tensor], V: tor
         # the per-layer code's sentinel: a dropped row's diagonal below every real Ritz value of its layer
         sentinel = -(1 + 2 * torch.linalg.matrix_norm(H))[:, None]
         H = H + torch.diag_embed(torch.where(real, 0.0, sentinel))
-        _, U = torch.linalg.eigh(H)
+        _, U = symmetric_eigh(H)
         n = B.shape[1]
         n_dropped = (~real).sum(dim=-1, keepdim=True)                       # (L, 1)
         top = torch.arange(n - 1, n - 1 - half, -1, device=U.device).expand(L, half)
@@ -630,7 +688,7 @@ def two_end_solve_layers(apply_G: Callable[[torch.Tensor], torch.Tensor], V: tor
         X_new, GX_new = C @ B, C @ GB
         P, GP = C[:, :, k:] @ B[:, k:], C[:, :, k:] @ GB[:, k:]
         X, GX = X_new, GX_new
-    return TwoEnds(theta, X.reshape(shape), residual, done)
+    return TwoEnds(theta, _signs_by_largest_entry(X).reshape(shape), residual, done)
 
 
 # The solve is one opaque operator (torch.library.custom_op) inside a compiled step: inductor's own
@@ -639,8 +697,9 @@ def two_end_solve_layers(apply_G: Callable[[torch.Tensor], torch.Tensor], V: tor
 # eager step's inputs, V off by 1.4e-6 with the solve traced; bit-identical as one operator; over a
 # few training steps such differences grow past the registry's 1e-5). Inside the operator every
 # op is eager's; the convolutions stay batched, and the graph around it (the end, the gradient, the
-# state and gradient update) is still compiled. It holds no Python-level host read; its eigh calls
-# do read their error info on the host on a GPU (torch's _linalg_check_errors: docs/spectral.md).
+# state and gradient update) is still compiled. It holds no host read: on a GPU its small
+# eigenproblems run the Jacobi kernel (symmetric_eigh) up to block 2; a larger block's eigh calls read
+# their error info on the host (torch's _linalg_check_errors: docs/spectral.md).
 @torch.library.custom_op("geomcompile::spectral_two_end_solve_layers", mutates_args=())
 def _solve_layers_op(weights: torch.Tensor, V: torch.Tensor, nudge: torch.Tensor, input_size: list[int],
                      in_channels: int, stride: list[int], padding: list[int], dilation: list[int], groups: int,

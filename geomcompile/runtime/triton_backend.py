@@ -145,9 +145,10 @@ class KernelFamily:
         replays only while the state still holds those very tensors.
     fuses: False when the family has no ``fused`` (a gradient transform the base optimizer must follow,
         e.g. a penalty stage).
-    launches_kernels: False for a family whose transform runs torch ops, not a Triton kernel (it records
-        objects with Launch's ``run`` / ``patch_grads`` / ``scalars`` / ``grad_role``, so the step plan
-        replays it), said by its ``note`` in ``describe()``.
+    launches_kernels: False for a family whose transform runs torch ops, not a fused kernel of its own
+        (it records objects with Launch's ``run`` / ``patch_grads`` / ``scalars`` / ``grad_role``, so the
+        step plan replays it), said by its ``note`` in ``describe()``. Those ops may launch helper
+        kernels (spectral's Jacobi eigensolver on a GPU), named in ``helper_kernels``.
     problem(geometry): why this geometry's options have no kernel (the unit then runs its eager
         program, and describe() says why), or None.
     refusal(geometry, facts): why the family cannot take this parameter (its unit then runs the eager
@@ -161,6 +162,7 @@ class KernelFamily:
     state_outputs: tuple[str, ...] = ()
     fuses = True
     launches_kernels = True
+    helper_kernels: tuple[str, ...] = ()
     note = ""
 
     def problem(self, geometry) -> str | None:
