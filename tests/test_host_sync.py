@@ -22,8 +22,8 @@ from .test_triton_backend import INPUTS, Net
 # updated). None since 2026-12-04: spectral's small eigenproblems ran torch.linalg.eigh, which reads
 # its solver's error info on the host on a GPU (4 calls per solver iteration); they now run the Jacobi
 # kernel of geomcompile.kernels.spectral there (geometries/spectral.py symmetric_eigh), which the
-# detector's device path (a CPU tensor standing in for a GPU one) takes too. Left, and not counted
-# here: spectral's first evaluation per layer (the cold start, stopped early at tol) and blocks > 2.
+# detector's device path (a CPU tensor standing in for a GPU one) takes too; its first evaluation's
+# early stop is a torch.where there (tests/test_spectral_degenerate.py). Left: blocks > 2.
 KNOWN_SYNCS: dict[str, str] = {}
 
 

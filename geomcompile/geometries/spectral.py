@@ -275,9 +275,13 @@ def two_end_solve_program(V: torch.Tensor, iters: int, tol: float = 0.0):
     iteration on G − αI, which follows only the end of largest |λ − α| and converges at the bottom
     of a clustered spectrum at the rate of the ratio of the clustered values, this converges at both
     ends with the square root of the relative gap. With tol > 0 it stops early once every residual is
-    ≤ tol·θ_max, a decision taken on the host (a sync per iteration); with tol = 0 it runs exactly
-    `iters` iterations on fixed shapes and makes no data-dependent decision on the host: a dropped
-    direction is a zero row kept out of the picks, a collapsed start block is nudged by torch.where.
+    ≤ tol·θ_max, a decision taken on the host (a sync per iteration) on CPU tensors; on a device
+    (base.host_reads_are_free_for is False) it runs all `iters` iterations instead and returns the
+    pairs of the first iteration that met tol, chosen by torch.where: the same values, no sync, the
+    cost of the remaining iterations (only a layer's first evaluation has tol > 0). With tol = 0 it
+    runs exactly `iters` iterations on fixed shapes and makes no data-dependent decision on the host:
+    a dropped direction is a zero row kept out of the picks, a collapsed start block is nudged by
+    torch.where.
 
     A generator: it yields each block (n, *shape) that G must be applied to and is sent G of it (the
     same shape); its return value is the TwoEnds. two_end_solve drives it with a function; a sharded
@@ -291,6 +295,9 @@ def two_end_solve_program(V: torch.Tensor, iters: int, tol: float = 0.0):
     GX = (yield X.reshape(-1, *shape[1:])).reshape(k, -1)
     P = GP = None
     done = 0
+    # tol > 0 where reading the residual costs a sync (a device): all `iters` iterations run, and the
+    # pairs of the first iteration that met tol are kept (torch.where), the same values as the early stop
+    freeze, stopped, kept = not base.host_reads_are_free_for([X]), None, None
     while True:
         H = X @ GX.T
         theta, U = symmetric_eigh((H + H.T) / 2)
@@ -298,7 +305,15 @@ def two_end_solve_program(V: torch.Tensor, iters: int, tol: float = 0.0):
         X, GX = U.T @ X, U.T @ GX
         W = GX - theta[:, None] * X
         residual = W.norm(dim=1)
-        if done == iters or (tol > 0 and float(residual.max()) <= tol * float(theta[0].abs())):
+        if tol > 0 and freeze:          # on a device: the early stop as a tensor op (no host read)
+            converged = residual.max() <= tol * theta[0].abs()
+            kept = (theta, X, residual) if stopped is None else tuple(
+                torch.where(stopped, old, new) for old, new in zip(kept, (theta, X, residual)))
+            stopped = converged if stopped is None else stopped | converged
+            if done == iters:
+                theta, X, residual = kept
+                break
+        elif done == iters or (tol > 0 and float(residual.max()) <= tol * float(theta[0].abs())):
             break
         done += 1
         # directions: residuals and the previous step, orthogonal to X and to each other, rows unit
@@ -934,8 +949,9 @@ class Spectral(Geometry):
         at this step (`every`) and with how many iterations and which early-stop tolerance.
 
         The first evaluation has nothing to warm-start from: up to init_iters iterations, stopped early
-        at tol (host decisions, once per layer, like install). Every later one runs exactly power_iters
-        iterations with no early stop, so the step makes no data-dependent decision on the host."""
+        at tol (on CPU tensors a host decision per iteration; on a device all init_iters run and the
+        early stop is a torch.where: two_end_solve_program). Every later one runs exactly power_iters
+        iterations with no early stop."""
         calls = state.get("calls", 0)
         state["calls"] = calls + 1
         if calls % self.opts["every"]:
@@ -959,8 +975,8 @@ class Spectral(Geometry):
     # -- batched over layers (the compile and triton fast paths) ---------------------------------
     def joins_batch(self, state: dict) -> bool:
         """Whether this step of a unit can be part of a batched step (host side, Python ints only): it
-        is due (`every`) and it is not the layer's first evaluation (that one's early stop at tol is a
-        host decision: the per-layer program runs it). When True,
+        is due (`every`) and it is not the layer's first evaluation (init_iters with the early stop at
+        tol, once per layer: the per-layer program runs it). When True,
         host_step_of_batch must follow; when False, step_layer (or pre_step) runs the unit."""
         return not state.get("calls", 0) % self.opts["every"] and bool(state["steps"])
 
