@@ -39,8 +39,8 @@ g written), fused (3 + 2k)e; loops up to 9e / (10 + 2k)e (mostly cache hits); re
 tiles pad n and k to powers of two (a 3×3 kernel uses 16 lanes): SINGLE and small-kernel schedules
 waste up to ~45% of the lanes.
 
-Limitations (the geometry then runs eager, said by ``POMKernels.problem``): Stiefel components (SVD /
-QR) and ``feature_std`` (a radius that is a device tensor changing every step).
+Limitations (the geometry then runs eager, said by ``POMKernels.problem``): Stiefel components (QR /
+Newton) and ``feature_std`` (a radius that is a device tensor changing every step).
 """
 from __future__ import annotations
 
@@ -774,8 +774,8 @@ class POMKernels(KernelFamily):
     def problem(self, geometry) -> str | None:
         o = geometry.opts
         if o["manifold"] not in ("sphere", "oblique"):
-            return (f"pom manifold={o['manifold']} has no Triton kernel (its SVD/QR retraction is eager); "
-                    f"sphere and oblique have one")
+            return (f"pom manifold={o['manifold']} has no Triton kernel (its QR / Newton retraction runs "
+                    f"as torch ops); sphere and oblique have one")
         if o["feature_std"]:
             return ("pom feature_std=True has no Triton kernel (its radius is a device tensor that moves "
                     "every step); set feature_std: false to use the kernels")

@@ -204,7 +204,7 @@ def pom_proj(w: torch.Tensor, g: torch.Tensor, manifold: str, r=1.0) -> torch.Te
 def pom_retract(x: torch.Tensor, manifold: str, r=1.0, method: str = "polar") -> torch.Tensor:
     """φ(x, 𝔑): every component onto its manifold of radius r (Algorithm 1, line 7).
 
-    float16/bfloat16 components are retracted in float32 (torch has no half-precision SVD or QR on
+    float16/bfloat16 components are retracted in float32 (torch has no half-precision QR or inverse on
     CPU, and their norms lose digits) and the result is returned in x's dtype.
 
     A component with a non-finite entry (NaN, ±Inf) has no point to project to: it is returned
