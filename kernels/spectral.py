@@ -15,8 +15,8 @@ by default) on a GPU, where torch's eigh reads its solver's error code on the ho
 method (Golub & Van Loan, Matrix Computations, §8.5): one program per matrix, held in registers,
 padded to NP = 16 (padding rows stay exactly decoupled: their entries are 0, so no rotation
 touches them); each round rotates the NP/2 disjoint pairs of the circle (round-robin) ordering at
-once, A ← JᵀAJ, V ← VJ (two and one tl.dot in IEEE precision, no TF32), and a sweep is NP − 1 rounds,
-so every pair once. A fixed SWEEPS = 10 (no test on the host; measured: random matrices converged
+once, A ← JᵀAJ, V ← VJ (two and one tl.dot in IEEE precision, no TF32), and a sweep is ne − 1
+rounds over the first ne = n rounded up to even indices (3 for 4×4, 11 for 12×12), so every pair once. A fixed SWEEPS = 10 (no test on the host; measured: random matrices converged
 by the 6th sweep, a 12×12 one with three 4-fold eigenvalues by the 8th, fp32 and fp64), then the eigenvalues are sorted ascending as eigh returns them (torch.sort,
 sync-free). geometries/spectral.py ``symmetric_eigh`` decides where it runs.
 """
@@ -29,18 +29,21 @@ import triton.language as tl
 from geomcompile.runtime.triton_backend import KernelFamily
 
 # One 16×16 register tile (tl.dot's smallest): n ≤ 16 covers spectral's default block (2: matrices
-# of 4 and 12) and block 1. A 32×32 tile compiles for sm_90 to 204 (fp32) / 169 (fp64) registers with
-# 8 warps and spills with 16, over kernels/report.py's limits; larger blocks keep torch.linalg.eigh.
+# of 4 and 12) and block 1. A 32×32 tile compiles for sm_90 to 193 (fp32) / 174 (fp64) registers with
+# 8 warps; with 16, fp64 fits (122) but fp32 spills 32 B: over kernels/report.py's limits, so larger
+# blocks keep torch.linalg.eigh.
 JACOBI_NP = 16
 JACOBI_MAX_N = JACOBI_NP
 JACOBI_SWEEPS = 10
-JACOBI_WARPS = 8           # sm_90: 68 (fp32) / 112 (fp64) registers, no spill; 4 warps spill 8 B in fp64
+JACOBI_WARPS = 8           # sm_90: 71 (fp32) / 110 (fp64) registers, no spill (4 warps: 110 / 80)
 
 
 @triton.jit
-def _jacobi_eigh_kernel(a_ptr, w_ptr, v_ptr, n, NP: tl.constexpr, SWEEPS: tl.constexpr):
+def _jacobi_eigh_kernel(a_ptr, w_ptr, v_ptr, n, ne, NP: tl.constexpr, SWEEPS: tl.constexpr):
     """Eigenvalues (unsorted, w: (B, n)) and eigenvectors (columns of v: (B, n, n)) of the symmetric
-    matrices a (B, n, n), one per program."""
+    matrices a (B, n, n), one per program. The round-robin ordering runs over the first ne = n rounded
+    up to even indices (ne − 1 rounds per sweep: 3 for the solver's 4×4 matrices, not NP − 1 = 15);
+    the rest of the tile is zero padding, paired with itself and never rotated."""
     b = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, NP)
     rows, cols = i[:, None], i[None, :]
@@ -49,17 +52,18 @@ def _jacobi_eigh_kernel(a_ptr, w_ptr, v_ptr, n, NP: tl.constexpr, SWEEPS: tl.con
     A = tl.load(a_ptr + b * n * n + rows * n + cols, mask=inside, other=0.0)
     V = tl.where(eye, 1.0, 0.0).to(A.dtype)
     for _sweep in range(SWEEPS):
-        for r in range(NP - 1):
-            # the circle ordering: NP - 1 meets r, every other x meets (2r - x) mod (NP - 1)
-            m = tl.where(i == NP - 1, r, tl.where(i == r, NP - 1, (2 * r - i + (NP - 1)) % (NP - 1)))
-            partner = cols == m[:, None]
+        for r in range(ne - 1):
+            # the circle ordering on 0..ne-1: ne - 1 meets r, every other x meets (2r - x) mod (ne - 1)
+            m = tl.where(i == ne - 1, r, tl.where(i == r, ne - 1, (2 * r - i + (ne - 1)) % (ne - 1)))
+            m = tl.where(i < ne, m, i)
+            partner = (cols == m[:, None]) & (rows != cols)
             d = tl.sum(tl.where(eye, A, 0.0), axis=1)                          # A[i, i]
             # a_pq as both members of a pair read it: (A[i, m(i)] + A[m(i), i]) / 2, bit-identical for
             # p and q. Read from one side only, the rounding asymmetry of A would give p and q
             # rotations that differ by (asymmetry / a_pq): J not orthogonal, and the iteration stalls
             # at ~1e-8 (fp64) on repeated eigenvalues, where a_pq gets that small (measured).
             o = (tl.sum(tl.where(partner, A, 0.0), axis=1)
-                 + tl.sum(tl.where(rows == m[None, :], A, 0.0), axis=0)) * 0.5
+                 + tl.sum(tl.where((rows == m[None, :]) & (rows != cols), A, 0.0), axis=0)) * 0.5
             dm = tl.sum(tl.where(partner, d[None, :], 0.0), axis=1)            # A[m(i), m(i)]
             lo = i < m                                                          # i is p of (p, q)
             delta = tl.where(lo, dm - d, d - dm)                                # a_qq - a_pp
@@ -92,7 +96,8 @@ def jacobi_eigh(H: torch.Tensor, sweeps: int = JACOBI_SWEEPS) -> tuple[torch.Ten
     w = torch.empty(a.shape[:2], dtype=a.dtype, device=a.device)
     v = torch.empty_like(a)
     if a.shape[0]:
-        _jacobi_eigh_kernel[(a.shape[0],)](a, w, v, n, NP=JACOBI_NP, SWEEPS=sweeps, num_warps=JACOBI_WARPS)
+        _jacobi_eigh_kernel[(a.shape[0],)](a, w, v, n, n + n % 2, NP=JACOBI_NP, SWEEPS=sweeps,
+                                           num_warps=JACOBI_WARPS)
     w, order = w.sort(dim=-1)
     v = v.gather(-1, order[:, None, :].expand_as(v))
     return w.reshape(H.shape[:-1]), v.reshape(H.shape)
@@ -105,7 +110,7 @@ def configurations():
     for name in ("fp32", "fp64"):
         out.append(KernelConfig("spectral", _jacobi_eigh_kernel, dict(NP=JACOBI_NP, SWEEPS=JACOBI_SWEEPS),
                                 JACOBI_WARPS, f"small matrices, NP={JACOBI_NP} {name}",
-                                {"a_ptr": f"*{name}", "w_ptr": f"*{name}", "v_ptr": f"*{name}", "n": "i32"},
+                                {"a_ptr": f"*{name}", "w_ptr": f"*{name}", "v_ptr": f"*{name}", "n": "i32", "ne": "i32"},
                                 weight=1))
     return out
 

@@ -38,7 +38,7 @@ def _check_eigenpairs(A, w, V):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("n", [1, 2, 4, 12, 16])
+@pytest.mark.parametrize("n", [1, 2, 4, 5, 12, 16])
 def test_jacobi_eigh_matches_torch_eigh(n, dtype):
     A = _symmetric(3, n, dtype, seed=n)
     w, V = K.jacobi_eigh(A)
