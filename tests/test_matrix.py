@@ -32,8 +32,10 @@ def test_every_registered_geometry_and_fast_path_has_cases():
     missing = [name for name in REGISTRY if not any(c.geometry == name for c in CASES.values())]
     assert not missing, f"add a case for {missing} to tests/registry.py::CASES"
     for name, cls in REGISTRY.items():
-        for backend in cls.fast_paths:       # a declared fast path must load (and is then in the matrix)
+        for backend in cls.fast_paths:       # a declared fast path must load and be in the matrix
             assert fast_path(cls(), backend) is not None, f"{name}: fast path {backend!r} does not load"
+            assert any(c.geometry == name and backend in c.backends for c in CASES.values()), \
+                f"{name}: no case of tests/registry.py::CASES runs its {backend!r} fast path"
 
 
 def _setup(case_name, opt_name, backend, dtype=torch.float32, frozen_retraction=False):
