@@ -196,6 +196,31 @@ def test_pom_stiefel_retractions_have_no_host_sync():
     assert len(log) == 1 and "svd" in log.summary(), log.summary()
 
 
+def test_a_step_with_every_lr_zero_reads_the_gradients_once():
+    """The initialisation-step check (all learning rates 0, as DCP's state initialisation or the first
+    step of a warmup from 0) reads whether every gradient is zero: one host read per device, not one
+    per parameter; with a learning rate above 0 it reads nothing."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gc.GeomCompileWarning)
+        gc.apply(model, CASES["psi"].policy(), opt, example_inputs=INPUTS, backend="eager")
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        log = count_host_syncs(opt.step)
+        assert len(log) == 1 and "bool(tensor)" in log.summary(), log.summary()
+        assert len(list(model.parameters())) > 2
+        opt.param_groups[0]["lr"] = 0.1
+        _set_grads(model, 0, torch.float32)
+        opt.step()
+        _set_grads(model, 1, torch.float32)
+        opt.step()
+        _set_grads(model, 2, torch.float32)
+        log = count_host_syncs(opt.step)
+    assert len(log) == 0, log.summary()
+
+
 def test_compile_backend_on_a_device_reads_no_flags_and_matches_eager(monkeypatch):
     """The compile backend cannot run under the detector (torch.compile refuses a TorchDispatchMode:
     "non-infra torch dispatch mode present"). Its compiled functions are built with fullgraph=True, so

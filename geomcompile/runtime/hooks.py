@@ -212,7 +212,12 @@ class Installation:
         (torch.distributed.checkpoint.state_dict._init_optim_state): that step is not training."""
         if any(_lr(g) != 0 for g in self.optimizer.param_groups):
             return False
-        nonzero = any(bool(local(self.ctx.params[n].grad).any()) for n in stepped)
+        # one host read per device (not one per parameter): on a GPU, one sync at such a step
+        per_device: dict = {}
+        for n in stepped:
+            grad = local(self.ctx.params[n].grad)
+            per_device.setdefault(grad.device, []).append(grad.any())
+        nonzero = any(bool(torch.stack(flags).any()) for flags in per_device.values())
         return not any_on_some_rank(nonzero, self.ctx.shards)   # sharded: every rank decides alike
 
     def _adopt_new_params(self) -> None:
