@@ -14,11 +14,13 @@ by default) on a GPU, where torch's eigh reads its solver's error code on the ho
 (``at::_linalg_check_errors``: a sync, 4 per solver iteration). It is the cyclic parallel Jacobi
 method (Golub & Van Loan, Matrix Computations, §8.5): one program per matrix, held in registers,
 padded to NP = 16 (padding rows stay exactly decoupled: their entries are 0, so no rotation
-touches them); each round rotates the NP/2 disjoint pairs of the circle (round-robin) ordering at
-once, A ← JᵀAJ, V ← VJ (two and one tl.dot in IEEE precision, no TF32), and a sweep is ne − 1
-rounds over the first ne = n rounded up to even indices (3 for 4×4, 11 for 12×12), so every pair once. A fixed SWEEPS = 10 (no test on the host; measured: random matrices converged
-by the 6th sweep, a 12×12 one with three 4-fold eigenvalues by the 8th, fp32 and fp64), then the eigenvalues are sorted ascending as eigh returns them (torch.sort,
-sync-free). geometries/spectral.py ``symmetric_eigh`` decides where it runs.
+touches them); each round rotates the ne/2 disjoint pairs of the circle (round-robin) ordering of
+the first ne = n rounded up to even indices at once, A ← JᵀAJ, V ← VJ (two and one tl.dot in IEEE
+precision, no TF32), and a sweep is ne − 1 rounds (3 for 4×4, 11 for 12×12), so every pair once.
+A fixed SWEEPS = 10 (no test on the host; measured: random matrices converged by the 6th sweep, a
+12×12 one with three 4-fold eigenvalues by the 8th, fp32 and fp64), then the eigenvalues are
+sorted ascending as eigh returns them (torch.sort, sync-free). geometries/spectral.py
+``symmetric_eigh`` decides where it runs (``jacobi_takes``).
 """
 from __future__ import annotations
 
@@ -84,12 +86,17 @@ def _jacobi_eigh_kernel(a_ptr, w_ptr, v_ptr, n, ne, NP: tl.constexpr, SWEEPS: tl
     tl.store(v_ptr + b * n * n + rows * n + cols, V, mask=inside)
 
 
+def jacobi_takes(H: torch.Tensor) -> bool:
+    """Whether jacobi_eigh takes H: float32 or float64, n ≤ JACOBI_MAX_N."""
+    return H.dtype in (torch.float32, torch.float64) and H.shape[-1] <= JACOBI_MAX_N
+
+
 def jacobi_eigh(H: torch.Tensor, sweeps: int = JACOBI_SWEEPS) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.linalg.eigh(H) by _jacobi_eigh_kernel: H (..., n, n) symmetric, float32 or float64,
     n <= JACOBI_MAX_N. Eigenvalues ascending, eigenvectors as columns; one launch and a sort, no
     host sync. Signs of the eigenvectors are arbitrary, as eigh's."""
     n = H.shape[-1]
-    if n > JACOBI_MAX_N or H.dtype not in (torch.float32, torch.float64):
+    if not jacobi_takes(H):
         raise ValueError(f"jacobi_eigh takes float32/float64 matrices up to {JACOBI_MAX_N}x{JACOBI_MAX_N}; "
                          f"got {H.dtype} {n}x{n} (use torch.linalg.eigh)")
     a = H.reshape(-1, n, n).contiguous()

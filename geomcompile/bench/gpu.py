@@ -158,13 +158,13 @@ def eigh_parity(device, quick: bool) -> dict:
             batch = 2 if quick else 64
             gen = torch.Generator().manual_seed(n)
             a = torch.randn(batch, n, n, dtype=torch.float64, generator=gen)
-            a = (a + a.mT) / 2
+            a = ((a + a.mT) / 2).to(dtype).double()          # exactly the matrices the device gets
             A = a.to(device=device, dtype=dtype)
             w, V = jacobi_eigh(A)
             w, V = w.double().cpu(), V.double().cpu()
             unit = n * torch.finfo(dtype).eps * float(torch.linalg.matrix_norm(a, ord=2).max().clamp_min(1.0))
-            errors = {"eigenvalues": float((w - torch.linalg.eigvalsh(a.to(dtype).double())).abs().max()) / unit,
-                      "residual": float((a.to(dtype).double() @ V - V * w[..., None, :]).abs().max()) / unit,
+            errors = {"eigenvalues": float((w - torch.linalg.eigvalsh(a)).abs().max()) / unit,
+                      "residual": float((a @ V - V * w[..., None, :]).abs().max()) / unit,
                       "orthonormality": float((V.mT @ V - torch.eye(n, dtype=torch.float64)).abs().max())
                       / (n * torch.finfo(dtype).eps)}
             row = {"n": n, "batch": batch, "dtype": str(dtype).replace("torch.", ""), "errors_in_n_eps": errors,

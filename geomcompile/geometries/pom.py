@@ -134,7 +134,7 @@ def polar_factor(x: torch.Tensor, iters: int = POLAR_ITERATIONS) -> torch.Tensor
     off = (z.mT @ z - eye).flatten(-2).norm(dim=-1)[..., None, None]
     good = torch.isfinite(z).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True) & \
         (off <= math.sqrt(torch.finfo(z.dtype).eps))        # NaN compares False: not good either
-    return torch.where(good, q @ torch.where(good, z, eye), q)
+    return torch.where(good, q @ z, q)
 
 
 def retract_stiefel(x: torch.Tensor, r=1.0, method: str = "polar") -> torch.Tensor:

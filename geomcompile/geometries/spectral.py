@@ -145,8 +145,9 @@ def conv_matrix(weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
 def _jacobi_kernel_for(H: torch.Tensor):
     """geomcompile.kernels.spectral.jacobi_eigh where it applies to H, else None: a CUDA tensor (or, for
     the sync detector, a CPU tensor standing in for one with the kernels built by the Triton
-    interpreter), float32/float64, n ≤ its tile, not while torch.compile traces."""
-    if H.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling():
+    interpreter), a matrix the kernel takes (kernels.spectral.jacobi_takes), not while torch.compile
+    traces."""
+    if torch.compiler.is_compiling():
         return None
     if not (H.is_cuda or (H.device.type == "cpu" and base._CPU_STANDS_IN_FOR_DEVICE[0])):
         return None
@@ -154,7 +155,7 @@ def _jacobi_kernel_for(H: torch.Tensor):
         from ..kernels import spectral as kernels
     except ImportError:              # no Triton: torch's eigh (a sync per call on a GPU)
         return None
-    if H.shape[-1] > kernels.JACOBI_MAX_N:
+    if not kernels.jacobi_takes(H):
         return None
     if not H.is_cuda:                # built for a GPU, it cannot read CPU memory (a stub can stand in)
         from triton.runtime.interpreter import InterpretedFunction
@@ -223,21 +224,21 @@ def _independent_rows(D: torch.Tensor, GD: torch.Tensor | None, drop: float):
     return T @ D, (None if GD is None else T @ GD), kept
 
 
-def _fixed_signs(U: torch.Tensor) -> torch.Tensor:
-    """Eigenvector columns with the sign that makes each one's largest coefficient positive: eigh's
-    signs are arbitrary, and a flip under a rounding-size change of the weights would flip the state."""
-    idx = U.abs().argmax(dim=0, keepdim=True)
-    return U * torch.where(U.gather(0, idx) < 0, -1.0, 1.0).to(U.dtype)
-
-
 def _signs_by_largest_entry(X: torch.Tensor) -> torch.Tensor:
-    """The rows of X (…, k, N) with the sign that makes each one's largest entry positive: the Ritz
-    vectors' own sign, whatever basis they were combined from. _fixed_signs fixes the coefficients in
-    a basis whose own signs (and, within a cluster of Gram eigenvalues, rotation) depend on the
-    eigensolver: torch's eigh and the Jacobi kernel (symmetric_eigh) agree on the vectors' span,
-    not on their signs."""
+    """The rows of X (…, k, N) with the sign that makes each one's largest entry positive. On the
+    solver's returned vectors: the Ritz vectors' own sign, whatever basis they were combined from
+    (_fixed_signs fixes the coefficients in a basis whose own signs, and within a cluster of Gram
+    eigenvalues rotation, depend on the eigensolver: torch's eigh and the Jacobi kernel of
+    symmetric_eigh agree on the vectors' span, not on their signs)."""
     idx = X.abs().argmax(dim=-1, keepdim=True)
     return X * torch.where(X.gather(-1, idx) < 0, -1.0, 1.0).to(X.dtype)
+
+
+def _fixed_signs(U: torch.Tensor) -> torch.Tensor:
+    """Eigenvector columns of U (…, m, c) with the sign that makes each one's largest coefficient
+    positive: eigh's signs are arbitrary, and a flip under a rounding-size change of the weights would
+    flip the state. Batched over leading dims (per layer in the batched solve)."""
+    return _signs_by_largest_entry(U.mT).mT
 
 
 @dataclass
@@ -637,12 +638,6 @@ def _independent_rows_layers(D: torch.Tensor, GD: torch.Tensor | None, drop: flo
     return T @ D, (None if GD is None else T @ GD), kept
 
 
-def _fixed_signs_layers(U: torch.Tensor) -> torch.Tensor:
-    """_fixed_signs per layer of U (L, m, c)."""
-    idx = U.abs().argmax(dim=1, keepdim=True)
-    return U * torch.where(U.gather(1, idx) < 0, -1.0, 1.0).to(U.dtype)
-
-
 def two_end_solve_layers(apply_G: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor, iters: int,
                          nudge: torch.Tensor) -> TwoEnds:
     """two_end_solve_program for L layers at once, with tol = 0 (exactly `iters` iterations, no host
@@ -662,7 +657,7 @@ def two_end_solve_layers(apply_G: Callable[[torch.Tensor], torch.Tensor], V: tor
     while True:
         H = X @ GX.mT
         theta, U = symmetric_eigh((H + H.mT) / 2)
-        theta, U = theta.flip(-1), _fixed_signs_layers(U.flip(-1))
+        theta, U = theta.flip(-1), _fixed_signs(U.flip(-1))
         X, GX = U.mT @ X, U.mT @ GX
         W = GX - theta[..., None] * X
         residual = W.norm(dim=-1)
@@ -699,7 +694,7 @@ def two_end_solve_layers(apply_G: Callable[[torch.Tensor], torch.Tensor], V: tor
         top = torch.arange(n - 1, n - 1 - half, -1, device=U.device).expand(L, half)
         bottom = n_dropped + torch.arange(half - 1, -1, -1, device=U.device)
         picks = torch.cat([top, bottom], dim=1)                              # (L, k)
-        C = _fixed_signs_layers(U.gather(2, picks[:, None, :].expand(L, n, k))).mT   # (L, k, n)
+        C = _fixed_signs(U.gather(2, picks[:, None, :].expand(L, n, k))).mT   # (L, k, n)
         X_new, GX_new = C @ B, C @ GB
         P, GP = C[:, :, k:] @ B[:, k:], C[:, :, k:] @ GB[:, k:]
         X, GX = X_new, GX_new
