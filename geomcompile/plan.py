@@ -229,7 +229,7 @@ class Plan:
     def steps(self) -> int:
         """Optimizer steps the installed geometries have taken (a step skipped by GradScaler, DCP's
         initialisation step and steps without gradients do not count); restored from checkpoints."""
-        return int(self._installation.state.steps) if self._installation is not None else 0
+        return int(self._installation.state.counted_steps()) if self._installation is not None else 0
 
     @property
     def state(self):

@@ -210,6 +210,10 @@ class StepContext:
     rescale_observed: Callable[[str], bool] = lambda name: False   # does anything follow its rescales?
     shards: dict = field(default_factory=dict)   # name -> runtime.distributed.ShardInfo (DTensor params)
     queued: list = field(default_factory=list)   # sharded programs waiting for this stage's collectives
+    # A 0-d bool tensor on a device while GradScaler's verdict on this step (inf/NaN found: the fused
+    # base optimizer skips it) is left on the device instead of read on the host; None otherwise. Only
+    # set when every work item's geometry declares ``honours_device_skip``.
+    skip: "torch.Tensor | None" = None
 
     def opt_state(self, name: str) -> dict:
         """The base optimizer's own state for a parameter (momentum_buffer, exp_avg, ...)."""
@@ -233,6 +237,12 @@ class StepContext:
         from ..runtime.distributed import run_together     # late: the runtime imports the geometries
         programs, self.queued = self.queued, []
         return [event for events in run_together(programs) for event in (events or [])]
+
+    def skip_on(self, device: torch.device) -> "torch.Tensor | None":
+        """``skip`` on `device` (None when the step is not skipped on the device)."""
+        if self.skip is None or self.skip.device == device:
+            return self.skip
+        return self.skip.to(device)
 
     def has_grad(self, name: str) -> bool:
         """Whether the parameter takes part in this step (frozen or unused ones must not be touched)."""
@@ -259,6 +269,11 @@ class Geometry:
     # Weight decay works against this geometry (it breaks the scale invariance psi relies on, it pulls
     # pom's weights off their manifold): plan.param_groups() puts its parameters in a weight_decay=0 group.
     hurt_by_weight_decay: ClassVar[bool] = False
+    # Its programs on every backend leave the weights, the base optimizer's state and the geometry's own
+    # state bit for bit unchanged at a step whose ``StepContext.skip`` is true (the flag stays on the
+    # device: no host sync). Where any installed geometry lacks it, the runtime reads GradScaler's
+    # found_inf on the host and runs no geometry at a skipped step.
+    honours_device_skip: ClassVar[bool] = False
 
     # Why the geometry cannot run on a sharded (FSDP2, Shard(0) DTensor) parameter, or None when its
     # programs compute the full-tensor update on a shard (runtime/distributed.py). A geometry that

@@ -177,6 +177,7 @@ class ChannelDirected(Geometry):
     match_hint = "add `kind: [conv, conv_transpose, linear]` to match"
     shard_refusal = None      # sharded form: SHARDED_METRICS
     paper = "000_ce70f4ca5b877378.txt"
+    honours_device_skip = True     # a gradient transform and nothing else: no post_step, no state
     fast_paths = {"compile": "geomcompile.geometries.channel_directed:CompiledChannelDirected",
                   "triton": "geomcompile.kernels.channel_directed:ChannelDirectedKernels"}
     options = {

@@ -180,6 +180,13 @@ def channel_factors(factors: torch.Tensor, like: torch.Tensor, unit: str, dim: i
     return flat
 
 
+def _unless_skipped(factors: torch.Tensor, skip: "torch.Tensor | None") -> torch.Tensor:
+    """The renormalisation factors, all 1 at a step skipped on the device (StepContext.skip): the
+    branch-free rescale then changes nothing, bit for bit, and counts nothing."""
+    return factors if skip is None else torch.where(skip, torch.ones((), dtype=factors.dtype,
+                                                                     device=factors.device), factors)
+
+
 class CompiledPSI:
     """The compile fast path (protocol: runtime/compile_backend.Program): ‖w_u‖²·∇_u per unit; the
     renormalisation is flagged here and done, exactly, by psi's eager post_step."""
@@ -220,6 +227,9 @@ class PSI(Geometry):
     incompatible = ("pom",)
     state_powers = STATE_POWERS
     hurt_by_weight_decay = True
+    # the gradient transform touches only gradients; post_step's factors are 1 where ctx.skip is true
+    # (the Triton backend's retraction kernels do not take the flag: the backend runs this post_step then)
+    honours_device_skip = True
     fast_paths = {"compile": "geomcompile.geometries.psi:CompiledPSI", "triton": "geomcompile.kernels.psi:PSIKernels"}
     options = {
         "max_norm": Option(float, 1.0e4, "units whose norm exceeds this are rescaled to norm 1 after "
@@ -300,9 +310,11 @@ class PSI(Geometry):
                 continue
             u, dim, gs = psi_layout(facts)
             if ctx.shard(facts.name) is not None:
-                ctx.run_sharded(self._post_step_sharded(facts, p, state, ctx.shard(facts.name)))
+                ctx.run_sharded(self._post_step_sharded(facts, p, state, ctx.shard(facts.name),
+                                                        ctx.skip_on(local(p).device)))
                 continue
-            factors = psi_renorm_factors(p.detach(), self.opts["max_norm"], u, dim, gs)
+            factors = _unless_skipped(psi_renorm_factors(p.detach(), self.opts["max_norm"], u, dim, gs),
+                                      ctx.skip_on(p.device))
             if host_reads_are_free(p) and bool((factors == 1).all()):
                 continue        # CPU: nothing to renormalise, and reading that costs nothing
             # On a device, branch-free, so no host sync: factors of 1 (the common case) change nothing,
@@ -313,7 +325,7 @@ class PSI(Geometry):
             events.append(Rescale(facts.name, p, facts, channel_factors(factors, p, u, dim, gs)))
         return events
 
-    def _post_step_sharded(self, facts: ParamFacts, p, state, shard) -> list[Rescale]:
+    def _post_step_sharded(self, facts: ParamFacts, p, state, shard, skip=None) -> list[Rescale]:
         """The renormalisation on a shard: the norms of whole units (one all-reduce), so the decision
         and the factors of every output channel are the same on every rank; each rank rescales its
         rows, and the event carries the factors of all channels (running statistics are replicated).
@@ -322,8 +334,9 @@ class PSI(Geometry):
         w = local(p)
         sums, unit_of_all = yield from sharded_unit_norm_sq(w, u, dim, gs, shard, complete=True)
         norm = sums.sqrt()
-        factors = torch.where(norm > self.opts["max_norm"], 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny),
-                              torch.ones_like(norm))
+        factors = _unless_skipped(torch.where(norm > self.opts["max_norm"],
+                                              1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny),
+                                              torch.ones_like(norm)), skip)
         if host_reads_are_free(w) and bool((factors == 1).all()):
             return []           # CPU: as the unsharded post_step (the factors are replicated: ranks agree)
         # Branch-free like the unsharded post_step (no host sync): factors of 1 change nothing.

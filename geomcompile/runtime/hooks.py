@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from ..errors import GeomCompileError, GeomCompileWarning
-from ..geometries.base import STAGES, Rescale, StepContext
+from ..geometries.base import STAGES, Rescale, StepContext, host_reads_are_free
 from . import absorb
 from .backends import Backend, WorkItem
 from .distributed import any_on_some_rank, local
@@ -70,6 +70,11 @@ class Installation:
         self._facts_of = {n: f for it in self.items for n, f in zip(it.unit.names, it.unit.facts)}
         self._planned = self._planned_params()
         ctx.rescale_observed = self._rescale_observed
+
+    @property
+    def _all_honour_device_skip(self) -> bool:
+        """Whether GradScaler's skip verdict may stay on the device (Geometry.honours_device_skip)."""
+        return all(item.geometry.honours_device_skip for item in self.items)
 
     # -- state -----------------------------------------------------------------------------
     def state_of(self, item: WorkItem) -> dict:
@@ -144,6 +149,7 @@ class Installation:
                                    "closure": _CachedClosure(loss)})
         self._adopt_new_params()
         self._refresh_groups()
+        self.ctx.skip = None
         if self._amp_skipped_step():
             self.ctx.stepped = frozenset()
             return replaced
@@ -163,12 +169,21 @@ class Installation:
         and ``found_inf`` for the fused kernel. The geometries need true gradients, so unscale them
         here, as GradScaler.unscale_ would (times the float32 reciprocal of the scale), and clear
         ``grad_scale`` so the fused step does not unscale twice. A step GradScaler skips (inf/NaN
-        found) runs no geometry and is not counted. Reading ``found_inf`` is one host sync per step,
-        only in this configuration."""
+        found) changes no weight and no state, and is not counted.
+
+        How it is skipped: when every installed geometry declares ``honours_device_skip`` and
+        ``found_inf`` is on a device, the verdict stays there (``ctx.skip``; the geometries' programs
+        leave everything unchanged where it is true, the step counter subtracts it on the device), so
+        there is no host sync. Otherwise ``found_inf`` is read on the host (one sync per step on a
+        GPU, only in this configuration) and a skipped step runs no geometry."""
         opt = self.optimizer
         found_inf = getattr(opt, "found_inf", None)
-        if isinstance(found_inf, torch.Tensor) and bool(found_inf.item()):
-            return True
+        if isinstance(found_inf, torch.Tensor):
+            if host_reads_are_free(found_inf) or not self._all_honour_device_skip:
+                if bool(found_inf.item()):
+                    return True
+            else:
+                self.ctx.skip = found_inf.reshape(()) != 0
         scale = getattr(opt, "grad_scale", None)
         if isinstance(scale, torch.Tensor):
             inv = scale.double().reciprocal().float()
@@ -204,8 +219,9 @@ class Installation:
             rescales += self.ctx.run_queued()
             for event in rescales:
                 self._apply_consequences(event)
-        self.state.steps.add_(1)
+        self.state.count_step(self.ctx.skip)
         self.ctx.stepped = frozenset()
+        self.ctx.skip = None
 
     def _is_initialisation_step(self, stepped) -> bool:
         """DCP's get/set_state_dict initialise optimizer state with one step at lr 0 on zero gradients

@@ -69,6 +69,24 @@ class PlanState:
         # Optimizer steps the geometries took (skipped ones not counted). A tensor, so that a compiled
         # optimizer.step adds to it in place instead of guarding on (and recompiling for) a Python int.
         self.steps = torch.zeros((), dtype=torch.int64)
+        # Of those, the steps GradScaler skipped with its verdict left on a device (StepContext.skip):
+        # a device tensor, subtracted when the count is read (counted_steps), so a step reads nothing.
+        self.skipped_on_device: torch.Tensor | None = None
+
+    def count_step(self, skip: torch.Tensor | None = None) -> None:
+        """One more step; `skip` (a 0-d bool device tensor) true: a skipped step, not counted."""
+        self.steps.add_(1)
+        if skip is None:
+            return
+        if self.skipped_on_device is None:
+            self.skipped_on_device = torch.zeros((), dtype=torch.int64, device=skip.device)
+        self.skipped_on_device.add_(skip.to(self.skipped_on_device.device))
+
+    def counted_steps(self) -> torch.Tensor:
+        """The steps the geometries took, a CPU int64 0-d tensor (reads the device's skip count)."""
+        if self.skipped_on_device is None:
+            return self.steps.clone()
+        return self.steps - self.skipped_on_device.cpu()
 
     def add(self, unit_key: str, geometry_name: str, anchor: str, state: dict) -> None:
         self.units.setdefault(unit_key, {})[geometry_name] = state
@@ -88,11 +106,12 @@ class PlanState:
     def entries(self) -> dict[str, dict]:
         """canonical parameter name -> the entry saved with that parameter."""
         out: dict[str, dict] = {}
+        steps = self.counted_steps()         # once: it may read a device counter
         for key, per_geometry in self.units.items():
             name = self.anchor[key]
             entry = out.setdefault(name, {"plan": self.fingerprint.digest, "version": self.fingerprint.version,
                                           "name": name, "geometries": self.fingerprint.geometries_of(name),
-                                          "steps": self.steps.clone(), "units": {}})
+                                          "steps": steps.clone(), "units": {}})
             entry["units"][key] = {g: dict(s) for g, s in per_geometry.items()}
         return out
 
@@ -126,6 +145,7 @@ class PlanState:
         steps = [e.get("steps", 0) for name, e in entries.items() if name not in differing]
         if steps:
             self.steps.fill_(max(int(v) for v in steps))
+            self.skipped_on_device = None
         how = "started fresh" if on_mismatch == "reset" else "loaded anyway (state_mismatch='load')"
         report = [f"geometry state in the checkpoint differs from this plan; {how}: "
                   f"{'; '.join(text for _, text in problems[:4])}"] if problems else []

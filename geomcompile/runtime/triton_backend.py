@@ -275,6 +275,8 @@ class TritonBackend(Backend):
         """("sgd"/"adam", "") when this parameter's whole step can run in the kernel, else (None, why)."""
         if not last_stage:
             return None, "a later-stage geometry needs the gradient (it transforms it after this one)"
+        if ctx.skip is not None:       # GradScaler with a fused=True optimizer: never fused anyway
+            return None, "GradScaler's skip verdict stays on the device and the fused kernels do not take it"
         kind, why = fused_kind(ctx.optimizer, ctx.group_of[name])
         if kind is None:
             return None, why
@@ -492,7 +494,7 @@ class TritonBackend(Backend):
         for p, grad in self._hidden:
             p.grad = grad
         self._hidden = []
-        post, key = self._post_plan, (self._plan, ctx.stepped, len(ctx.optimizer.state))
+        post, key = self._post_plan, (self._plan, ctx.stepped, len(ctx.optimizer.state), ctx.skip is not None)
         if self._plan is not None and post is not None and post.holds(key, ctx):
             rescales = post.replay(states, ctx)
         else:
@@ -515,6 +517,10 @@ class TritonBackend(Backend):
                         record.eager.append(item)
                         continue
                     if not family.retracts:
+                        continue
+                    if ctx.skip is not None:     # the retraction kernels do not take the device-side skip
+                        rescales += eager_post_step(item, states, ctx)
+                        record.eager.append(item)
                         continue
                     names = [n for n in item.unit.names if ctx.has_grad(n) and ctx.params[n].numel()]
                     if any(n in self._retracted for n in names):
@@ -593,7 +599,7 @@ def _retract_state(state: dict, p: torch.Tensor):
 def _plan_key(items, ctx: StepContext) -> tuple:
     groups = ctx.optimizer.param_groups
     return (ctx.stepped, len(items), len(ctx.optimizer.state), len(groups),
-            [fused_kind(ctx.optimizer, g) for g in groups], _observers(ctx))
+            [fused_kind(ctx.optimizer, g) for g in groups], _observers(ctx), ctx.skip is not None)
 
 
 def _observers(ctx: StepContext):
