@@ -2,6 +2,7 @@
 with its launches stubbed, run under geomcompile.bench.syncs' detector (CPU tensors; it sees every
 call that would make the host wait for a GPU: .item(), float/bool/int(tensor), .tolist(), .cpu(),
 nonzero, boolean-mask indexing, ...). Steps 1-2 create the optimizer state; step 3 is counted."""
+import copy
 import warnings
 
 import pytest
@@ -196,21 +197,29 @@ def test_pom_stiefel_retractions_have_no_host_sync():
     assert len(log) == 1 and "svd" in log.summary(), log.summary()
 
 
-def test_a_step_with_every_lr_zero_reads_the_gradients_once():
+@pytest.mark.parametrize("geometry,reads", [("psi", 0), ("pom", 1)])
+def test_a_step_with_every_lr_zero_reads_the_gradients_at_most_once(geometry, reads):
     """The initialisation-step check (all learning rates 0, as DCP's state initialisation or the first
-    step of a warmup from 0) reads whether every gradient is zero: one host read per device, not one
-    per parameter; with a learning rate above 0 it reads nothing."""
+    step of a warmup from 0) asks whether every gradient is zero. With geometries that honour a
+    device-side skip (psi) the answer stays on the device (StepContext.skip) and the step changes
+    nothing and is not counted; otherwise one host read per device, not one per parameter. With a
+    learning rate above 0 it reads nothing."""
     torch.manual_seed(0)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", gc.GeomCompileWarning)
-        gc.apply(model, CASES["psi"].policy(), opt, example_inputs=INPUTS, backend="eager")
+        plan = gc.apply(model, CASES[geometry].policy(), opt, example_inputs=INPUTS, backend="eager")
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
+        before = [p.detach().clone() for p in model.parameters()]
+        entries = copy.deepcopy(plan.state.state_dict())
         log = count_host_syncs(opt.step)
-        assert len(log) == 1 and "bool(tensor)" in log.summary(), log.summary()
+        assert len(log) == reads and (not reads or "bool(tensor)" in log.summary()), log.summary()
         assert len(list(model.parameters())) > 2
+        assert plan.steps == 0
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        _assert_same_tree(plan.state.state_dict(), entries)
         opt.param_groups[0]["lr"] = 0.1
         _set_grads(model, 0, torch.float32)
         opt.step()
@@ -219,6 +228,18 @@ def test_a_step_with_every_lr_zero_reads_the_gradients_once():
         _set_grads(model, 2, torch.float32)
         log = count_host_syncs(opt.step)
     assert len(log) == 0, log.summary()
+    assert plan.steps == 3
+
+
+def _assert_same_tree(a, b, where="state"):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_tree(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
 
 
 def test_compile_backend_on_a_device_reads_no_flags_and_matches_eager(monkeypatch):

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from ..errors import GeomCompileError, GeomCompileWarning
-from ..geometries.base import STAGES, Rescale, StepContext, host_reads_are_free
+from ..geometries.base import STAGES, Rescale, StepContext, host_reads_are_free, host_reads_are_free_for
 from . import absorb
 from .backends import Backend, WorkItem
 from .distributed import any_on_some_rank, local
@@ -225,16 +225,26 @@ class Installation:
 
     def _is_initialisation_step(self, stepped) -> bool:
         """DCP's get/set_state_dict initialise optimizer state with one step at lr 0 on zero gradients
-        (torch.distributed.checkpoint.state_dict._init_optim_state): that step is not training."""
+        (torch.distributed.checkpoint.state_dict._init_optim_state): that step is not training.
+        Whether every gradient is zero is read on the host (one read per device), except where every
+        installed geometry honours a device-side skip and nothing is sharded: then the verdict joins
+        ``ctx.skip`` and this returns False (the programs run and change nothing where it is true)."""
         if any(_lr(g) != 0 for g in self.optimizer.param_groups):
             return False
-        # one host read per device (not one per parameter): on a GPU, one sync at such a step
         per_device: dict = {}
         for n in stepped:
             grad = local(self.ctx.params[n].grad)
             per_device.setdefault(grad.device, []).append(grad.any())
-        nonzero = any(bool(torch.stack(flags).any()) for flags in per_device.values())
-        return not any_on_some_rank(nonzero, self.ctx.shards)   # sharded: every rank decides alike
+        nonzero = [torch.stack(flags).any() for flags in per_device.values()]
+        if (not self.ctx.shards and self._all_honour_device_skip
+                and not host_reads_are_free_for(nonzero)):
+            # the verdict stays on the device, as GradScaler's does (_amp_skipped_step): no host read
+            first = nonzero[0].device
+            zero = ~torch.stack([f.to(first) for f in nonzero]).any()
+            self.ctx.skip = zero if self.ctx.skip is None else self.ctx.skip | zero.to(self.ctx.skip.device)
+            return False
+        # one host read per device (not one per parameter): on a GPU, one sync at such a step
+        return not any_on_some_rank(any(bool(f) for f in nonzero), self.ctx.shards)   # sharded: ranks alike
 
     def _adopt_new_params(self) -> None:
         """add_param_group after install: the new parameters get the geometries their names match."""
