@@ -24,7 +24,9 @@ from .test_triton_backend import INPUTS, Net
 # its solver's error info on the host on a GPU (4 calls per solver iteration); they now run the Jacobi
 # kernel of geomcompile.kernels.spectral there (geometries/spectral.py symmetric_eigh), which the
 # detector's device path (a CPU tensor standing in for a GPU one) takes too; its first evaluation's
-# early stop is a torch.where there (tests/test_spectral_degenerate.py). Left: blocks > 2.
+# early stop is a torch.where there (tests/test_spectral_degenerate.py). Left: blocks > 2. gspace's
+# registry case counts a step its chain skips (conv2.weight has no gradient at step 2): its real step
+# is counted by test_gspace_step_reads_the_host_once_per_chain (one read per chain is left).
 KNOWN_SYNCS: dict[str, str] = {}
 
 
@@ -229,6 +231,37 @@ def test_a_step_with_every_lr_zero_reads_the_gradients_at_most_once(geometry, re
         log = count_host_syncs(opt.step)
     assert len(log) == 0, log.summary()
     assert plan.steps == 3
+
+
+@pytest.mark.parametrize("mode,make_opt", [
+    ("tangent", lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)),
+    ("exact", lambda ps: torch.optim.SGD(ps, lr=0.05)),
+])
+def test_gspace_step_reads_the_host_once_per_chain(mode, make_opt):
+    """The registry's gspace case counts a step at which conv2.weight has no gradient, so its chain
+    skips the step and the registry test above saw none of gspace's reads. Here every layer of the
+    chain has a gradient. Before: 13 reads per chain and step in tangent mode (4 float() of the
+    skeleton's minima, 4 bool() of the step's finiteness, 4 boolean-mask indexings of the class
+    units), 14 in exact mode (the zero-ratio check). Left: one read per chain, whether to drop the
+    step (a class ratio of 0, or a step that is not finite): the base optimizer must then get no
+    gradient at all, which is a host decision."""
+    from tests.models import GSmallNet
+    torch.manual_seed(0)
+    model = GSmallNet()
+    opt = make_opt(model.parameters())
+    policy = {"version": 1, "rules": [{"name": "chain", "match": {"g_coupled": True},
+                                       "use": {"gspace": {"step": mode, "skeleton_init": "keep"}}}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gc.GeomCompileWarning)
+        plan = gc.apply(model, policy, opt, example_inputs=INPUTS, backend="eager")
+        gen = torch.Generator().manual_seed(1)
+        for step in range(3):
+            for name, p in model.named_parameters():
+                p.grad = None if name.startswith("frozen") else torch.randn(p.shape, generator=gen) * 1e-2
+            log = count_host_syncs(opt.step) if step == 2 else opt.step()
+    diagnostics = next(iter(plan.diagnostics().values()))["gspace"]
+    assert diagnostics["skipped_steps"] == 0, diagnostics          # the counted step was a real step
+    assert len(log) == 1 and ("_write" in log.summary() or "pre_step" in log.summary()), log.summary()
 
 
 def _assert_same_tree(a, b, where="state"):

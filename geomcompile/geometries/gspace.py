@@ -92,6 +92,12 @@ def _class_first(h: Sequence[int], lv: int, device) -> torch.Tensor:
     return torch.arange(h[lv], device=device) >= h[lv - 1]
 
 
+def _class_start(h: Sequence[int], lv: int) -> int:
+    """The first unit of _class_first(h, lv): those units are o = start..h[lv]-1, so selecting them
+    is a slice (a boolean-mask index has a data-dependent shape: a host sync on a GPU)."""
+    return 0 if lv == 1 else min(h[lv - 1], h[lv])
+
+
 def gspace_masks(h: Sequence[int], T: Sequence[int], c: Sequence[int],
                  device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer l, the boolean masks (free, updated) of shape (h[l+1], h[l], T[l]): F (the
@@ -111,8 +117,8 @@ def gspace_masks(h: Sequence[int], T: Sequence[int], c: Sequence[int],
             free[rows, cols, c[l]] = True
         if l + 1 <= L - 1:
             rows, cols = _in_edges(h, l, device)
-            first = _class_first(h, l + 1, device)
-            updated[rows[first], cols[first], c[l]] = True
+            start = _class_start(h, l + 1)
+            updated[rows[start:], cols[start:], c[l]] = True
         masks.append((free, updated))
     return masks
 
@@ -159,8 +165,8 @@ def _icr(E, gE, c, masks, V):
             a = a.index_add(0, torch.arange(h[lv + 1], device=dev) % h[lv], A[lv + 1])
         A[lv] = a
         rows, cols = _in_edges(h, lv - 1, dev)
-        first = _class_first(h, lv, dev)
-        r, k = rows[first], cols[first]
+        start = _class_start(h, lv)
+        r, k = rows[start:], cols[start:]
         Gam[lv - 1][r, k, c[lv - 1]] = G[lv - 1][r, k, c[lv - 1]] - a[r]
     lam = [torch.zeros(h[0], dtype=E[0].dtype, device=dev)]
     for lv in range(1, L):
@@ -579,21 +585,24 @@ class GSpace(Geometry):
             return
         step = gspace_step(E, b, gE, gb, lr, centres)
         rho = torch.cat([r.reshape(-1) for r in step.rho[1:-1]])
-        if bool((rho == 0).any()):
+        dE = [(e.to(n.dtype) - n) / lr for e, n in zip(E, step.weights)]
+        db = [None if bb is None else (bb.to(n.dtype) - n) / lr for bb, n in zip(b, step.biases)]
+        # The chain's one host read per step: whether to drop its step (a GPU sync; both checks at once)
+        zero_ratio, finite = torch.stack([(rho == 0).any(), _all_finite(dE + db)]).tolist()
+        if zero_ratio:
             self._skip(unit, state, ctx, "a class ratio 1 − η·λ_C is exactly 0 (the chain value would be 0, "
                                          "outside 𝒢-space)")
             return
         lr_lambda = (1 - rho).max()                       # max η·λ_C; above 1 a chain value changes sign
         state["max_lr_lambda"].copy_(torch.maximum(state["max_lr_lambda"], lr_lambda.to(torch.float64)))
         state["chain_sign_flips"] += (rho < 0).sum().to(state["chain_sign_flips"].device)
-        dE = [(e.to(n.dtype) - n) / lr for e, n in zip(E, step.weights)]
-        db = [None if bb is None else (bb.to(n.dtype) - n) / lr for bb, n in zip(b, step.biases)]
-        self._write(layers, grad_of, dE, db, unit, state, ctx)
+        self._write(layers, grad_of, dE, db, unit, state, ctx, finite)
 
-    def _write(self, layers, grad_of, dE, db, unit, state, ctx) -> None:
+    def _write(self, layers, grad_of, dE, db, unit, state, ctx, finite: bool | None = None) -> None:
+        """The chain's new gradients; a step that is not finite is dropped (``finite``: already read)."""
         new = {la.weight: d for la, d in zip(layers, dE)}
         new.update({la.bias: d for la, d in zip(layers, db) if la.bias})
-        if not all(bool(torch.isfinite(d).all()) for d in new.values()):
+        if not (bool(_all_finite(list(new.values()))) if finite is None else finite):   # one read
             self._skip(unit, state, ctx, "the step is not finite")
             return
         for name, d in new.items():
@@ -611,9 +620,9 @@ class GSpace(Geometry):
 
     @staticmethod
     def _record_skeleton(E, centres, state) -> None:
-        min_v, min_k = _small_values([e.to(compute_dtype(e.dtype)) for e in E], centres)
-        state["min_abs_V"].fill_(min_v)
-        state["min_abs_kappa"].fill_(min_k)
+        min_v, min_k = _small_value_tensors([e.to(compute_dtype(e.dtype)) for e in E], centres)
+        state["min_abs_V"].copy_(min_v)            # on the device: no host read
+        state["min_abs_kappa"].copy_(min_k)
 
     def diagnostics(self, unit: Unit, state) -> dict[str, float]:
         layers = chain_layers(unit)
@@ -633,13 +642,26 @@ def _paper_initialised(E, centres) -> bool:
     return all(bool((e[free] == 1).all()) for e, (free, _) in zip(E, masks))
 
 
-def _small_values(E, centres) -> tuple[float, float]:
-    """(min |V_C| over the hidden units, min |κ| over the chain's edges)."""
+def _small_value_tensors(E, centres) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min |V_C| over the hidden units, min |κ| over the chain's edges), float64 0-d tensors on E's
+    device; the products of the two minima in float64, as Python floats would multiply them."""
     B, Phi, V = skeleton_products(E, centres)
     L = len(E)
-    min_v = min(float(V[lv].abs().min()) for lv in range(1, L)) if L > 1 else math.inf
-    min_k = min(float(B[l].abs().min()) * float(Phi[l + 1].abs().min()) for l in range(L))
+    min_v = (torch.stack([V[lv].abs().min().double() for lv in range(1, L)]).min() if L > 1
+             else torch.full((), math.inf, dtype=torch.float64, device=E[0].device))
+    min_k = torch.stack([B[l].abs().min().double() * Phi[l + 1].abs().min().double() for l in range(L)]).min()
     return min_v, min_k
+
+
+def _small_values(E, centres) -> tuple[float, float]:
+    """_small_value_tensors as Python floats (at install)."""
+    min_v, min_k = _small_value_tensors(E, centres)
+    return float(min_v), float(min_k)
+
+
+def _all_finite(tensors) -> torch.Tensor:
+    """A 0-d bool tensor: every entry of every tensor (None skipped) is finite."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors if t is not None]).all()
 
 
 def _lr(group: dict) -> float:
