@@ -28,9 +28,19 @@ from .test_triton_backend import INPUTS, Net
 # registry case counts a step its chain skips (conv2.weight has no gradient at step 2): its real step
 # is counted by test_gspace_step_reads_the_host_once_per_chain (one read per chain is left).
 KNOWN_SYNCS: dict[str, str] = {}
+# Reads a geometry's counted steps are known to make (asserted exactly, so removing one fails until
+# this is updated): gspace reads once per chain and step whether to drop the chain's step (its step 4).
+KNOWN_READS: dict[str, int] = {"gspace": 1}
 
 
 def _counted_step(model, opt, launches_stubbed: bool):
+    """Steps 0-1 create the state; steps 2 (conv2.weight without a gradient, as the matrix has it)
+    and 4 (every parameter with one: a coupled unit such as gspace's chain skips step 2) are counted."""
+    def counted():
+        opt.step()
+        _set_grads(model, 4, torch.float32)
+        opt.step()
+
     def run():
         for step in range(2):
             _set_grads(model, step, torch.float32)
@@ -38,7 +48,7 @@ def _counted_step(model, opt, launches_stubbed: bool):
         _set_grads(model, 2, torch.float32)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", gc.GeomCompileWarning)
-            return count_host_syncs(opt.step, host_resident_state(opt))
+            return count_host_syncs(counted, host_resident_state(opt))
     if not launches_stubbed:
         return run(), []
     with stub_kernel_launches() as launched:
@@ -61,7 +71,7 @@ def _cases(backend):
 def test_eager_step_has_no_host_sync(case_name, opt_name):
     model, opt, _ = _setup(case_name, opt_name, "eager")
     log, _ = _counted_step(model, opt, launches_stubbed=False)
-    assert len(log) == 0, log.summary()
+    assert len(log) == KNOWN_READS.get(CASES[case_name].geometry, 0), log.summary()
 
 
 @pytest.mark.parametrize("case_name,opt_name", _cases("triton"))
