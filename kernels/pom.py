@@ -39,8 +39,10 @@ g written), fused (3 + 2k)e; loops up to 9e / (10 + 2k)e (mostly cache hits); re
 tiles pad n and k to powers of two (a 3×3 kernel uses 16 lanes): SINGLE and small-kernel schedules
 waste up to ~45% of the lanes.
 
-Limitations (the geometry then runs eager, said by ``POMKernels.problem``): Stiefel components (QR /
-Newton) and ``feature_std`` (a radius that is a device tensor changing every step).
+Stiefel components (QR / Newton) and ``feature_std`` (a radius that is a device tensor changing every
+step) have no kernel: ``POMKernels.for_geometry`` hands those configurations to ``POMTorchSteps``,
+which runs the compile backend's batched programs (``geometries/pom.py: CompiledPOM``) uncompiled,
+as torch ops over the whole bucket, replayed by the step plan like a launch.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ import triton.language as tl
 from geomcompile.runtime.triton_backend import KernelFamily
 
 from .optim_updates import NONE, base_update, kernel_args, tl_dtype
-from .tables import Launch, TableCache, dense_rows, device_guard, next_power_of_2
+from .tables import Launch, TableCache, TorchStep, dense_rows, device_guard, next_power_of_2
 
 _TINY = tl.constexpr(1.1754943508222875e-38)      # torch.finfo(torch.float32).tiny, as retract_sphere
 _FP16_MAX = tl.constexpr(65504.0)
@@ -771,15 +773,13 @@ class POMKernels(KernelFamily):
         # membership (a group_id tensor, by identity) -> its CSR form on a device
         self._groups: dict[tuple[int, torch.device], tuple[weakref.ref, Groups]] = {}
 
+    def for_geometry(self, geometry) -> KernelFamily:
+        """The kernels for sphere and oblique components with a fixed radius; POMTorchSteps for the
+        rest (runtime/fastpath.fast_path asks)."""
+        return POM_TORCH_STEPS if _kernel_refusal(geometry) else self
+
     def problem(self, geometry) -> str | None:
-        o = geometry.opts
-        if o["manifold"] not in ("sphere", "oblique"):
-            return (f"pom manifold={o['manifold']} has no Triton kernel (its QR / Newton retraction runs "
-                    f"as torch ops); sphere and oblique have one")
-        if o["feature_std"]:
-            return ("pom feature_std=True has no Triton kernel (its radius is a device tensor that moves "
-                    "every step); set feature_std: false to use the kernels")
-        return None
+        return _kernel_refusal(geometry)
 
     def groups(self, geometry, state: dict, p: torch.Tensor) -> Groups:
         from geomcompile.geometries.pom import component_grid, pom_max_group
@@ -838,3 +838,78 @@ class POMKernels(KernelFamily):
                            cache=cache, slot=slot, record=record)
 
 
+def _kernel_refusal(geometry) -> str | None:
+    """Why pom's kernels cannot run this configuration (POMTorchSteps then does), or None."""
+    o = geometry.opts
+    if o["manifold"] not in ("sphere", "oblique"):
+        return f"manifold={o['manifold']} has no Triton kernel (its QR / Newton retraction runs as torch ops)"
+    if o["feature_std"]:
+        return "feature_std=True has no Triton kernel (its radius is a device tensor that moves every step)"
+    return None
+
+
+class POMTorchSteps(KernelFamily):
+    """pom on the Triton backend where its kernels cannot run (_kernel_refusal: Stiefel components,
+    feature_std): the compile backend's batched programs (CompiledPOM: the direction as one projection
+    and one index_add_ per component shape over the bucket, the retraction as one pom_retract_layers
+    per component shape), run uncompiled. The direction writes the gradients and the state pre_step
+    records, torch's step follows (never fused), the retraction writes the weights and the radius.
+    Recorded as TorchStep objects, so the step plan replays them."""
+
+    name = "pom"
+    retracts = True
+    retraction_rescales = False       # onto the manifold: no Rescale, no optimizer state scaled
+    fuses = False
+    launches_kernels = False
+    note = ("launches no fused update kernel for Stiefel components or feature_std: pom's batched torch program "
+            "(the compile backend's, uncompiled: one direction and one retraction per component shape and bucket)")
+
+    @staticmethod
+    def _program():
+        from geomcompile.geometries.pom import CompiledPOM      # late: the geometry imports this module lazily
+        return CompiledPOM()
+
+    @staticmethod
+    def _inputs(program, state: dict) -> dict:
+        return {k: state[k] for k in program.state_keys if k in state}
+
+    def transform(self, geometry, entries, cache, slot, record=None) -> None:
+        program = self._program()
+        layouts = [program.layout(geometry, e.facts) for e in entries]
+        weights = [e.param.detach() for e in entries]
+        states = [e.extra["state"] for e in entries]
+
+        def step(grads):
+            with torch.no_grad():
+                new, updates = program.transform_with_state(geometry, layouts, grads, weights,
+                                                            [self._inputs(program, st) for st in states])
+                for grad, value in zip(grads, new):
+                    grad.copy_(value)
+                for state, update in zip(states, updates):
+                    state.update(update)
+        step([e.grad for e in entries])
+        if record is not None:
+            record.append(TorchStep(step, [e.param for e in entries]))
+
+    def retract(self, geometry, entries, powers, cache, slot, record=None) -> None:
+        if powers:
+            raise ValueError(f"pom's retraction rescales no optimizer state, got powers {tuple(powers)}")
+        program = self._program()
+        layouts = [program.layout(geometry, e.facts) for e in entries]
+        weights = [e.param.detach() for e in entries]
+        states = [e.extra["state"] for e in entries]
+
+        def step(_grads=None):
+            with torch.no_grad():
+                new, updates = program.retract_with_state(geometry, layouts, weights,
+                                                          [self._inputs(program, st) for st in states])
+                for weight, value in zip(weights, new):
+                    weight.copy_(value)
+                for state, update in zip(states, updates):
+                    state.update(update)
+        step()
+        if record is not None:
+            record.append(TorchStep(step, [e.param for e in entries], reads_grads=False))
+
+
+POM_TORCH_STEPS = POMTorchSteps()

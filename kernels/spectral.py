@@ -30,6 +30,8 @@ import triton.language as tl
 
 from geomcompile.runtime.triton_backend import KernelFamily
 
+from .tables import TorchStep
+
 # One 16×16 register tile (tl.dot's smallest): n ≤ 16 covers spectral's default block (2: matrices
 # of 4 and 12) and block 1. A 32×32 tile compiles for sm_90 to 193 (fp32) / 174 (fp64) registers with
 # 8 warps; with 16, fp64 fits (122) but fp32 spills 32 B: over kernels/report.py's limits, so larger
@@ -120,24 +122,6 @@ def configurations():
                                 {"a_ptr": f"*{name}", "w_ptr": f"*{name}", "v_ptr": f"*{name}", "n": "i32", "ne": "i32"},
                                 weight=1))
     return out
-
-
-class TorchStep:
-    """A recorded call of a family that runs torch ops instead of a kernel, in the shape of
-    ``tables.Launch`` so the Triton backend's step plan can replay it: ``run`` calls ``step`` on the
-    bucket's current gradients (read from the parameters when it runs, so none is kept alive)."""
-
-    scalars: dict = {}
-    grad_role = 0                    # it reads gradients: the plan checks (and "patches") them
-
-    def __init__(self, step, params):
-        self.step, self.params = step, params
-
-    def run(self, scalars=None) -> None:
-        self.step([p.grad for p in self.params])
-
-    def patch_grads(self, grads) -> None:
-        """Nothing to patch: run reads the gradients from the parameters."""
 
 
 class SpectralFamily(KernelFamily):

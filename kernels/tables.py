@@ -403,3 +403,22 @@ def store_states(s1, s2, s1_p, s2_p, mask, DT: tl.constexpr, N_STATE: tl.constex
         tl.store(s1_p, s1.to(DT), mask=mask)
     if N_STATE >= 2:
         tl.store(s2_p, s2.to(DT), mask=mask)
+
+
+class TorchStep:
+    """A recorded call of a family that runs torch ops instead of a kernel, in the shape of ``Launch``
+    so the Triton backend's step plan can replay it: ``run`` calls ``step`` on the bucket's current
+    gradients (read from the parameters when it runs, so none is kept alive). ``reads_grads=False``
+    for a step that needs none (a retraction): the plan then does not check them."""
+
+    scalars: dict = {}
+
+    def __init__(self, step, params, reads_grads: bool = True):
+        self.step, self.params = step, params
+        self.grad_role = 0 if reads_grads else None   # 0: it reads gradients; the plan checks ("patches") them
+
+    def run(self, scalars=None) -> None:
+        self.step([p.grad for p in self.params])
+
+    def patch_grads(self, grads) -> None:
+        """Nothing to patch: run reads the gradients from the parameters."""

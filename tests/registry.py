@@ -73,10 +73,11 @@ CASES = {
     "pom": GeometryCase("pom", ((CONV, {"pom": {"manifold": "sphere", "component": "kernel",
                                                 "grouping": "PI"}}),), retracts=True),
     # Stiefel with the polar retraction (QR + Newton, pom.polar_factor), retracted in the compiled
-    # graph; the Triton backend has no Stiefel kernel (POMKernels.problem): its eager program runs
+    # graph; the Triton backend has no Stiefel kernel and runs the same batched program uncompiled
+    # (kernels/pom.py POMTorchSteps)
     "pom_stiefel": GeometryCase("pom", ((CONV, {"pom": {"manifold": "stiefel", "component": "kernel",
                                                         "grouping": "PIO", "group_size": 4}}),),
-                                retracts=True, fast_paths=("compile",)),
+                                retracts=True),
 }
 
 

@@ -80,7 +80,7 @@ def test_triton_host_path_has_no_host_sync(case_name, opt_name):
     batched torch step) runs its device work for real under the detector, so its whole step is
     checked; only its helper kernels (spectral's Jacobi eigensolver) are stubbed, and must launch."""
     model, opt, plan = _setup(case_name, opt_name, "triton")
-    family = fast_path(REGISTRY[CASES[case_name].geometry](), "triton")
+    family = fast_path(plan._installation.items[0].geometry, "triton")    # the case's configuration
     log, launched = _counted_step(model, opt, launches_stubbed=True)
     if getattr(family, "launches_kernels", True):
         assert launched, "the stubbed kernels were never launched: the step did not take the Triton path"

@@ -249,13 +249,25 @@ def test_pom_kernels_channels_last_and_bf16():
     _parity("pom_oblique_po", "sgd_momentum", dtype=torch.bfloat16, steps=3)
 
 
-@pytest.mark.parametrize("geometry, why", [("pom_stiefel", "manifold=stiefel has no Triton kernel"),
-                                           ("pom_feature_std", "feature_std=True has no Triton kernel")])
-def test_pom_options_without_kernels_run_eager_and_say_why(geometry, why):
-    (eager, fast), launched = _launched(lambda: _parity(geometry, "sgd_momentum", steps=2))
+@pytest.mark.parametrize("geometry", ["pom_stiefel", "pom_feature_std"])
+def test_pom_options_without_kernels_run_the_batched_torch_program(geometry, monkeypatch):
+    """Stiefel components and feature_std have no kernel: they ran pom's eager program, one
+    parameter at a time. Now the compile backend's batched program runs uncompiled (POMTorchSteps),
+    matches eager at every step (_parity), launches no pom kernel, says so, and the step plan replays
+    its direction and its retraction (steps 2 and 3 step the same parameters)."""
+    from geomcompile.kernels.tables import TorchStep
+    replayed, real = [], TorchStep.run
+    monkeypatch.setattr(TorchStep, "run", lambda self, scalars=None: (replayed.append(self.grad_role),
+                                                                       real(self, scalars))[1])
+    (eager, fast), launched = _launched(lambda: _parity(geometry, "sgd_momentum", steps=4))
+    assert sorted(replayed, key=str) == [0, None], replayed        # direction (reads grads), retraction
     assert not {"_pom_kernel", "_pom_retract_kernel"} & launched, launched
     notes = fast[2].backend_notes()
-    assert any("eager program for conv1.weight, conv2.weight" in line and why in line for line in notes), notes
+    assert any("pom's fast path launches no fused update kernel for Stiefel components or feature_std" in line
+               and "conv1.weight, conv2.weight" in line for line in notes), notes
+    assert not any("eager program" in line for line in notes), notes
+    backend = fast[2]._installation.backend
+    assert backend._plan is not None and backend._plan.replays > 0, "the recorded torch steps never replayed"
 
 
 def test_pom_nonfinite_gradient_is_counted_and_passed_through_like_eager():

@@ -51,9 +51,15 @@ def _load(path: str):
 
 
 def fast_path(geometry: Geometry, backend: str):
-    """The geometry's fast path for a backend (an instance, shared), or None."""
+    """The geometry's fast path for a backend (an instance, shared), or None. A fast path with a
+    ``for_geometry(geometry)`` method hands each configuration of its geometry to the object that
+    runs it (pom's kernels hand Stiefel components and feature_std to a batched torch program)."""
     path = type(geometry).fast_paths.get(backend)
-    return _load(path) if path else None
+    if not path:
+        return None
+    found = _load(path)
+    choose = getattr(found, "for_geometry", None)
+    return found if choose is None else choose(geometry)
 
 
 def stage_items(items: list[WorkItem], stage: str):
