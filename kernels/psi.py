@@ -195,20 +195,22 @@ def _psi_kernel(tab, prog, max_norm,
 
 
 @triton.jit
-def _psi_renorm_kernel(tab, prog, max_norm, NF: tl.constexpr, DT: tl.constexpr, N_STATE: tl.constexpr,
+def _psi_renorm_kernel(tab, prog, max_norm, skip, NF: tl.constexpr, DT: tl.constexpr, N_STATE: tl.constexpr,
                        POW1: tl.constexpr, POW2: tl.constexpr, POW3: tl.constexpr,
                        DENSE: tl.constexpr, VEC: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_U: tl.constexpr,
                        BLOCK: tl.constexpr):
     """One program: BLOCK_U whole units (ONE_TILE) or one unit in chunks. Roles: 0 weight,
-    1..N_STATE optimizer state scaled by the factor to the powers POW1..POW3."""
+    1..N_STATE optimizer state scaled by the factor to the powers POW1..POW3. ``skip``: an int32 on the
+    device; not 0 (GradScaler skipped the step, StepContext.skip): nothing is renormalised or counted."""
     row, u0, n_units, B, GS, U, start, counter = _program_units(tab, prog, NF, BLOCK_U, DENSE, VEC)
+    go = tl.load(skip) == 0
     e = tl.arange(0, BLOCK)
     if ONE_TILE:
         live, mask, offs, a, o, b = _unit_tile(u0, n_units, B, GS, U, e, BLOCK_U)
         w_p = role_ptrs(row, 0, DT, start, offs, a, o, b, DENSE)
         w = tl.load(w_p, mask=mask, other=0.0).to(tl.float32)
         renorm, scale = _renorm_scale(tl.sum(w * w, axis=1), max_norm)
-        renorm = renorm & live
+        renorm = tl.where(go, renorm & live, False)      # (block & scalar bool: a bad mask dtype in the interpreter)
         mask = mask & renorm[:, None]            # only renormalised units are read again and written
         scale = scale[:, None]
         tl.store(w_p, (w * scale).to(DT), mask=mask)
@@ -221,7 +223,7 @@ def _psi_renorm_kernel(tab, prog, max_norm, NF: tl.constexpr, DT: tl.constexpr, 
         tl.atomic_add(counter, tl.sum(renorm.to(tl.int64), axis=0))
     else:
         renorm, scale = _renorm_scale(_chunked_norm_sq(row, 0, u0, B, GS, U, start, e, DT, BLOCK, DENSE), max_norm)
-        if renorm:
+        if renorm & go:
             for c in range(0, U, BLOCK):
                 idx = c + e
                 mask = idx < U
@@ -369,9 +371,11 @@ def psi_renorm(weights: Sequence[torch.Tensor], layouts: Sequence[tuple], max_no
                states: Sequence[Sequence[torch.Tensor]] | None = None, powers: Sequence[int] = (),
                counters: Sequence[torch.Tensor] | None = None, cache: TableCache | None = None,
                slot: Hashable = None, block: int | None = None, block_u: int | None = None,
-               record: list | None = None) -> None:
+               record: list | None = None, skip: torch.Tensor | None = None) -> None:
     """Renormalise every unit whose norm exceeds ``max_norm`` to norm 1, scaling ``states[i][k]`` by
-    the factor to the power ``powers[k]`` (1 or 2), one launch per size class (recorded as ``psi``)."""
+    the factor to the power ``powers[k]`` (1 or 2), one launch per size class (recorded as ``psi``).
+    ``skip``: a 0-d int32 tensor on the weights' device (kept alive and at its address while launches
+    recorded with it are replayed); where not 0, nothing is renormalised or counted."""
     if not weights:
         return
     if len(powers) > 3 or any(p not in (1, 2) for p in powers):
@@ -389,15 +393,28 @@ def psi_renorm(weights: Sequence[torch.Tensor], layouts: Sequence[tuple], max_no
                     POW3=pw[2], DENSE=s.dense, VEC=vector_width(dtype), ONE_TILE=s.one_tile,
                     BLOCK_U=s.block_u, BLOCK=s.block, num_warps=s.num_warps)
     classes = _launches(staged, n_roles, cache, slot, "psi_renorm", block, block_u, vector_width(dtype))
-    launch_all(sys.modules[__name__], "_psi_renorm_kernel", classes, (float(max_norm),), {}, constexprs,
+    flag = _never_skipped(weights[0].device) if skip is None else skip
+    launch_all(sys.modules[__name__], "_psi_renorm_kernel", classes, (float(max_norm), flag), {}, constexprs,
                staged.operands, None, cache, recorder(record, staged))
     staged.finish()
+
+
+_NEVER_SKIPPED: dict = {}
+
+
+def _never_skipped(device: torch.device) -> torch.Tensor:
+    """A 0-d int32 0 on `device`, never written: the renormalisation kernel's skip flag when no step
+    is skipped on the device."""
+    flag = _NEVER_SKIPPED.get(device)
+    if flag is None:
+        flag = _NEVER_SKIPPED[device] = torch.zeros((), dtype=torch.int32, device=device)
+    return flag
 
 
 def configurations():
     """Every (schedule, update kind, dtype) the launchers can pick, for kernels/report.py."""
     from .report import KernelConfig, update_kinds
-    types = {"tab": "*i64", "prog": "*i32"}
+    types = {"tab": "*i64", "prog": "*i32", "skip": "*i32"}
     out = []
     for dense in (True, False):
         for unit in (*UNIT_CLASSES, UNIT_CLASSES[-1] + 1):
@@ -442,8 +459,10 @@ class PSIKernels(KernelFamily):
             counters=[e.extra["counter"] for e in entries],      # the units' own: the cached table stays valid
             cache=cache, slot=slot, record=record)
 
+    takes_skip = True        # the renormalisation kernel reads StepContext.skip on the device
+
     def retract(self, geometry, entries, powers, cache, slot, record=None) -> None:
         psi_renorm([e.param.detach() for e in entries], self._layouts(geometry, entries),
                    geometry.opts["max_norm"], states=[e.extra["states"] for e in entries],
                    powers=powers, counters=[e.extra["counter"] for e in entries], cache=cache, slot=slot,
-                   record=record)
+                   record=record, skip=entries[0].extra.get("skip"))

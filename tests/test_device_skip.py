@@ -45,8 +45,18 @@ OPTIMIZERS = {
 POISONED = {"sgd": (0, 2), "sgd_momentum": (1, 3), "adamw": (0, 2)}
 
 
-def _twin(policy, opt_name: str, backend: str):
+def _without_running_stats() -> nn.Module:
+    """bn_cnn whose BatchNorms keep no running statistics: nothing outside the optimizer follows psi's
+    rescales, so the Triton backend renormalises in its kernel (with them, psi's eager post_step)."""
     model = bn_cnn()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats, m.running_mean, m.running_var, m.num_batches_tracked = False, None, None, None
+    return model
+
+
+def _twin(policy, opt_name: str, backend: str, make_model=bn_cnn):
+    model = make_model()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.Conv2d):
@@ -97,9 +107,9 @@ def _assert_bitwise_equal(a, b, where: str):
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-def _train_twins(policy, opt_name: str, backend: str, steps: int = 4):
-    host = _twin(policy, opt_name, backend)
-    device = _twin(policy, opt_name, backend)
+def _train_twins(policy, opt_name: str, backend: str, steps: int = 4, make_model=bn_cnn):
+    host = _twin(policy, opt_name, backend, make_model)
+    device = _twin(policy, opt_name, backend, make_model)
     logs = []
     for i in range(steps):
         for model, opt, _, scaler in (host, device):
@@ -130,6 +140,38 @@ def test_gradscaler_with_a_fused_optimizer_reads_no_flag_and_matches_the_host_re
     logs, _, _ = _train_twins(policy, opt_name, backend)
     for i, log in enumerate(logs):
         assert len(log) == 0, f"step {i}: {log.summary()}"
+
+
+@pytest.mark.parametrize("shape,layout", [((6, 3, 3, 3), ("row", 0, None)),         # whole units in one tile
+                                          ((2, 40, 9, 9), ("tensor", 0, None))])    # one unit in chunks
+def test_psi_renorm_kernel_changes_nothing_where_the_flag_is_set(shape, layout):
+    from geomcompile.kernels.psi import psi_renorm
+    torch.manual_seed(0)
+    for flag, moved in ((1, False), (0, True)):
+        w = torch.randn(shape) * 10
+        momentum = torch.randn(shape)
+        w0, m0 = w.clone(), momentum.clone()
+        counter = torch.zeros((), dtype=torch.int64)
+        psi_renorm([w], [layout], 2.0, states=[[momentum]], powers=[1], counters=[counter],
+                   skip=torch.full((), flag, dtype=torch.int32))
+        assert torch.equal(w, w0) != moved and torch.equal(momentum, m0) != moved
+        assert (int(counter) > 0) == moved
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_psi_renormalisation_kernel_reads_the_skip_flag_on_the_device(opt_name, monkeypatch):
+    """Without running statistics the Triton backend renormalises in _psi_renorm_kernel, which reads
+    StepContext.skip through a flag of the backend's at a fixed address (recorded launches replay)."""
+    from geomcompile.kernels.tables import Launch
+    launched, real = [], Launch.run
+    monkeypatch.setattr(Launch, "run", lambda self, scalars=None: (launched.append(self.kernel),
+                                                                   real(self, scalars))[1])
+    logs, host, device = _train_twins(PSI, opt_name, "triton", steps=5, make_model=_without_running_stats)
+    assert "_psi_renorm_kernel" in launched, launched
+    assert all(len(log) == 0 for log in logs), [log.summary() for log in logs]
+    renormalised = sum(values.get("renormalised_units", 0) for per_unit in device[2].diagnostics().values()
+                       for values in per_unit.values())
+    assert renormalised > 0
 
 
 def test_psi_renormalises_at_the_first_step_it_takes_so_a_skipped_first_step_is_a_real_check():

@@ -149,6 +149,12 @@ class KernelFamily:
         (it records objects with Launch's ``run`` / ``patch_grads`` / ``scalars`` / ``grad_role``, so the
         step plan replays it), said by its ``note`` in ``describe()``. Those ops may launch helper
         kernels (spectral's Jacobi eigensolver on a GPU), named in ``helper_kernels``.
+    takes_skip: ``retract`` honours a step skipped on the device (StepContext.skip): its entries carry
+        ``extra["skip"]``, a 0-d int32 at a fixed address on their device that the backend sets at
+        every such step, and the kernel changes nothing where it is true. A retracting family without
+        it runs its geometry's eager post_step at such steps.
+    for_geometry(geometry) (optional): the family that runs this configuration of the geometry
+        (runtime/fastpath.fast_path asks).
     problem(geometry): why this geometry's options have no kernel (the unit then runs its eager
         program, and describe() says why), or None.
     refusal(geometry, facts): why the family cannot take this parameter (its unit then runs the eager
@@ -164,6 +170,7 @@ class KernelFamily:
     launches_kernels = True
     helper_kernels: tuple[str, ...] = ()
     note = ""
+    takes_skip = False
 
     def problem(self, geometry) -> str | None:
         return None
@@ -229,6 +236,7 @@ class TritonBackend(Backend):
         self._retracted: set[str] = set()                            # renormalised inside a fused kernel
         self._plan: StepPlan | None = None                           # the last step's decisions (below)
         self._post_plan: _PostPlan | None = None                     # and its post-step's
+        self._skip_flags: dict[torch.device, torch.Tensor] = {}      # StepContext.skip, at fixed addresses
         self.plan_builds = 0                                         # steps (or their later stages) decided from scratch
 
     @property
@@ -494,6 +502,9 @@ class TritonBackend(Backend):
         for p, grad in self._hidden:
             p.grad = grad
         self._hidden = []
+        if ctx.skip is not None:
+            for device, flag in self._skip_flags.items():     # the flags recorded launches point at
+                flag.copy_(ctx.skip_on(device))
         post, key = self._post_plan, (self._plan, ctx.stepped, len(ctx.optimizer.state), ctx.skip is not None)
         if self._plan is not None and post is not None and post.holds(key, ctx):
             rescales = post.replay(states, ctx)
@@ -518,8 +529,8 @@ class TritonBackend(Backend):
                         continue
                     if not family.retracts:
                         continue
-                    if ctx.skip is not None:     # the retraction kernels do not take the device-side skip
-                        rescales += eager_post_step(item, states, ctx)
+                    if ctx.skip is not None and not family.takes_skip:
+                        rescales += eager_post_step(item, states, ctx)     # it honours the skip
                         record.eager.append(item)
                         continue
                     names = [n for n in item.unit.names if ctx.has_grad(n) and ctx.params[n].numel()]
@@ -535,7 +546,8 @@ class TritonBackend(Backend):
                         p = ctx.params[name]
                         keys, tensors = (_retract_state(ctx.optimizer.state.get(p, {}), p)
                                          if family.retraction_rescales else ((), []))
-                        extra = {"keys": keys, "states": tensors, "state": states(item)}
+                        extra = {"keys": keys, "states": tensors, "state": states(item),
+                                 "skip": self._skip_flag(ctx, p.device)}
                         if family.counter_key:
                             extra["counter"] = _counter(states(item), p.device, family.counter_key)
                         retract.append(Entry(name, p, facts, item, None, extra))
@@ -551,6 +563,17 @@ class TritonBackend(Backend):
                 if plan is not None:
                     plan.stages.append(record)
         return rescales
+
+
+    def _skip_flag(self, ctx: StepContext, device: torch.device) -> "torch.Tensor | None":
+        """StepContext.skip copied to a tensor of this backend's at a fixed address on `device` (recorded
+        launches keep pointing at it; post_step sets it at every skipped-on-the-device step), or None."""
+        if ctx.skip is None:
+            return None
+        flag = self._skip_flags.get(device)
+        if flag is None:
+            flag = self._skip_flags[device] = ctx.skip_on(device).to(torch.int32)
+        return flag
 
 
 def _transform_key(e: Entry) -> BucketKey:
