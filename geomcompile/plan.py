@@ -159,7 +159,7 @@ class Plan:
                 raise GeomCompileError(f"{where}: {item.geometry.name} cannot run on the unit {item.unit.key}: {problem}")
         for item in items:
             install_warnings += [self._in_rule(w, item.geometry) for w in item.geometry.warnings(item.unit, ctx)]
-        notes = rebound + notes + _slow_eager_notes(chosen.name, items, self.params)
+        notes = rebound + notes + _slow_eager_notes(chosen.name, items, self.params) + _amp_skip_notes(owner, items)
         if shards:
             notes.append(f"{len(shards)} parameter(s) sharded (FSDP2 Shard(0)): their geometries run their sharded "
                          f"forms on the local shards, with collectives (docs/distributed.md)")
@@ -356,6 +356,19 @@ def _shorten(name: str, width: int) -> str:
 # A weight this large makes the eager programs slow on CPU (measured: docs/bench.md, "Huge linear
 # layers"); the compile backend runs the same math in one fused pass.
 SLOW_EAGER_NUMEL = 1 << 24
+
+
+def _amp_skip_notes(optimizer, items) -> list[str]:
+    """With a fused=True optimizer, where GradScaler's verdict on a step is decided (docs/bench.md
+    "GradScaler's verdict on the device")."""
+    if not any(g.get("fused") for g in optimizer.param_groups):
+        return []
+    lacking = sorted({it.geometry.name for it in items if not it.geometry.honours_device_skip})
+    if not lacking:
+        return ["fused=True optimizer under GradScaler: a skipped step (inf/NaN gradients) is decided on the "
+                "device, no host sync per step"]
+    return [f"fused=True optimizer under GradScaler: found_inf is read on the host at every step (one sync "
+            f"on a GPU) because {', '.join(lacking)} cannot take the skip on the device yet"]
 
 
 def _slow_eager_notes(backend: str, items: list[WorkItem], params: dict) -> list[str]:

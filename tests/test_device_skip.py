@@ -199,3 +199,17 @@ def test_the_skip_count_on_the_device_reaches_checkpoints():
     fresh, fresh_opt, fresh_plan, _ = _twin(RESNET, "sgd_momentum", "eager")
     fresh_opt.load_state_dict(saved)
     assert fresh_plan.steps == 2 and fresh_plan.state.skipped_on_device is None
+
+
+@pytest.mark.parametrize("policy,says", [(RESNET, "decided on the device, no host sync"),
+                                         (POM, "found_inf is read on the host at every step (one sync on a GPU) "
+                                               "because pom cannot take the skip on the device yet")])
+def test_the_summary_says_where_a_skipped_step_is_decided(policy, says):
+    _, _, plan, _ = _twin(policy, "sgd", "eager")
+    assert any(says in note for note in plan.notes), plan.notes
+    assert says in plan.summary()
+    model = bn_cnn()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gc.GeomCompileWarning)
+        unfused = gc.apply(model, policy, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert not any("GradScaler" in note for note in unfused.notes), unfused.notes
