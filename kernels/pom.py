@@ -60,7 +60,7 @@ import triton.language as tl
 from geomcompile.runtime.triton_backend import KernelFamily
 
 from .optim_updates import NONE, base_update, kernel_args, tl_dtype
-from .tables import Launch, TableCache, TorchStep, dense_rows, device_guard, next_power_of_2
+from .tables import Launch, TableCache, TorchStep, dense_rows, device_guard, never_skipped, next_power_of_2
 
 _TINY = tl.constexpr(1.1754943508222875e-38)      # torch.finfo(torch.float32).tiny, as retract_sphere
 _FP16_MAX = tl.constexpr(65504.0)
@@ -73,11 +73,13 @@ T_GRAD_SK, T_WEIGHT_SK, T_R, T_BAD, T_R2 = 14, 15, 16, 17, 18
 T_FLAG, T_RADIUS, T_FIXED = 19, 20, 21             # momentum buffer is new; base_radius; 1/√count (fused)
 T_STATE1, T_STATE2 = 22, 27                        # address, strides of G1, G2, n, k (fused update)
 T_NF = 32
-# retraction table: G2, n, k, components, 1/√count (of a zero component or column), unused, weight
-# address, strides G1, G2, n, k, radius
+# retraction table: G2, n, k, components, 1/√count (of a zero component or column), the skip flag's
+# address (an int32; not 0: a step skipped on the device, nothing is written), weight address, strides
+# G1, G2, n, k, radius
 R_NF = 12
-# statistics table: groups, R, bad, last_max_group_norm, normalised_groups, nonfinite_steps
-S_NF = 6
+# statistics table: groups, R, bad, last_max_group_norm, normalised_groups, nonfinite_steps, the skip
+# flag's address (as the retraction's)
+S_NF = 7
 
 
 # ---- device side --------------------------------------------------------------------------------
@@ -341,10 +343,12 @@ def _pom_kernel(tab, prog,
 
 @triton.jit
 def _pom_stats_kernel(tab, prog, NF: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per tensor: its groups' R and non-finite flags -> the geometry state."""
+    """One program per tensor: its groups' R and non-finite flags -> the geometry state (left as it is
+    at a step skipped on the device)."""
     pid = tl.program_id(0)
     t = tl.load(prog + 2 * pid)
     row = tab + t.to(tl.int64) * NF
+    go = tl.load(tl.load(row + 6).to(tl.pointer_type(tl.int32))) == 0
     n_groups = tl.load(row + 0).to(tl.int32)
     r_in = tl.load(row + 1).to(tl.pointer_type(tl.float32))
     bad_in = tl.load(row + 2).to(tl.pointer_type(tl.int32))
@@ -358,21 +362,25 @@ def _pom_stats_kernel(tab, prog, NF: tl.constexpr, BLOCK: tl.constexpr):
         top = tl.maximum(top, R)
         count += (_zeta(R) > 1.0).to(tl.int32)
         bad = tl.maximum(bad, tl.load(bad_in + g0 + e, mask=mask, other=0))
-    tl.store(tl.load(row + 3).to(tl.pointer_type(tl.float32)), tl.max(top, axis=0))
-    tl.store(tl.load(row + 4).to(tl.pointer_type(tl.int64)), tl.sum(count, axis=0).to(tl.int64))
+    top_p = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    tl.store(top_p, tl.where(go, tl.max(top, axis=0), tl.load(top_p)))
+    count_p = tl.load(row + 4).to(tl.pointer_type(tl.int64))
+    tl.store(count_p, tl.where(go, tl.sum(count, axis=0).to(tl.int64), tl.load(count_p)))
     counter = tl.load(row + 5).to(tl.pointer_type(tl.int64))
-    tl.store(counter, tl.load(counter) + (tl.max(bad, axis=0) > 0).to(tl.int64))
+    tl.store(counter, tl.load(counter) + tl.where(go, (tl.max(bad, axis=0) > 0).to(tl.int64), 0))
 
 
 @triton.jit
 def _pom_retract_kernel(tab, prog, NF: tl.constexpr, DT: tl.constexpr, OBLIQUE: tl.constexpr,
                         ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
-    """One program: BLOCK_M components (ONE_TILE) or one component in row chunks. Role: weight."""
+    """One program: BLOCK_M components (ONE_TILE) or one component in row chunks. Role: weight. At a
+    step skipped on the device (the flag at row + 5) nothing is read or written."""
     pid = tl.program_id(0)
     t = tl.load(prog + 2 * pid)
     j = tl.load(prog + 2 * pid + 1)
     row = tab + t.to(tl.int64) * NF
+    go = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.int32))) == 0
     G2 = tl.load(row + 0).to(tl.int32)
     N = tl.load(row + 1).to(tl.int32)
     K = tl.load(row + 2).to(tl.int32)
@@ -384,7 +392,7 @@ def _pom_retract_kernel(tab, prog, NF: tl.constexpr, DT: tl.constexpr, OBLIQUE: 
     rows = tl.arange(0, BLOCK_N)[None, :, None]
     kk = tl.arange(0, BLOCK_K)[None, None, :]
     comp = j * BLOCK_M + m
-    live = comp < C
+    live = tl.where(go, comp < C, False)         # (block & scalar bool: a bad mask dtype in the interpreter)
     base, wsn = _role_base(row, 6, DT, comp, G2)
     if ONE_TILE:
         mask = live[:, None, None] & (rows < N) & (kk < K)
@@ -603,10 +611,11 @@ def pom_transform(weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
                   update=None, states: Sequence[Sequence[torch.Tensor]] | None = None,
                   first: Sequence[bool] | None = None, retract_radii: Sequence[float] | None = None,
                   cache: TableCache | None = None, slot: Hashable = None, block_m: int | None = None,
-                  block_n: int | None = None, record: list | None = None) -> None:
+                  block_n: int | None = None, record: list | None = None, skip: torch.Tensor | None = None) -> None:
     """``POM.pre_step`` on a bucket, and stats[i] = (nonfinite_steps int64, last_max_group_norm fp32,
     normalised_groups int64), 0-d tensors on the device, written as ``POM.pre_step`` writes them.
-    radii[i]: ``state["radius"]`` (a float).
+    radii[i]: ``state["radius"]`` (a float). ``skip``: a 0-d int32 on the device (at a fixed address
+    while recorded launches replay); not 0: the statistics are left as they are (StepContext.skip).
 
     update None: ``grads[i] <- pom_direction(weights[i], grads[i])`` in place. update ``SGDUpdate`` /
     ``AdamUpdate``: the base update steps ``weights[i]`` and ``states[i]`` (momentum_buffer, or exp_avg
@@ -638,7 +647,8 @@ def pom_transform(weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
     staging = _Staging()
     per_schedule: dict[Schedule, tuple] = {}
     stat_rows = []
-    keep = []
+    flag = never_skipped(device) if skip is None else skip
+    keep = [flag]
     for i in live:
         grp = groups[i]
         roles = [grads[i], weights[i], *extra[i]]
@@ -664,7 +674,7 @@ def pom_transform(weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
         progs.append(programs)
         sig.append(tuple(row) + (programs,))
         stat_rows.append([grp.n_groups, grp.R.data_ptr(), grp.bad.data_ptr(), *(x.data_ptr() for x in
-                          (stats[i][1], stats[i][2], stats[i][0]))])
+                          (stats[i][1], stats[i][2], stats[i][0])), flag.data_ptr()])
         keep += [grp, *stats[i]]          # not the gradient: a plan must not keep it alive (triton_backend._Call)
     for key, (indices, rows, progs, sig) in list(per_schedule.items()):
         per_schedule[key] = (indices, rows, progs, tuple(sig))
@@ -686,9 +696,10 @@ def pom_transform(weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
 
 def pom_retract_kernel(weights: Sequence[torch.Tensor], component: str, manifold: str, radii: Sequence[float], *,
                        cache: TableCache | None = None, slot: Hashable = None, block_n: int | None = None,
-                       record: list | None = None) -> None:
+                       record: list | None = None, skip: torch.Tensor | None = None) -> None:
     """``POM.post_step``'s retraction on a bucket: every component of ``weights[i]`` onto its manifold of
-    radius ``radii[i]``, in place (``pom_retract``); no optimizer state is touched."""
+    radius ``radii[i]``, in place (``pom_retract``); no optimizer state is touched. ``skip``: as
+    ``pom_transform``'s; not 0: no weight is written."""
     if manifold not in ("sphere", "oblique"):
         raise ValueError(f"the pom kernels retract sphere and oblique components, got {manifold!r}")
     live = [i for i, w in enumerate(weights) if w.numel()]
@@ -699,14 +710,15 @@ def pom_retract_kernel(weights: Sequence[torch.Tensor], component: str, manifold
     dtype, device = weights[live[0]].dtype, weights[live[0]].device
     staging = _Staging()
     per_schedule: dict[Schedule, tuple] = {}
-    keep: list = []
+    flag = never_skipped(device) if skip is None else skip
+    keep: list = [flag]
     for i in live:
         (w,), (ws,) = staging.place([weights[i]], _strides([weights[i]], component), [True], component)
         g1, g2, n, k = _grid(w.shape, component)
         s = retract_schedule_of(n, k, block_n)
         programs = triton.cdiv(g1 * g2, s.block_m)
         fixed = 1.0 / math.sqrt(n if manifold == "oblique" else n * k)      # eager's canonical point
-        row = [g2, n, k, g1 * g2, _bits(fixed), 0, w.data_ptr(), *ws, _bits(radii[i])]
+        row = [g2, n, k, g1 * g2, _bits(fixed), flag.data_ptr(), w.data_ptr(), *ws, _bits(radii[i])]
         indices, rows, progs, sig = per_schedule.setdefault(s, ([], [], [], []))
         indices.append(i)
         rows.append(row)
@@ -808,6 +820,8 @@ class POMKernels(KernelFamily):
             out.append(v)
         return tuple(out)
 
+    takes_skip = True        # the statistics and retraction kernels read StepContext.skip on the device
+
     def transform(self, geometry, entries, cache, slot, record=None) -> None:
         o = geometry.opts
         states = [e.extra["state"] for e in entries]
@@ -815,7 +829,7 @@ class POMKernels(KernelFamily):
                       o["manifold"], [float(s["radius"]) for s in states],
                       [self.groups(geometry, s, e.param) for s, e in zip(states, entries)],
                       [self._stats(s, e.param.device) for s, e in zip(states, entries)],
-                      cache=cache, slot=slot, record=record)
+                      cache=cache, slot=slot, record=record, skip=entries[0].extra.get("skip"))
 
     def fused(self, geometry, entries, update, cache, slot, retract: bool = True, record=None) -> None:
         o = geometry.opts
@@ -835,7 +849,7 @@ class POMKernels(KernelFamily):
         o = geometry.opts
         pom_retract_kernel([e.param.detach() for e in entries], o["component"], o["manifold"],
                            [float(e.extra["state"]["base_radius"]) for e in entries],
-                           cache=cache, slot=slot, record=record)
+                           cache=cache, slot=slot, record=record, skip=entries[0].extra.get("skip"))
 
 
 def _kernel_refusal(geometry) -> str | None:
@@ -869,20 +883,27 @@ class POMTorchSteps(KernelFamily):
         from geomcompile.geometries.pom import CompiledPOM      # late: the geometry imports this module lazily
         return CompiledPOM()
 
+    takes_skip = True        # CompiledPOM's programs keep weights and state where StepContext.skip is set
+
     @staticmethod
-    def _inputs(program, state: dict) -> dict:
-        return {k: state[k] for k in program.state_keys if k in state}
+    def _inputs(program, state: dict, skip) -> dict:
+        """As the compile backend's (compile_backend._state_inputs), uncompiled."""
+        inputs = {k: state[k] for k in program.state_keys if k in state}
+        if skip is not None:
+            inputs.update({k: state[k] for k in program.skip_keys if k in state}, skip=skip)
+        return inputs
 
     def transform(self, geometry, entries, cache, slot, record=None) -> None:
         program = self._program()
         layouts = [program.layout(geometry, e.facts) for e in entries]
         weights = [e.param.detach() for e in entries]
         states = [e.extra["state"] for e in entries]
+        skip = entries[0].extra.get("skip")
 
         def step(grads):
             with torch.no_grad():
                 new, updates = program.transform_with_state(geometry, layouts, grads, weights,
-                                                            [self._inputs(program, st) for st in states])
+                                                            [self._inputs(program, st, skip) for st in states])
                 for grad, value in zip(grads, new):
                     grad.copy_(value)
                 for state, update in zip(states, updates):
@@ -898,11 +919,12 @@ class POMTorchSteps(KernelFamily):
         layouts = [program.layout(geometry, e.facts) for e in entries]
         weights = [e.param.detach() for e in entries]
         states = [e.extra["state"] for e in entries]
+        skip = entries[0].extra.get("skip")
 
         def step(_grads=None):
             with torch.no_grad():
                 new, updates = program.retract_with_state(geometry, layouts, weights,
-                                                          [self._inputs(program, st) for st in states])
+                                                          [self._inputs(program, st, skip) for st in states])
                 for weight, value in zip(weights, new):
                     weight.copy_(value)
                 for state, update in zip(states, updates):

@@ -41,7 +41,7 @@ import triton.language as tl
 from geomcompile.runtime.triton_backend import KernelFamily
 
 from .optim_updates import NONE, base_update, kernel_args, tl_dtype
-from .tables import (Operand, Staged, TableCache, bucket_dtype, launch_all, launches, load_states, recorder,
+from .tables import (Operand, Staged, TableCache, bucket_dtype, launch_all, launches, load_states, never_skipped, recorder,
                      role_ptrs, store_states, vector_width, warps_for)
 
 UNITS = ("row", "group", "tensor")
@@ -393,22 +393,10 @@ def psi_renorm(weights: Sequence[torch.Tensor], layouts: Sequence[tuple], max_no
                     POW3=pw[2], DENSE=s.dense, VEC=vector_width(dtype), ONE_TILE=s.one_tile,
                     BLOCK_U=s.block_u, BLOCK=s.block, num_warps=s.num_warps)
     classes = _launches(staged, n_roles, cache, slot, "psi_renorm", block, block_u, vector_width(dtype))
-    flag = _never_skipped(weights[0].device) if skip is None else skip
+    flag = never_skipped(weights[0].device) if skip is None else skip
     launch_all(sys.modules[__name__], "_psi_renorm_kernel", classes, (float(max_norm), flag), {}, constexprs,
                staged.operands, None, cache, recorder(record, staged))
     staged.finish()
-
-
-_NEVER_SKIPPED: dict = {}
-
-
-def _never_skipped(device: torch.device) -> torch.Tensor:
-    """A 0-d int32 0 on `device`, never written: the renormalisation kernel's skip flag when no step
-    is skipped on the device."""
-    flag = _NEVER_SKIPPED.get(device)
-    if flag is None:
-        flag = _NEVER_SKIPPED[device] = torch.zeros((), dtype=torch.int32, device=device)
-    return flag
 
 
 def configurations():

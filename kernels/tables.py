@@ -422,3 +422,15 @@ class TorchStep:
 
     def patch_grads(self, grads) -> None:
         """Nothing to patch: run reads the gradients from the parameters."""
+
+
+_NEVER_SKIPPED: dict = {}
+
+
+def never_skipped(device: torch.device) -> torch.Tensor:
+    """A 0-d int32 0 on `device`, never written: the skip flag kernels read (psi's renormalisation,
+    pom's statistics and retraction) when no step is skipped on the device (StepContext.skip)."""
+    flag = _NEVER_SKIPPED.get(device)
+    if flag is None:
+        flag = _NEVER_SKIPPED[device] = torch.zeros((), dtype=torch.int32, device=device)
+    return flag

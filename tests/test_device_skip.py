@@ -2,7 +2,7 @@
 
 torch's fused SGD/Adam/AdamW take ``found_inf`` as a device flag and skip a step with an inf/NaN
 gradient without reading it on the host. The hooks used to read it (one host sync per step). Where
-every installed geometry declares ``Geometry.honours_device_skip`` (channel_directed, psi), the flag is
+every installed geometry declares ``Geometry.honours_device_skip`` (channel_directed, psi, pom), the flag is
 now handed to the programs (``StepContext.skip``) and the step reads nothing; elsewhere it is still read.
 
 Each test trains twins side by side: one with CPU tensors as themselves (the flag is read on the host,
@@ -33,6 +33,13 @@ CD = {"version": 1, "rules": [{"name": "convs", "match": {"kind": "conv"},
 RESNET = "resnet"                 # the shipped policy: psi on the BN convs, channel_directed on the rest
 POM = {"version": 1, "rules": [{"name": "convs", "match": {"kind": "conv"},
                                 "use": {"pom": {"manifold": "sphere"}}}]}
+# Stiefel components and feature_std: no kernel; the Triton backend runs CompiledPOM's programs uncompiled
+POM_STIEFEL = {"version": 1, "rules": [{"name": "convs", "match": {"kind": "conv"},
+                                        "use": {"pom": {"manifold": "stiefel", "grouping": "PIO", "group_size": 2}}}]}
+POM_STD = {"version": 1, "rules": [{"name": "convs", "match": {"kind": "conv"},
+                                    "use": {"pom": {"manifold": "oblique", "feature_std": True}}}]}
+SPECTRAL = {"version": 1, "rules": [{"name": "convs", "match": {"kind": "conv"},
+                                     "use": {"spectral": {"coef": 0.1, "power_iters": 1, "input_size": [6, 6]}}}]}
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, fused=True),
@@ -64,7 +71,7 @@ def _twin(policy, opt_name: str, backend: str, make_model=bn_cnn):
     opt = OPTIMIZERS[opt_name](model.parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", gc.GeomCompileWarning)
-        plan = gc.apply(model, policy, opt, backend=backend)
+        plan = gc.apply(model, policy, opt, backend=backend, example_inputs=(batch()[0],))
     return model, opt, plan, torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
 
 
@@ -135,7 +142,8 @@ def _train_twins(policy, opt_name: str, backend: str, steps: int = 4, make_model
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-@pytest.mark.parametrize("policy", [PSI, CD, RESNET], ids=["psi", "channel_directed", "resnet"])
+@pytest.mark.parametrize("policy", [PSI, CD, RESNET, POM, POM_STIEFEL, POM_STD],
+                         ids=["psi", "channel_directed", "resnet", "pom", "pom_stiefel", "pom_feature_std"])
 def test_gradscaler_with_a_fused_optimizer_reads_no_flag_and_matches_the_host_read(policy, opt_name, backend):
     logs, _, _ = _train_twins(policy, opt_name, backend)
     for i, log in enumerate(logs):
@@ -183,10 +191,34 @@ def test_psi_renormalises_at_the_first_step_it_takes_so_a_skipped_first_step_is_
 
 
 def test_a_geometry_without_the_declaration_still_reads_the_flag_once_and_skips_exactly():
-    """pom updates state in its programs that nothing masks yet: the hooks read found_inf (one read)."""
-    logs, _, _ = _train_twins(POM, "sgd_momentum", "eager")
-    for i, log in enumerate(logs):
-        assert len(log) == 1, f"step {i}: {log.summary()}"
+    """gspace (like spectral) does not declare honours_device_skip: the hooks read found_inf, and a
+    skipped step runs no geometry (on a skipped step that read is the only one; a real step adds
+    gspace's own read per chain)."""
+    from tests.models import GSmallNet
+    torch.manual_seed(0)
+    model = GSmallNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, fused=True)
+    policy = {"version": 1, "rules": [{"name": "chain", "match": {"g_coupled": True},
+                                       "use": {"gspace": {"step": "tangent", "skeleton_init": "keep"}}}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gc.GeomCompileWarning)
+        plan = gc.apply(model, policy, opt, example_inputs=(torch.randn(2, 3, 6, 6),))
+    assert any("found_inf is read on the host" in note and "gspace" in note for note in plan.notes), plan.notes
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    gen = torch.Generator().manual_seed(3)
+    for i in range(3):
+        opt.zero_grad()
+        scaler.scale(model(torch.randn(2, 3, 6, 6, generator=gen)).square().mean()).backward()
+        if i == 1:
+            model.conv1.weight.grad.view(-1)[0] = float("inf")
+        before = [p.detach().clone() for p in model.parameters()]
+        log = _optimizer_step(opt, scaler, detect=True)
+        if i == 1:
+            assert len(log) == 1 and "_amp_skipped_step" in log.summary(), log.summary()
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        else:
+            assert len(log) == 2, log.summary()
+    assert plan.steps == 2
 
 
 def test_the_skip_count_on_the_device_reaches_checkpoints():
@@ -202,8 +234,8 @@ def test_the_skip_count_on_the_device_reaches_checkpoints():
 
 
 @pytest.mark.parametrize("policy,says", [(RESNET, "decided on the device, no host sync"),
-                                         (POM, "found_inf is read on the host at every step (one sync on a GPU) "
-                                               "because pom cannot take the skip on the device yet")])
+                                         (SPECTRAL, "found_inf is read on the host at every step (one sync on a "
+                                                    "GPU) because spectral cannot take the skip on the device yet")])
 def test_the_summary_says_where_a_skipped_step_is_decided(policy, says):
     _, _, plan, _ = _twin(policy, "sgd", "eager")
     assert any(says in note for note in plan.notes), plan.notes
@@ -213,3 +245,34 @@ def test_the_summary_says_where_a_skipped_step_is_decided(policy, says):
         warnings.simplefilter("ignore", gc.GeomCompileWarning)
         unfused = gc.apply(model, policy, torch.optim.SGD(model.parameters(), lr=0.1))
     assert not any("GradScaler" in note for note in unfused.notes), unfused.notes
+
+
+def test_compile_backend_keeps_everything_at_a_skipped_step_on_the_device():
+    """torch.compile refuses the sync detector's dispatch mode, so the compile backend's device path is
+    taken with the detector's switch alone (CPU tensors standing in for a GPU's: the flag stays a
+    tensor and reaches pom's compiled direction and in-graph retraction as an input). A skipped step
+    changes no weight and no state bit; the real steps follow the host-read twin (another compiled
+    graph, the one with the flag: equal to rounding)."""
+    from geomcompile.geometries import base
+    host, device = _twin(POM, "sgd", "compile"), _twin(POM, "sgd", "compile")
+    for i in range(4):
+        for model, opt, _, scaler in (host, device):
+            _backward(model, opt, scaler, i, POISONED["sgd"])
+        before = _snapshot(device[0], device[1], device[2])
+        _optimizer_step(host[1], host[3], detect=False)
+        base._CPU_STANDS_IN_FOR_DEVICE[0] = True
+        try:
+            _optimizer_step(device[1], device[3], detect=False)
+        finally:
+            base._CPU_STANDS_IN_FOR_DEVICE[0] = False
+        after = _snapshot(device[0], device[1], device[2])
+        if i in POISONED["sgd"]:
+            for key in ("params", "buffers", "steps"):
+                _assert_bitwise_equal(after[key], before[key], f"skipped step {i} changed {key}")
+            for pid, entry in before["optimizer"]["state"].items():
+                for key, value in entry.items():
+                    _assert_bitwise_equal(after["optimizer"]["state"][pid][key], value, f"step {i}: {pid}/{key}")
+        for (name, p), q in zip(device[0].named_parameters(), host[0].parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {i} {name}: {m}")
+    assert device[2].state.skipped_on_device is not None        # the device path did run
+    assert host[2].steps == device[2].steps == 2

@@ -209,11 +209,11 @@ def test_pom_stiefel_retractions_have_no_host_sync():
     assert len(log) == 1 and "svd" in log.summary(), log.summary()
 
 
-@pytest.mark.parametrize("geometry,reads", [("psi", 0), ("pom", 1)])
+@pytest.mark.parametrize("geometry,reads", [("psi", 0), ("pom", 0), ("spectral", 1)])
 def test_a_step_with_every_lr_zero_reads_the_gradients_at_most_once(geometry, reads):
     """The initialisation-step check (all learning rates 0, as DCP's state initialisation or the first
     step of a warmup from 0) asks whether every gradient is zero. With geometries that honour a
-    device-side skip (psi) the answer stays on the device (StepContext.skip) and the step changes
+    device-side skip (psi, pom) the answer stays on the device (StepContext.skip) and the step changes
     nothing and is not counted; otherwise one host read per device, not one per parameter. With a
     learning rate above 0 it reads nothing."""
     torch.manual_seed(0)

@@ -86,7 +86,7 @@ def test_program_uncompiled_equals_eager_pre_step(case, monkeypatch):
         torch.testing.assert_close(units, units_ref, **tol, msg=lambda m: f"{case} {name}: {m}")
     for name in ("conv1.weight", "conv2.weight"):      # trained (SmallNet.frozen never gets a gradient)
         state = next(iter(ours[name]["units"].values()))["pom"]
-        assert isinstance(state["normalised_groups"], torch.Tensor), f"{name}: pre_step's state was not written"
+        assert float(state["last_max_group_norm"]) > 0, f"{name}: pre_step's state was not written"
     counted = {n: int(next(iter(e["units"].values()))["pom"]["nonfinite_steps"]) for n, e in ours.items()}
     assert counted["conv1.weight"] >= 1 and counted["conv2.weight"] >= 1, counted
 

@@ -443,11 +443,33 @@ def pass_nonfinite_sharded(program_of, grad: torch.Tensor):
     return torch.where(finite, out, grad)
 
 
-def count_nonfinite(state: dict, key: str, *tensors: torch.Tensor) -> None:
-    """state[key] += 1 when any of `tensors` has a non-finite entry (an int64 0-d tensor; no host sync)."""
+def skipped(skip: "torch.Tensor | None") -> "torch.Tensor | None":
+    """StepContext.skip (or a Triton backend's int32 copy of it) as a 0-d bool tensor, or None."""
+    if skip is None:
+        return None
+    return skip if skip.dtype == torch.bool else skip != 0
+
+
+def unless_skipped(skip: "torch.Tensor | None", old, new: torch.Tensor) -> torch.Tensor:
+    """`new`, except at a step skipped on the device (StepContext.skip true): `old` (a tensor or a
+    Python number, which then comes back as a 0-d tensor of new's dtype and device)."""
+    cond = skipped(skip)
+    if cond is None:
+        return new
+    if not isinstance(old, torch.Tensor):
+        old = torch.as_tensor(old, dtype=new.dtype, device=new.device)
+    return torch.where(cond.to(new.device), old.to(new.device, new.dtype), new)
+
+
+def count_nonfinite(state: dict, key: str, *tensors: torch.Tensor, skip: "torch.Tensor | None" = None) -> None:
+    """state[key] += 1 when any of `tensors` has a non-finite entry (an int64 0-d tensor; no host sync);
+    never at a step skipped on the device (`skip`: StepContext.skip)."""
     bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any() if tensors else None
     if bad is None:
         return
+    cond = skipped(skip)
+    if cond is not None:
+        bad = bad & ~cond.to(bad.device)
     counter = state.get(key)
     if not isinstance(counter, torch.Tensor):
         counter = state[key] = torch.tensor(int(counter or 0), dtype=torch.int64, device=bad.device)

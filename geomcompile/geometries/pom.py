@@ -40,7 +40,7 @@ from ..findings import Finding
 from ..names import get_canonical_submodule
 from ..runtime.distributed import local
 from .base import (Geometry, Option, Range, StepContext, Unit, compute_dtype, count_nonfinite, finite_entries,
-                   fit_dtype, pass_nonfinite, pass_nonfinite_sharded, register)
+                   fit_dtype, pass_nonfinite, pass_nonfinite_sharded, register, unless_skipped)
 
 def _r(r, like: torch.Tensor) -> torch.Tensor | float:
     """A radius as a float, or as a tensor shaped to broadcast over (…, n, k) components."""
@@ -470,6 +470,9 @@ class CompiledPOM:
     retracts = True
     always_retracts = True
     state_keys = ("group_id", "n_groups", "radius", "nonfinite_steps", "base_radius", "feature_std")
+    # At a step skipped on the device the backend also passes "skip" (StepContext.skip) and these, the
+    # entries the programs replace, so they can keep them (POM.honours_device_skip)
+    skip_keys = ("last_max_group_norm", "normalised_groups")
 
     def layout(self, geometry, facts):
         return component_grid(tuple(facts.shape), geometry.opts["component"])[1:]      # (n, k)
@@ -482,11 +485,15 @@ class CompiledPOM:
                                              geometry.opts["component"], geometry.opts["manifold"],
                                              [states[i] for i in index])
             for i, new_grad, R_i in zip(index, new, R):
+                skip = states[i].get("skip")
                 counter = {"nonfinite_steps": states[i]["nonfinite_steps"]}
-                count_nonfinite(counter, "nonfinite_steps", grads[i], weights[i])    # before the transform
+                count_nonfinite(counter, "nonfinite_steps", grads[i], weights[i], skip=skip)   # before the transform
                 out[i] = new_grad
                 updates[i] = {**counter, "last_max_group_norm": R_i.max(),
                               "normalised_groups": (pom_zeta(R_i) > 1).sum()}
+                if skip is not None:
+                    for key in self.skip_keys:
+                        updates[i][key] = unless_skipped(skip, states[i][key], updates[i][key])
         return out, updates
 
     def retracts_in_graph(self, geometry):
@@ -502,8 +509,9 @@ class CompiledPOM:
             new = pom_retract_layers([weights[i] for i in index], o["component"], o["manifold"],
                                      [radii[i] for i in index], o["stiefel_retraction"])
             for i, weight in zip(index, new):
-                out[i] = weight
-        return out, [{"radius": r} if o["feature_std"] else {} for r in radii]
+                out[i] = unless_skipped(states[i].get("skip"), weights[i], weight)
+        return out, [{"radius": unless_skipped(state.get("skip"), state["radius"], r)} if o["feature_std"] else {}
+                     for r, state in zip(radii, states)]
 
 
 # ---- the geometry -----------------------------------------------------------------------------
@@ -530,6 +538,10 @@ class POM(Geometry):
     paper = "001_a492d199b2994eaf.txt"
     incompatible = ("psi",)
     hurt_by_weight_decay = True
+    # pre_step's records and nonfinite_steps, post_step's radius and retraction keep their values where
+    # StepContext.skip is true, in the eager, compiled (CompiledPOM) and Triton programs (the kernels
+    # read it through the backend's flag; POMTorchSteps run CompiledPOM's)
+    honours_device_skip = True
     match_hint = "match only conv and linear weights whose components fit these options"
     shard_refusal = None      # sharded form: pom_direction_sharded; the retraction is local
     fast_paths = {"compile": "geomcompile.geometries.pom:CompiledPOM",
@@ -646,10 +658,16 @@ class POM(Geometry):
         group_id, n_groups = pom_membership(grid, self.opts["grouping"], self.opts["group_size"], gen)
         base, _ = self._base_radius(facts, p, ctx.shard(facts.name))
         radius = base / max(1.0, self.opts["min_std"]) if self.opts["feature_std"] else base
+        if self.opts["feature_std"]:    # post_step makes it a tensor: one from the start (see below)
+            radius = torch.tensor(radius, dtype=torch.float64, device=p.device)
         # nonfinite_steps: steps whose gradient or weight had a NaN/Inf entry (passed through as plain
         # torch would, without spreading over components and groups; docs/pom.md).
+        # The per-step records are 0-d device tensors from the start: a step skipped on the device keeps
+        # them by torch.where, which must not turn a Python number into a tensor (honours_device_skip).
         state = {"group_id": group_id.to(p.device), "n_groups": n_groups, "base_radius": base,
-                 "radius": radius, "last_max_group_norm": 0.0, "normalised_groups": 0,
+                 "radius": radius,
+                 "last_max_group_norm": torch.zeros((), dtype=torch.float32, device=p.device),
+                 "normalised_groups": torch.zeros((), dtype=torch.int64, device=p.device),
                  "nonfinite_steps": torch.zeros((), dtype=torch.int64, device=p.device)}
         if self.opts["feature_std"]:
             # λ = 1 until the first measurement (the paper's t = 1); the hook keeps an EMA after that.
@@ -719,12 +737,12 @@ class POM(Geometry):
     def _components(self, t: torch.Tensor) -> torch.Tensor:
         return as_components(t, self.opts["component"])
 
-    def _retract(self, p: torch.Tensor, r: float) -> None:
+    def _retract(self, p: torch.Tensor, r: float, skip: "torch.Tensor | None" = None) -> None:
         if p.numel() == 0:
             return
         with torch.no_grad():
             x = pom_retract(self._components(p), self.opts["manifold"], r, self.opts["stiefel_retraction"])
-            p.copy_(x.reshape(p.shape).to(p.dtype))
+            p.copy_(unless_skipped(skip, p, x.reshape(p.shape).to(p.dtype)))
 
     def pre_step(self, unit: Unit, grads, state, ctx: StepContext) -> None:
         facts, (grad,) = unit.single(self.name), grads
@@ -738,7 +756,8 @@ class POM(Geometry):
         # over its component and its group); those of the weight read as 0 (a component left
         # non-finite by an earlier step is not retracted, see pom_retract).
         weight = ctx.params[facts.name].detach()
-        count_nonfinite(state, "nonfinite_steps", grad, weight)
+        skip = ctx.skip_on(weight.device)          # a step skipped on the device changes no state
+        count_nonfinite(state, "nonfinite_steps", grad, weight, skip=skip)
         w = finite_entries(self._components(weight))
         group_id = state["group_id"].to(w.device).reshape(-1)   # a loaded state keeps its checkpoint's device
         R = None
@@ -750,15 +769,16 @@ class POM(Geometry):
             return fit_dtype(direction.reshape(grad.shape), grad.dtype)
 
         grad.copy_(pass_nonfinite(direction_of, grad))
-        state["last_max_group_norm"] = R.max()
-        state["normalised_groups"] = (pom_zeta(R) > 1).sum()
+        state["last_max_group_norm"] = unless_skipped(skip, state["last_max_group_norm"], R.max())
+        state["normalised_groups"] = unless_skipped(skip, state["normalised_groups"], (pom_zeta(R) > 1).sum())
 
     def _pre_step_sharded(self, facts: ParamFacts, grad: torch.Tensor, state, ctx: StepContext, shard):
         """The FG-SGD direction on the local rows: the membership (drawn from the same seed on every
         rank) is cut to the local rows of the component grid. A sharded program; non-finite entries
         as in pre_step."""
         weight = local(ctx.params[facts.name]).detach()
-        count_nonfinite(state, "nonfinite_steps", grad, weight)
+        skip = ctx.skip_on(weight.device)
+        count_nonfinite(state, "nonfinite_steps", grad, weight, skip=skip)
         w = finite_entries(self._components(weight))
         group_id = state["group_id"].to(w.device)[shard.start:shard.stop].reshape(-1)
         groups_local = self.opts["grouping"] in ("PI", "none")   # a PI group lies in one output channel
@@ -772,8 +792,9 @@ class POM(Geometry):
             return fit_dtype(direction.reshape(grad.shape), grad.dtype)
 
         grad.copy_((yield from pass_nonfinite_sharded(direction_of, grad)))
-        state["last_max_group_norm"] = R.max() if R.numel() else R.new_zeros(())
-        state["normalised_groups"] = (pom_zeta(R) > 1).sum()
+        state["last_max_group_norm"] = unless_skipped(skip, state["last_max_group_norm"],
+                                                      R.max() if R.numel() else R.new_zeros(()))
+        state["normalised_groups"] = unless_skipped(skip, state["normalised_groups"], (pom_zeta(R) > 1).sum())
 
     def post_step(self, unit: Unit, state, ctx: StepContext) -> None:
         name = unit.single(self.name).name
@@ -786,8 +807,9 @@ class POM(Geometry):
             # back (measured on digits, unit radius, no floor: r grew to 6e5 once the ReLUs had died).
             # A 0-d tensor on the device (float() here would be a host sync per layer and step).
             radius = radius / state["feature_std"].clamp_min(self.opts["min_std"])
-        state["radius"] = radius
-        self._retract(local(p), radius)          # components never straddle dim 0's rows: local
+        skip = ctx.skip_on(local(p).device)       # a step skipped on the device: weight and radius stay
+        state["radius"] = unless_skipped(skip, state["radius"], radius) if self.opts["feature_std"] else radius
+        self._retract(local(p), radius, skip)    # components never straddle dim 0's rows: local
 
     def diagnostics(self, unit: Unit, state) -> dict[str, float]:
         out = {"radius": float(state["radius"]), "max_group_grad_norm": float(state["last_max_group_norm"]),

@@ -124,6 +124,9 @@ class Program:
     retracts = False
     always_retracts = False
     state_keys: tuple[str, ...] = ()
+    # At a step skipped on the device (StepContext.skip, for geometries that honour it), each parameter's
+    # ``states`` entry also holds "skip" and these: the entries the program replaces, so it can keep them.
+    skip_keys: tuple[str, ...] = ()
 
     def layout(self, geometry: Geometry, facts: ParamFacts) -> Hashable:
         raise NotImplementedError
@@ -146,10 +149,15 @@ def state_keys(program) -> tuple[str, ...]:
     return getattr(program, "state_keys", ())
 
 
-def _state_inputs(keys: Sequence[str], state: dict, extra: dict | None = None) -> dict:
+def _state_inputs(keys: Sequence[str], state: dict, extra: dict | None = None, program=None,
+                  skip: "torch.Tensor | None" = None) -> dict:
     """A compiled call's entry for one parameter: its unit's state entries ``keys`` (those it has),
-    plus this step's host_step inputs."""
-    return {**{k: state[k] for k in keys if k in state}, **(extra or {})}
+    plus this step's host_step inputs; at a step skipped on the device (``skip``, StepContext.skip),
+    also "skip" and the entries the program replaces (``Program.skip_keys``), so it can keep them."""
+    inputs = {**{k: state[k] for k in keys if k in state}, **(extra or {})}
+    if skip is not None:
+        inputs.update({k: state[k] for k in getattr(program, "skip_keys", ()) if k in state}, skip=skip)
+    return inputs
 
 
 def refusal(program, item: WorkItem) -> str | None:
@@ -387,7 +395,8 @@ class CompileBackend(Backend):
         weights = bucket.weights(ctx) if program.uses_weights else []
         keys = state_keys(program)
         unit_states = [states(s.item) for s in slots] if keys else []
-        inputs = [_state_inputs(keys, st, s.inputs) for s, st in zip(slots, unit_states)]
+        skip = ctx.skip_on(bucket.params[0].device) if ctx.skip is not None and keys else None
+        inputs = [_state_inputs(keys, st, s.inputs, program, skip) for s, st in zip(slots, unit_states)]
         if bucket.entry is None:
             bucket.entry = self._function("transform", program, geometry, bucket.layouts, grads + weights,
                                           _transform_function)
@@ -435,7 +444,7 @@ class CompileBackend(Backend):
         every unit runs it. ``weights``: this step's weight (local shard) of each of the bucket's slots."""
         program, geometry, slots = bucket.program, bucket.geometry, bucket.slots
         if getattr(program, "always_retracts", False) and program.retracts_in_graph(geometry):
-            self._retract_in_graph(bucket, weights, states)
+            self._retract_in_graph(bucket, weights, states, ctx)
             return []
         # On a device, reading the flags would make the host wait for the GPU: every unit runs the
         # geometry's eager post_step, which is branch-free there (psi: factors of 1 rescale nothing)
@@ -464,13 +473,14 @@ class CompileBackend(Backend):
             rescales += eager_post_step(item, states, ctx)
         return rescales
 
-    def _retract_in_graph(self, bucket: "_Bucket", weights: list[torch.Tensor], states) -> None:
+    def _retract_in_graph(self, bucket: "_Bucket", weights: list[torch.Tensor], states, ctx: StepContext) -> None:
         """The bucket's retraction as one compiled function writing the weights (no Rescale events:
         a program retracts in the graph only where its geometry's post_step returns none)."""
         program, geometry = bucket.program, bucket.geometry
         unit_states = [states(s.item) for s in bucket.slots]
         keys = state_keys(program)
-        inputs = [_state_inputs(keys, st) for st in unit_states] if keys else []
+        skip = ctx.skip_on(weights[0].device) if ctx.skip is not None and keys and weights else None
+        inputs = [_state_inputs(keys, st, None, program, skip) for st in unit_states] if keys else []
         if bucket.entry is None:
             bucket.entry = self._function("retract in graph", program, geometry, bucket.layouts, weights,
                                           _retraction_function)

@@ -149,10 +149,11 @@ class KernelFamily:
         (it records objects with Launch's ``run`` / ``patch_grads`` / ``scalars`` / ``grad_role``, so the
         step plan replays it), said by its ``note`` in ``describe()``. Those ops may launch helper
         kernels (spectral's Jacobi eigensolver on a GPU), named in ``helper_kernels``.
-    takes_skip: ``retract`` honours a step skipped on the device (StepContext.skip): its entries carry
-        ``extra["skip"]``, a 0-d int32 at a fixed address on their device that the backend sets at
-        every such step, and the kernel changes nothing where it is true. A retracting family without
-        it runs its geometry's eager post_step at such steps.
+    takes_skip: ``transform`` and ``retract`` honour a step skipped on the device (StepContext.skip):
+        their entries carry ``extra["skip"]``, a 0-d int32 at a fixed address on their device that the
+        backend sets at every such step (None at other steps), and they change no weight or state
+        where it is not 0. A family without it runs its geometry's eager programs at such steps where
+        it would write weights or geometry state.
     for_geometry(geometry) (optional): the family that runs this configuration of the geometry
         (runtime/fastpath.fast_path asks).
     problem(geometry): why this geometry's options have no kernel (the unit then runs its eager
@@ -345,6 +346,9 @@ class TritonBackend(Backend):
     # -- pre-step: gradient transforms and fused updates -----------------------------------------
     def pre_step(self, items, states: Callable[[WorkItem], dict], ctx: StepContext) -> None:
         self._hidden, self._retracted = [], set()   # a step that raised inside torch leaves no stale grads
+        if ctx.skip is not None:
+            for device, flag in self._skip_flags.items():     # the flags recorded launches point at
+                flag.copy_(ctx.skip_on(device))               # (this step's post_step reads them too)
         plan, key = self._plan, _plan_key(items, ctx)
         if plan is not None and plan.holds(key, items, ctx) and self._replay(plan, items, states, ctx):
             return
@@ -366,8 +370,10 @@ class TritonBackend(Backend):
         record = _StagePlan() if plan is not None else None
         transform, fused = [], []
         for item, grads in stage_items_with_grads(items, stage, ctx):
-            if self._runs_eager(item, ctx, grads):
-                item.geometry.pre_step(item.unit, grads, states(item), ctx)
+            if self._runs_eager(item, ctx, grads) or (
+                    ctx.skip is not None and fast_path(item.geometry, "triton").written_state()
+                    and not fast_path(item.geometry, "triton").takes_skip):
+                item.geometry.pre_step(item.unit, grads, states(item), ctx)   # eager honours the skip
                 if record is not None:
                     record.eager.append(item)
                 continue
@@ -383,7 +389,8 @@ class TritonBackend(Backend):
                     continue
                 kind, _ = self._fused_kind_of(family, name, p, ctx, last[name] == index)
                 retract = self.kernel_may_retract(item.geometry, name, p, kind, ctx)
-                entry = Entry(name, p, facts, item, grad, {"kind": kind, "retract": retract, "state": state})
+                entry = Entry(name, p, facts, item, grad, {"kind": kind, "retract": retract, "state": state,
+                                                           "skip": self._skip_flag(ctx, p.device)})
                 (fused if kind else transform).append(entry)
         for key, entries in bucketize(transform, _transform_key).items():
             launches = [] if record is not None else None
@@ -502,9 +509,6 @@ class TritonBackend(Backend):
         for p, grad in self._hidden:
             p.grad = grad
         self._hidden = []
-        if ctx.skip is not None:
-            for device, flag in self._skip_flags.items():     # the flags recorded launches point at
-                flag.copy_(ctx.skip_on(device))
         post, key = self._post_plan, (self._plan, ctx.stepped, len(ctx.optimizer.state), ctx.skip is not None)
         if self._plan is not None and post is not None and post.holds(key, ctx):
             rescales = post.replay(states, ctx)
