@@ -385,7 +385,8 @@ class TritonBackend(Backend):
                 if ctx.shard(name) is not None:      # the local shards, transform only
                     if local(grad).numel():
                         transform.append(Entry(name, local(p), facts, item, local(grad),
-                                               {"kind": None, "retract": False, "state": state}))
+                                               {"kind": None, "retract": False, "state": state,
+                                                "skip": self._skip_flag(ctx, local(p).device)}))
                     continue
                 kind, _ = self._fused_kind_of(family, name, p, ctx, last[name] == index)
                 retract = self.kernel_may_retract(item.geometry, name, p, kind, ctx)
