@@ -57,6 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
+from geomcompile.runtime.compile_backend import _state_inputs
 from geomcompile.runtime.triton_backend import KernelFamily
 
 from .optim_updates import NONE, base_update, kernel_args, tl_dtype
@@ -887,11 +888,8 @@ class POMTorchSteps(KernelFamily):
 
     @staticmethod
     def _inputs(program, state: dict, skip) -> dict:
-        """As the compile backend's (compile_backend._state_inputs), uncompiled."""
-        inputs = {k: state[k] for k in program.state_keys if k in state}
-        if skip is not None:
-            inputs.update({k: state[k] for k in program.skip_keys if k in state}, skip=skip)
-        return inputs
+        """The entries the compile backend hands the program (its _state_inputs)."""
+        return _state_inputs(program.state_keys, state, None, program, skip)
 
     def transform(self, geometry, entries, cache, slot, record=None) -> None:
         program = self._program()

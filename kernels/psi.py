@@ -428,6 +428,7 @@ class PSIKernels(KernelFamily):
     name = "psi"
     retracts = True          # renormalisation after the step
     counter_key = "renormalised"     # units renormalised, counted by the kernels
+    takes_skip = True        # the renormalisation kernel reads StepContext.skip on the device
 
     @staticmethod
     def _layouts(geometry, entries):
@@ -446,8 +447,6 @@ class PSIKernels(KernelFamily):
             max_norm=geometry.opts["max_norm"] if retract else float("inf"),
             counters=[e.extra["counter"] for e in entries],      # the units' own: the cached table stays valid
             cache=cache, slot=slot, record=record)
-
-    takes_skip = True        # the renormalisation kernel reads StepContext.skip on the device
 
     def retract(self, geometry, entries, powers, cache, slot, record=None) -> None:
         psi_renorm([e.param.detach() for e in entries], self._layouts(geometry, entries),

@@ -21,7 +21,7 @@ from ..analysis.facts import ParamFacts
 from ..findings import Finding
 from ..runtime.distributed import copy_result, local
 from .base import (Geometry, Option, Rescale, StepContext, Unit, compute_dtype, fit_dtype, host_reads_are_free,
-                   positive, register)
+                   positive, register, unless_skipped)
 
 
 def _unit_view(t: torch.Tensor, unit: str, dim: int, group_size: int | None) -> torch.Tensor:
@@ -180,13 +180,6 @@ def channel_factors(factors: torch.Tensor, like: torch.Tensor, unit: str, dim: i
     return flat
 
 
-def _unless_skipped(factors: torch.Tensor, skip: "torch.Tensor | None") -> torch.Tensor:
-    """The renormalisation factors, all 1 at a step skipped on the device (StepContext.skip): the
-    branch-free rescale then changes nothing, bit for bit, and counts nothing."""
-    return factors if skip is None else torch.where(skip, torch.ones((), dtype=factors.dtype,
-                                                                     device=factors.device), factors)
-
-
 class CompiledPSI:
     """The compile fast path (protocol: runtime/compile_backend.Program): ‖w_u‖²·∇_u per unit; the
     renormalisation is flagged here and done, exactly, by psi's eager post_step."""
@@ -227,8 +220,9 @@ class PSI(Geometry):
     incompatible = ("pom",)
     state_powers = STATE_POWERS
     hurt_by_weight_decay = True
-    # the gradient transform touches only gradients; post_step's factors are 1 where ctx.skip is true
-    # (the Triton backend's retraction kernels do not take the flag: the backend runs this post_step then)
+    # the gradient transform touches only gradients; post_step's factors are 1 where ctx.skip is true,
+    # so the branch-free rescale changes nothing and counts nothing (the Triton renormalisation kernel
+    # reads the flag itself)
     honours_device_skip = True
     fast_paths = {"compile": "geomcompile.geometries.psi:CompiledPSI", "triton": "geomcompile.kernels.psi:PSIKernels"}
     options = {
@@ -313,8 +307,8 @@ class PSI(Geometry):
                 ctx.run_sharded(self._post_step_sharded(facts, p, state, ctx.shard(facts.name),
                                                         ctx.skip_on(local(p).device)))
                 continue
-            factors = _unless_skipped(psi_renorm_factors(p.detach(), self.opts["max_norm"], u, dim, gs),
-                                      ctx.skip_on(p.device))
+            factors = unless_skipped(ctx.skip_on(p.device), 1.0,
+                                     psi_renorm_factors(p.detach(), self.opts["max_norm"], u, dim, gs))
             if host_reads_are_free(p) and bool((factors == 1).all()):
                 continue        # CPU: nothing to renormalise, and reading that costs nothing
             # On a device, branch-free, so no host sync: factors of 1 (the common case) change nothing,
@@ -334,9 +328,9 @@ class PSI(Geometry):
         w = local(p)
         sums, unit_of_all = yield from sharded_unit_norm_sq(w, u, dim, gs, shard, complete=True)
         norm = sums.sqrt()
-        factors = _unless_skipped(torch.where(norm > self.opts["max_norm"],
-                                              1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny),
-                                              torch.ones_like(norm)), skip)
+        factors = unless_skipped(skip, 1.0, torch.where(norm > self.opts["max_norm"],
+                                                        1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny),
+                                                        torch.ones_like(norm)))
         if host_reads_are_free(w) and bool((factors == 1).all()):
             return []           # CPU: as the unsharded post_step (the factors are replicated: ranks agree)
         # Branch-free like the unsharded post_step (no host sync): factors of 1 change nothing.

@@ -395,7 +395,7 @@ class CompileBackend(Backend):
         weights = bucket.weights(ctx) if program.uses_weights else []
         keys = state_keys(program)
         unit_states = [states(s.item) for s in slots] if keys else []
-        skip = ctx.skip_on(bucket.params[0].device) if ctx.skip is not None and keys else None
+        skip = ctx.skip_on(bucket.params[0].device) if keys else None
         inputs = [_state_inputs(keys, st, s.inputs, program, skip) for s, st in zip(slots, unit_states)]
         if bucket.entry is None:
             bucket.entry = self._function("transform", program, geometry, bucket.layouts, grads + weights,
@@ -479,7 +479,7 @@ class CompileBackend(Backend):
         program, geometry = bucket.program, bucket.geometry
         unit_states = [states(s.item) for s in bucket.slots]
         keys = state_keys(program)
-        skip = ctx.skip_on(weights[0].device) if ctx.skip is not None and keys and weights else None
+        skip = ctx.skip_on(weights[0].device) if keys and weights else None
         inputs = [_state_inputs(keys, st, None, program, skip) for st in unit_states] if keys else []
         if bucket.entry is None:
             bucket.entry = self._function("retract in graph", program, geometry, bucket.layouts, weights,

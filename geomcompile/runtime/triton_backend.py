@@ -370,14 +370,14 @@ class TritonBackend(Backend):
         record = _StagePlan() if plan is not None else None
         transform, fused = [], []
         for item, grads in stage_items_with_grads(items, stage, ctx):
+            family = fast_path(item.geometry, "triton")
             if self._runs_eager(item, ctx, grads) or (
-                    ctx.skip is not None and fast_path(item.geometry, "triton").written_state()
-                    and not fast_path(item.geometry, "triton").takes_skip):
+                    ctx.skip is not None and family.written_state() and not family.takes_skip):
                 item.geometry.pre_step(item.unit, grads, states(item), ctx)   # eager honours the skip
                 if record is not None:
                     record.eager.append(item)
                 continue
-            family, state = fast_path(item.geometry, "triton"), states(item)
+            state = states(item)
             for name, facts, grad in zip(item.unit.names, item.unit.facts, grads):
                 if grad is None:
                     continue
@@ -572,7 +572,7 @@ class TritonBackend(Backend):
 
     def _skip_flag(self, ctx: StepContext, device: torch.device) -> "torch.Tensor | None":
         """StepContext.skip copied to a tensor of this backend's at a fixed address on `device` (recorded
-        launches keep pointing at it; post_step sets it at every skipped-on-the-device step), or None."""
+        launches keep pointing at it; pre_step sets it at every skipped-on-the-device step), or None."""
         if ctx.skip is None:
             return None
         flag = self._skip_flags.get(device)
